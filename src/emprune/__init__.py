@@ -1,0 +1,27 @@
+"""emprune: Effective Model Pruning (EMP) for PyTorch.
+
+EMP keeps, in every group of scores, the ``floor(beta * N_eff)`` largest, where
+``N_eff = (sum|s|)^2 / sum s^2``: the scores themselves say how much to prune.
+"""
+from .apply import apply_mask, make_permanent, prune, restore, select_targets
+from .report import LayerReport, PruneReport
+from .rule import (
+    effective_number,
+    global_effective_number,
+    global_masks,
+    global_threshold,
+    keep_count,
+    keep_mask,
+    mass_bound,
+    retained_mass,
+    topk_mask,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "effective_number", "keep_count", "keep_mask", "topk_mask", "mass_bound", "retained_mass",
+    "global_threshold", "global_masks", "global_effective_number",
+    "prune", "make_permanent", "restore", "apply_mask", "select_targets",
+    "PruneReport", "LayerReport", "__version__",
+]

@@ -1,0 +1,191 @@
+"""Layer-wise calibration and pruning of a decoder-only LM (the Wanda/SparseGPT loop).
+
+The inputs of decoder block 0 are captured once. Then, block by block: hooks gather the
+squared input-feature norms of the block's target Linears, ``decide`` prunes the weights in
+place, and the block is re-run so the next block is calibrated on the outputs of the
+already-pruned blocks before it. Only one block's inputs and outputs are held at a time.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+from .models import block_linears, decoder_layers, input_device
+
+#: {full Linear name: (module, per-input-feature sum of squares (float64), tokens seen)}
+BlockStats = dict[str, tuple[nn.Linear, torch.Tensor, int]]
+Decide = Callable[[int, BlockStats], Any]
+
+
+class _Caught(Exception):
+    """Raised by the capture hook to stop the forward pass once block 0's inputs are stored."""
+
+
+@torch.no_grad()
+def prune_layerwise(
+    model: nn.Module,
+    calib_tokens: torch.Tensor,
+    targets: Literal["mlp", "linear"],
+    decide: Decide,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Calibrate ``model`` block by block on ``calib_tokens`` ``[n, seqlen]`` and let ``decide`` prune.
+
+    ``decide(block_index, stats)`` is called once per block, after that block has seen the
+    calibration data, with ``stats`` as in :data:`BlockStats` (``||X_j||_2^2`` summed over all
+    calibration tokens, for every input feature ``j``); it must modify the weights in place.
+
+    ``device``: execution device for a model held elsewhere (e.g. on CPU): each block is moved
+    there for its turn and moved back afterwards. Accelerate-dispatched models are run as they
+    are (their hooks place inputs); blocks offloaded to ``meta`` are refused, since in-place
+    pruning of offloaded weights would be lost.
+
+    Returns timings: ``seconds``, ``capture_seconds``, ``decide_seconds``, ``block_seconds``.
+    """
+    from tqdm.auto import tqdm
+
+    if calib_tokens.ndim != 2:
+        raise ValueError(f"calib_tokens must be [n_samples, seqlen], got shape {tuple(calib_tokens.shape)}")
+    layers = decoder_layers(model)
+    names = {mod: name for name, mod in model.named_modules()}
+    dev = torch.device(device) if device is not None else None
+    config = getattr(model, "config", None)
+    saved_cache = getattr(config, "use_cache", None)
+    was_training = model.training
+    t0 = time.perf_counter()
+    try:
+        if config is not None:
+            config.use_cache = False
+        model.eval()
+        inps, kwargs = _capture_block0_inputs(model, layers[0], calib_tokens, dev)
+        timings: dict[str, Any] = {"capture_seconds": time.perf_counter() - t0, "decide_seconds": 0.0}
+        outs = torch.empty_like(inps)
+        block_seconds = []
+        for i in tqdm(range(len(layers)), desc="calibrate", disable=not progress, unit="block"):
+            tb = time.perf_counter()
+            block = layers[i]
+            if any(p.device.type == "meta" for p in block.parameters()):
+                raise NotImplementedError(
+                    f"block {i} has offloaded (meta) weights; load the model on CPU and pass device=... instead"
+                )
+            home = _param_device(block)
+            moved = dev is not None and not hasattr(block, "_hf_hook") and home != dev
+            if moved:
+                block.to(dev)
+            linears = {names[mod]: mod for mod in block_linears(block, targets).values()}
+            stats = _collect_input_norms(block, linears, inps, kwargs)
+            td = time.perf_counter()
+            decide(i, {n: (linears[n], sq, cnt) for n, (sq, cnt) in stats.items()})
+            timings["decide_seconds"] += time.perf_counter() - td
+            for j in range(inps.shape[0]):  # pruned outputs feed the next block
+                outs[j] = _hidden(block(inps[j : j + 1], **kwargs))[0]
+            if moved:
+                block.to(home)
+            inps, outs = outs, inps
+            block_seconds.append(time.perf_counter() - tb)
+    finally:
+        if config is not None and saved_cache is not None:
+            config.use_cache = saved_cache
+        model.train(was_training)
+    timings.update(
+        seconds=time.perf_counter() - t0,
+        block_seconds=block_seconds,
+        blocks=len(layers),
+        n_samples=int(calib_tokens.shape[0]),
+        seqlen=int(calib_tokens.shape[1]),
+    )
+    return timings
+
+
+def _capture_block0_inputs(
+    model: nn.Module, block0: nn.Module, calib_tokens: torch.Tensor, dev: torch.device | None
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Run the model up to block 0 for each sample; return its hidden-state inputs and call kwargs.
+
+    A forward pre-hook (not a replaced module, as in Wanda's ``Catcher``) stores the inputs and
+    aborts the pass, so accelerate hooks on block 0 stay untouched. The kwargs transformers
+    passes (attention_mask, position_ids, position_embeddings, cache, ...) are identical for
+    equal-length unpadded samples, so the first sample's are kept.
+    """
+    store: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        store["hidden"] = hidden
+        store.setdefault("kwargs", {k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _Caught
+
+    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    inps = None
+    try:
+        in_dev = input_device(model)
+        for j in range(calib_tokens.shape[0]):
+            try:
+                model(calib_tokens[j : j + 1].to(in_dev), use_cache=False)
+            except _Caught:
+                pass
+            else:
+                raise RuntimeError("decoder block 0 was never called during the forward pass")
+            hidden = store["hidden"][0]
+            if inps is None:  # allocated once: [n, seqlen, hidden] on the execution device
+                target = dev or hidden.device
+                inps = torch.empty((calib_tokens.shape[0], *hidden.shape), dtype=hidden.dtype, device=target)
+            inps[j] = hidden
+    finally:
+        handle.remove()
+    return inps, _to_device(store["kwargs"], inps.device)
+
+
+def _collect_input_norms(
+    block: nn.Module, linears: dict[str, nn.Linear], inps: torch.Tensor, kwargs: dict[str, Any]
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """Run ``block`` over ``inps`` with forward hooks summing ``x_j^2`` (float64) per input feature."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = dict.fromkeys(linears, 0)
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            if name not in sums:
+                sums[name] = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
+            sums[name] += x.square().sum(0)
+            counts[name] += x.shape[0]
+
+        return hook
+
+    handles = [mod.register_forward_hook(make_hook(name)) for name, mod in linears.items()]
+    try:
+        for j in range(inps.shape[0]):
+            block(inps[j : j + 1], **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in linears if n not in sums]
+    if missing:
+        raise RuntimeError(f"target Linears never called by their block: {missing}")
+    return {name: (sums[name], counts[name]) for name in linears}
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    """Hidden states from a decoder block's output (a tensor in transformers 5, a tuple in 4.x)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _param_device(module: nn.Module) -> torch.device:
+    """Device of a module's first parameter (CPU for a parameter-free module)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,136 @@
+"""Text for calibration and perplexity: local files (offline) or hub datasets (online).
+
+Defaults are the WikiText-2 copies in the project's ``../shared/data`` folder: the tokenised
+*validation* split for calibration (disjoint from the test split) and the raw *test* split for
+perplexity, the standard LLM pruning benchmark text.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+#: relative to a data root (``$EMPRUNE_DATA`` or ``../shared/data``)
+DEFAULT_FILES: dict[str, str] = {
+    "calib": "wikitext-2/wiki.valid.tokens",
+    "eval": "wikitext-2/wiki.test.raw",
+}
+_OPTION = {"calib": "--calib-text", "eval": "--eval-text"}
+#: hub datasets understood by ``load_text`` when online (Wanda's loaders)
+HUB_NAMES = ("wikitext2", "c4")
+
+
+def data_roots() -> list[Path]:
+    """Folders searched for the default text files, in order.
+
+    ``$EMPRUNE_DATA``, then ``shared/data`` beside the repository (``../shared/data`` from the
+    repo root) and beside / under the current directory.
+    """
+    roots = []
+    if os.environ.get("EMPRUNE_DATA"):
+        roots.append(Path(os.environ["EMPRUNE_DATA"]).expanduser())
+    repo = Path(__file__).resolve().parents[3]  # src/emprune/llm/data.py -> repo root
+    cwd = Path.cwd()
+    for base in (repo, cwd):
+        roots += [base.parent / "shared" / "data", base / "shared" / "data"]
+    return list(dict.fromkeys(roots))
+
+
+def default_text_path(kind: Literal["calib", "eval"]) -> Path:
+    """Path of the default calibration or evaluation text, or a ``FileNotFoundError`` saying how to supply one."""
+    rel = Path(DEFAULT_FILES[kind])
+    for root in data_roots():
+        for candidate in (root / rel, root / rel.name):
+            if candidate.is_file():
+                return candidate
+    searched = ", ".join(str(r) for r in data_roots())
+    raise FileNotFoundError(
+        f"default {kind} text {rel} not found (searched {searched}). Pass a text file with "
+        f"{_OPTION[kind]} PATH (or a dataset name such as 'wikitext2' when online), "
+        "or set EMPRUNE_DATA to the folder holding wikitext-2/."
+    )
+
+
+def load_text(
+    path_or_name: str | os.PathLike | None = None,
+    kind: Literal["calib", "eval"] = "eval",
+) -> str:
+    """The text of a file (CRLF normalised to LF), or of a hub dataset by name where online.
+
+    ``None`` picks the default file for ``kind``. Names: ``wikitext2`` (train split for
+    ``calib``, test split for ``eval``) and ``c4`` (needs the ``datasets`` package and internet).
+    """
+    if path_or_name is None:
+        path_or_name = default_text_path(kind)
+    path = Path(path_or_name).expanduser()
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        return text.replace("\r\n", "\n").replace("\r", "\n")
+    name = os.fspath(path_or_name)
+    if name in HUB_NAMES:
+        return _load_hub_text(name, kind)
+    raise FileNotFoundError(
+        f"{_OPTION[kind]}: {name!r} is neither a file nor one of the dataset names {list(HUB_NAMES)}"
+    )
+
+
+def _load_hub_text(name: str, kind: str) -> str:
+    """Join a hub dataset into one string the way Wanda's loaders do (needs internet)."""
+    try:
+        from datasets import load_dataset
+    except ImportError as err:
+        raise ImportError(
+            f"dataset {name!r} needs `pip install datasets` and internet; pass a local text file instead"
+        ) from err
+    try:
+        if name == "wikitext2":
+            split = "train" if kind == "calib" else "test"
+            rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+            return "\n\n".join(rows)
+        shard = "en/c4-train.00000-of-01024.json.gz" if kind == "calib" else "en/c4-validation.00000-of-00008.json.gz"
+        rows = load_dataset("allenai/c4", data_files={"x": shard}, split="x")["text"]
+        return "\n\n".join(rows[:1100] if kind == "eval" else rows)  # Wanda evaluates the first 1100 docs
+    except Exception as err:  # network/hub errors come in many types
+        raise RuntimeError(
+            f"could not download dataset {name!r} (offline?); pass a local text file instead. Cause: {err}"
+        ) from err
+
+
+def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
+    """Token ids of a whole text as a 1-D LongTensor (the tokenizer's default special tokens)."""
+    # one long sequence on purpose: silence the "longer than model max length" warning
+    saved, tokenizer.model_max_length = tokenizer.model_max_length, int(1e30)
+    try:
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    finally:
+        tokenizer.model_max_length = saved
+    return ids.long()
+
+
+def calibration_batches(tokenizer: Any, text: str, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``n_samples`` random windows of ``seqlen`` tokens, ``[n_samples, seqlen]``, as in Wanda/SparseGPT.
+
+    Window starts are drawn uniformly with a private RNG seeded by ``seed`` (global random
+    state is left alone), so the same seed gives the same batches.
+    """
+    if n_samples < 1 or seqlen < 1:
+        raise ValueError(f"n_samples and seqlen must be >= 1, got {n_samples}, {seqlen}")
+    ids = tokenize(tokenizer, text)
+    if ids.numel() <= seqlen:
+        raise ValueError(f"calibration text has {ids.numel()} tokens; need more than seqlen={seqlen}")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(n_samples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+def eval_tokens(tokenizer: Any, text: str, n_tokens: int | None = None) -> torch.Tensor:
+    """The first ``n_tokens`` token ids of ``text`` (all of them for ``None``) as a 1-D LongTensor."""
+    ids = tokenize(tokenizer, text)
+    if n_tokens is not None:
+        if n_tokens < 1:
+            raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
+        ids = ids[:n_tokens]
+    return ids

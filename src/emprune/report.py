@@ -1,0 +1,160 @@
+"""What a pruning run did: per target and overall, printable as a table or JSON."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .scopes import Decision
+
+WARN_UNIT_SPARSITY = 0.95  # a unit pruned above this is reported as a warning
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: list[int]
+    unit: str
+    units: int
+    n_per_unit: int
+    neff_mean: float
+    neff_min: float
+    neff_max: float
+    kept: int
+    total: int
+    zeros: int  # weights that are zero after pruning (pre-existing zeros included)
+    sparsity: float  # zeros / total
+    max_unit_sparsity: float
+    raised_by_floor: int
+    mass_mean: float
+    mass_min: float
+    bound_min: float  # smallest per-unit guarantee of the mass bound
+    bound_ok: bool  # every unit retained at least its guarantee
+
+    @classmethod
+    def from_decision(cls, d: Decision, zeros: int) -> "LayerReport":
+        units = int(d.k.numel())
+        unit_sp = 1.0 - d.k.double() / d.n_per_unit
+        ok = bool((d.mass >= d.guaranteed - 1e-9).all()) if d.unit != "global" else True
+        return cls(
+            name=d.name, shape=list(d.shape), unit=d.unit, units=units, n_per_unit=d.n_per_unit,
+            neff_mean=float(d.neff.mean()), neff_min=float(d.neff.min()), neff_max=float(d.neff.max()),
+            kept=d.kept, total=d.total, zeros=zeros, sparsity=zeros / d.total,
+            max_unit_sparsity=float(unit_sp.max()), raised_by_floor=d.raised,
+            mass_mean=float(d.mass.mean()), mass_min=float(d.mass.min()),
+            bound_min=float(d.guaranteed.min()), bound_ok=ok,
+        )
+
+
+@dataclass
+class PruneReport:
+    """Summary of one pruning run.  ``sparsity`` is the fraction of targeted weights that
+    are zero after pruning (what a user measures on the model)."""
+
+    criterion: str
+    count_by: str
+    scope: str
+    beta: float | None
+    target_sparsity: float | None
+    min_keep: float | int | None
+    layers: list[LayerReport] = field(default_factory=list)
+    global_neff: float | None = None
+    global_mass: float | None = None
+    global_bound: float | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    _mass_kept: float = field(default=0.0, repr=False)
+    _mass_total: float = field(default=0.0, repr=False)
+
+    def add(self, d: Decision, zeros: int) -> LayerReport:
+        """Record one target's decision (``zeros``: its weights that are zero now)."""
+        layer = LayerReport.from_decision(d, zeros)
+        self.layers.append(layer)
+        if d.unit == "global":
+            self.global_neff = float(d.neff[0])
+            self.global_bound = float(d.guaranteed[0])
+            self._mass_kept += float(d.mass[0]) * d.score_sum
+            self._mass_total += d.score_sum
+            self.global_mass = self._mass_kept / self._mass_total if self._mass_total > 0 else 1.0
+        return layer
+
+    @property
+    def total(self) -> int:
+        return sum(l.total for l in self.layers)
+
+    @property
+    def kept(self) -> int:
+        return sum(l.kept for l in self.layers)
+
+    @property
+    def zeros(self) -> int:
+        return sum(l.zeros for l in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.total if self.total else 0.0
+
+    @property
+    def bound_ok(self) -> bool:
+        if self.global_mass is not None and self.global_bound is not None:
+            return self.global_mass >= self.global_bound - 1e-9
+        return all(l.bound_ok for l in self.layers)
+
+    @property
+    def warnings(self) -> list[str]:
+        w = [f"{l.name}: a {l.unit if l.unit != 'global' else 'layer'} is pruned to "
+             f"{100 * l.max_unit_sparsity:.1f}% sparsity (above {100 * WARN_UNIT_SPARSITY:.0f}%); "
+             f"consider min_keep or count_by" for l in self.layers if l.max_unit_sparsity > WARN_UNIT_SPARSITY]
+        if not self.bound_ok:  # cannot happen for EMP masks; would reveal a bug
+            w.append("retained mass below the EMP bound for some unit")
+        return w
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("_mass_kept"), d.pop("_mass_total")
+        d.update(total=self.total, kept=self.kept, zeros=self.zeros, sparsity=self.sparsity,
+                 bound_ok=self.bound_ok, warnings=self.warnings)
+        return _finite(d)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def table(self) -> str:
+        """A fixed-width table: one line per target, then the totals."""
+        head = f"{'target':<40} {'shape':>14} {'unit':>6} {'N':>8} {'N_eff mean [min,max]':>26} " \
+               f"{'kept':>11} {'sparsity':>8} {'mass':>6} {'bound':>6}"
+        lines = [head, "-" * len(head)]
+        for l in self.layers:
+            neff = f"{l.neff_mean:.1f} [{l.neff_min:.0f},{l.neff_max:.0f}]" if l.units > 1 else f"{l.neff_mean:.1f}"
+            lines.append(f"{_clip(l.name, 40):<40} {'x'.join(map(str, l.shape)):>14} {l.unit:>6} "
+                         f"{l.n_per_unit:>8} {neff:>26} {l.kept:>11} {100 * l.sparsity:>7.2f}% "
+                         f"{l.mass_mean:>6.3f} {l.bound_min:>6.3f}")
+        lines.append("-" * len(head))
+        how = f"beta={self.beta:g}" if self.target_sparsity is None else f"sparsity={self.target_sparsity:g}"
+        lines.append(f"criterion={self.criterion} count_by={self.count_by} scope={self.scope} {how} "
+                     f"min_keep={self.min_keep}")
+        lines.append(f"kept {self.kept:,} of {self.total:,} targeted weights; sparsity {100 * self.sparsity:.2f}%"
+                     + (f"; global N_eff {self.global_neff:.1f}, mass {self.global_mass:.4f} >= bound "
+                        f"{self.global_bound:.4f}" if self.global_neff is not None else "")
+                     + f"; {self.seconds:.2f} s")
+        lines += [f"WARNING: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _clip(s: str, n: int) -> str:
+    return s if len(s) <= n else "..." + s[-(n - 3):]
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no NaN/Inf: map them to None."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x

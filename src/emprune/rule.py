@@ -1,0 +1,679 @@
+"""The EMP rule as pure tensor functions (no ``nn.Module`` in sight).
+
+For importance scores ``s`` over ``N`` components EMP keeps the ``floor(beta * N_eff)``
+largest, where ``N_eff = (sum |s|)^2 / sum s^2`` is the inverse Simpson index of the
+normalised scores.  This module holds that arithmetic and the exact selection behind it:
+
+* :func:`effective_number`, :func:`keep_count`, :func:`keep_mask` - the rule, per slice
+  along ``dim`` (one vector per output row with ``dim=1``) or over the whole tensor;
+* :func:`topk_mask` - exact selection of a given number of entries per slice (used for
+  fixed-sparsity baselines, floors and ``count_by``);
+* :func:`global_threshold` / :func:`global_masks` - one N_eff and one threshold over many
+  tensors, streamed (never concatenated; memory of the order of the largest tensor);
+* :func:`mass_bound` / :func:`retained_mass` - the guarantee and what was actually kept.
+
+Numerics: sums are accumulated in float64 (block by block, so no float64 copy of a whole
+matrix is made).  Selection never sorts whole rows: a sample brackets the k-th largest
+value, a few counting passes over cache-sized blocks narrow the bracket, and only the
+handful of entries left inside it are sorted.  Ties at the threshold are broken by index
+(lower index kept first), so exactly ``k`` entries are kept, deterministically.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Literal, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "effective_number",
+    "keep_count",
+    "keep_mask",
+    "keep_count_from_neff",
+    "topk_mask",
+    "mass_bound",
+    "retained_mass",
+    "GlobalThreshold",
+    "global_threshold",
+    "global_masks",
+    "global_effective_number",
+    "guaranteed_mass",
+]
+
+Negative = Literal["abs", "shift"]
+ScoreSource = Union[Tensor, Callable[[], Tensor]]
+
+_BLOCK_ELEMS = 1 << 20  # elements per working block: ~4 MB of float32, cache-sized
+_SAMPLE = 64  # sampled columns per row used to bracket the threshold
+_BAND = 64  # entries per row left in the bracket before the final small sort
+_GLOBAL_BAND = 1 << 22  # entries left in the global bracket before the final sort
+_GLOBAL_SAMPLE_EVERY = 1024  # global scope samples about one score in this many
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _name(where: str | None) -> str:
+    return f" ({where})" if where else ""
+
+
+def _check_beta(beta: float) -> float:
+    try:
+        b = float(beta)
+    except (TypeError, ValueError):
+        raise ValueError(f"beta must be a positive finite number, got {beta!r}") from None
+    if not math.isfinite(b) or b <= 0:
+        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+    return b
+
+
+def _check_scores(scores: Tensor, where: str | None = None) -> None:
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}{_name(where)}")
+    if scores.is_complex():
+        raise TypeError(f"scores must be real, got {scores.dtype}{_name(where)}")
+    if scores.numel() == 0:
+        raise ValueError(f"scores are empty (shape {tuple(scores.shape)}){_name(where)}")
+
+
+def _raise_nonfinite(x: Tensor, where: str | None) -> None:
+    bad = "NaN" if torch.isnan(x).any() else "Inf"
+    n = int((~torch.isfinite(x)).sum())
+    raise ValueError(f"scores contain {bad} ({n} non-finite of {x.numel()}){_name(where)}")
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype blocks are processed in: exact for every supported input dtype."""
+    if not dtype.is_floating_point:
+        return torch.float64  # integers (and bool) are exact in float64 up to 2**53
+    if dtype == torch.float64:
+        return dtype
+    return torch.float32  # float16 / bfloat16 embed exactly (and compare much faster)
+
+
+def _check_negative(negative: str) -> None:
+    if negative not in ("abs", "shift"):
+        raise ValueError(f"negative must be 'abs' or 'shift', got {negative!r}")
+
+
+# ------------------------------------------------------------------- row layout
+
+
+def _as_rows(scores: Tensor, dim: int | None) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """View ``scores`` as a 2-D ``[slices, N]`` tensor and return the inverse reshaper."""
+    if dim is None:
+        rows = scores.reshape(1, -1)
+        return rows, lambda r: r.reshape(scores.shape)
+    d = dim % scores.dim() if scores.dim() else 0
+    if scores.dim() == 0:
+        raise ValueError("dim must be None for a 0-d tensor")
+    moved = scores.movedim(d, -1)
+    rows = moved.reshape(-1, moved.shape[-1])
+    shape = moved.shape
+
+    def back(r: Tensor) -> Tensor:
+        return r.reshape(shape).movedim(-1, d)
+
+    return rows, back
+
+
+def _blocks(n_rows: int, n_cols: int) -> Iterator[slice]:
+    step = max(1, _BLOCK_ELEMS // max(1, n_cols))
+    for i in range(0, n_rows, step):
+        yield slice(i, min(n_rows, i + step))
+
+
+def _prep_block(block: Tensor, negative: Negative) -> Tensor:
+    """Non-negative working copy of a block of score rows."""
+    x = block.to(_work_dtype(block.dtype))
+    if negative == "abs":
+        return x.abs()
+    return x - x.amin(dim=-1, keepdim=True)
+
+
+def _row_sums(x: Tensor) -> tuple[Tensor, Tensor]:
+    """float64 sum and sum of squares per row of a non-negative block."""
+    x64 = x.double()
+    return x64.sum(-1), (x64 * x64).sum(-1)
+
+
+def _neff_from_sums(s1: Tensor, s2: Tensor, n: int) -> Tensor:
+    """N_eff from float64 sums; all-zero slices get N (no preference)."""
+    zero = s2 == 0
+    neff = torch.where(zero, torch.full_like(s1, float(n)), s1 * s1 / torch.where(zero, 1.0, s2))
+    return neff.clamp(1.0, float(n))  # rounding can leave it a hair outside [1, N]
+
+
+def keep_count_from_neff(neff: Tensor, beta: float, n: int) -> Tensor:
+    """``floor(beta * N_eff)`` clamped to ``[1, n]`` for already computed N_eff values."""
+    return _counts_from_neff(torch.as_tensor(neff, dtype=torch.float64), _check_beta(beta), n)
+
+
+def _counts_from_neff(neff: Tensor, beta: float, n: int) -> Tensor:
+    """floor(beta * N_eff) clamped to [1, N]; a few ulps of slack so that an N_eff that is
+    mathematically an integer (e.g. uniform scores) is not floored one below by rounding."""
+    k = torch.floor(neff * beta * (1.0 + 2.0**-48))
+    return k.clamp(1, n).to(torch.int64)
+
+
+def _stats(scores: Tensor, dim: int | None, negative: Negative, where: str | None):
+    """Per-slice (s1, s2, N) with validation; block-wise, float64 accumulation."""
+    _check_scores(scores, where)
+    _check_negative(negative)
+    if dim is None:
+        shift = _global_shift([scores], negative)
+        return _stream_sums([scores], negative, None if where is None else [where], shift)
+    rows, _ = _as_rows(scores, dim)
+    n = rows.shape[1]
+    s1 = torch.empty(rows.shape[0], dtype=torch.float64, device=scores.device)
+    s2 = torch.empty_like(s1)
+    for b in _blocks(*rows.shape):
+        s1[b], s2[b] = _row_sums(_prep_block(rows[b], negative))
+    if not (torch.isfinite(s1).all() and torch.isfinite(s2).all()):
+        _finite_or_raise(rows, where)
+        # finite input whose float64 squares overflow: rescale each row by its max
+        for b in _blocks(*rows.shape):
+            x = _prep_block(rows[b], negative).double()
+            x = x / x.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+            s1[b], s2[b] = _row_sums(x)
+    return s1.reshape(_as_rows_shape(scores, dim)), s2.reshape(_as_rows_shape(scores, dim)), n
+
+
+def _as_rows_shape(scores: Tensor, dim: int) -> tuple[int, ...]:
+    d = dim % scores.dim()
+    return tuple(s for i, s in enumerate(scores.shape) if i != d)
+
+
+def _finite_or_raise(x: Tensor, where: str | None) -> None:
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        _raise_nonfinite(x, where)
+
+
+# ------------------------------------------------------------------- public rule
+
+
+def effective_number(
+    scores: Tensor, dim: int | None = None, *, negative: Negative = "abs", where: str | None = None
+) -> Tensor:
+    """Effective number of components ``N_eff = (sum|s|)^2 / sum s^2`` (float64).
+
+    Reduced over ``dim`` (all elements when ``None``): ``dim=1`` on a Linear weight gives one
+    N_eff per output row.  ``1 <= N_eff <= N``; an all-zero slice has no preference, so its
+    N_eff is ``N``.  ``negative="shift"`` scores ``s - min(s)`` per slice instead of ``|s|``
+    (for signed scores whose sign carries meaning).  ``where`` names the tensor in errors.
+    """
+    s1, s2, n = _stats(scores, dim, negative, where)
+    return _neff_from_sums(s1, s2, n)
+
+
+def keep_count(
+    scores: Tensor, beta: float = 1.0, dim: int | None = None, *, negative: Negative = "abs",
+    where: str | None = None,
+) -> Tensor:
+    """Number of entries EMP keeps per slice: ``floor(beta * N_eff)`` clamped to ``[1, N]``
+    (int64).  A large ``beta`` simply keeps everything."""
+    b = _check_beta(beta)
+    s1, s2, n = _stats(scores, dim, negative, where)
+    return _counts_from_neff(_neff_from_sums(s1, s2, n), b, n)
+
+
+def keep_mask(
+    scores: Tensor,
+    beta: float = 1.0,
+    dim: int | None = None,
+    *,
+    negative: Negative = "abs",
+    where: str | None = None,
+) -> Tensor:
+    """Boolean mask (same shape and device as ``scores``) keeping, in every slice along
+    ``dim``, exactly ``keep_count`` entries: those with the largest ``|s|`` (or ``s - min``),
+    ties broken by lower index.  ``where`` names the tensor in error messages."""
+    b = _check_beta(beta)
+    if dim is None:  # one vector: the streaming selector
+        _check_scores(scores, where)
+        thr = global_threshold([scores], b, negative=negative, names=None if where is None else [where])
+        return next(global_masks([scores], thr, negative=negative))
+    s1, s2, n = _stats(scores, dim, negative, where)
+    k = _counts_from_neff(_neff_from_sums(s1, s2, n), b, n)
+    return topk_mask(scores, k, dim, negative=negative, where=where, _checked=True)
+
+
+def topk_mask(
+    scores: Tensor,
+    k: int | Tensor,
+    dim: int | None = None,
+    *,
+    negative: Negative = "abs",
+    where: str | None = None,
+    _checked: bool = False,
+) -> Tensor:
+    """Exactly ``k`` largest entries per slice along ``dim`` (``k`` an int, or one count per
+    slice with the shape of the reduced tensor), ties broken by lower index.
+
+    Cost is a few passes over cache-sized blocks; no slice is fully sorted.
+    """
+    if not _checked:
+        _check_scores(scores, where)
+        _check_negative(negative)
+        _finite_or_raise(scores, where)
+    rows, back = _as_rows(scores, dim)
+    n_rows, n = rows.shape
+    kk = torch.as_tensor(k, dtype=torch.int64, device=scores.device).reshape(-1)
+    if kk.numel() == 1:
+        kk = kk.expand(n_rows)
+    if kk.numel() != n_rows:
+        raise ValueError(f"k has {kk.numel()} counts for {n_rows} slices{_name(where)}")
+    if (kk < 0).any() or (kk > n).any():
+        raise ValueError(f"k must lie in [0, {n}]{_name(where)}")
+    if dim is None:  # one vector: the streaming selector, without a float64 copy
+        thr = global_threshold([scores], k=int(kk[0]), negative=negative,
+                               names=None if where is None else [where])
+        return next(global_masks([scores], thr, negative=negative))
+    out = torch.empty(rows.shape, dtype=torch.bool, device=scores.device)
+    for b in _blocks(n_rows, n):
+        out[b] = _rows_topk(_prep_block(rows[b], negative), kk[b], scores.dtype)
+    return back(out)
+
+
+# ------------------------------------------------------------- per-row selection
+
+
+def _count_ge(x: Tensor, t: Tensor) -> Tensor:
+    return (x >= t.unsqueeze(-1)).sum(-1, dtype=torch.int32).to(torch.int64)
+
+
+def _next_up(t: Tensor, grid: torch.dtype | None = None) -> Tensor:
+    """Next representable value above ``t`` (in ``grid``'s precision when given)."""
+    g = t if grid is None else t.to(grid)
+    return torch.nextafter(g, torch.full_like(g, math.inf)).to(t.dtype)
+
+
+def _rank_in(ext: Tensor, t: Tensor) -> Tensor:
+    """Continuous rank of ``t`` among each row's ascending sample ``ext``."""
+    j = torch.searchsorted(ext, t[:, None]).clamp(1, ext.shape[1] - 1)
+    a, b = ext.gather(1, j - 1).squeeze(1), ext.gather(1, j).squeeze(1)
+    frac = torch.where(b > a, (t - a) / torch.where(b > a, b - a, 1), 0).clamp(0, 1)
+    return (j.squeeze(1) - 1).to(t.dtype) + frac
+
+
+def _value_at(ext: Tensor, r: Tensor) -> Tensor:
+    """Inverse of :func:`_rank_in`: the value at continuous rank ``r``."""
+    j = torch.floor(r).long().clamp(0, ext.shape[1] - 2)
+    a, b = ext.gather(1, j[:, None]).squeeze(1), ext.gather(1, j[:, None] + 1).squeeze(1)
+    return a + (r - j.to(r.dtype)).clamp(0, 1) * (b - a)
+
+
+def _midpoint(lo: Tensor, hi: Tensor, grid: torch.dtype) -> Tensor:
+    """Midpoint of non-negative floats in the bit-pattern order of ``grid`` (the scores'
+    own float dtype): halves the representable values between them, so bisection ends
+    within 16, 32 or 64 steps."""
+    it = {torch.float64: torch.int64, torch.float32: torch.int32}.get(grid, torch.int16)
+    a, b = lo.to(grid).view(it).long(), hi.to(grid).view(it).long()
+    return (a + (b - a) // 2).to(it).view(grid).to(lo.dtype)
+
+
+def _rows_topk(x: Tensor, k: Tensor, grid: torch.dtype | None = None) -> Tensor:
+    """Exact per-row top-k mask of a non-negative block ``x`` ``[B, N]``.
+
+    Finds per row the k-th largest value ``v`` by bracketing ``[lo, hi)`` with
+    ``count(x >= lo) >= k > count(x >= hi)``: a sorted sample gives the first bracket,
+    counting passes narrow it (interpolation, falling back to bisection), and the few
+    entries left are sorted.  Then ``x > v`` plus the first entries equal to ``v``.
+    ``grid`` is the scores' own float dtype: candidate thresholds are rounded to it, so
+    half-precision scores (few distinct values, many ties) converge in few steps.
+    """
+    rows, n = x.shape
+    grid = grid if grid is not None and grid.is_floating_point else x.dtype
+    full = k >= n
+    if bool(full.all()):
+        return torch.ones_like(x, dtype=torch.bool)
+    none = k <= 0
+    if bool(none.any()):  # rows keeping nothing: select 1 there, then clear them
+        m = _rows_topk(x, k.clamp_min(1), grid)
+        m[none] = False
+        return m
+    if n <= 2 * _SAMPLE:  # short rows: a full sort is cheaper than bracketing
+        v = torch.sort(x, dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1)).squeeze(1)
+        return _mask_from_value(x, v, k, full)
+
+    # 1. a deterministic pseudo-random sample of columns, sorted, between 0 and max+
+    g = torch.Generator(device="cpu").manual_seed(n)
+    cols = torch.randperm(n, generator=g)[:_SAMPLE].to(x.device)
+    top = _next_up(x.amax(-1), grid)  # count(x >= top) == 0
+    zero = torch.zeros(rows, dtype=x.dtype, device=x.device)
+    ext = torch.cat([zero[:, None], torch.sort(x[:, cols], dim=-1).values, top[:, None]], 1)
+    m1 = ext.shape[1] - 1  # ranks run over [0, m1]
+
+    # 2. narrow the bracket [lo, hi), count(x >= lo) = c_lo >= k > c_hi = count(x >= hi):
+    #    estimate the threshold by interpolating the counts in sample-rank space (coarse) or
+    #    in value space (fine), count just below and just above the estimate so that both
+    #    ends move, and bisect the bit pattern every 4th step to guarantee termination.
+    lo, hi = zero.clone(), top.clone()
+    c_lo, c_hi = torch.full_like(k, n), torch.zeros_like(k)
+    slow = torch.zeros_like(k, dtype=torch.bool)  # last step shrank the bracket < 2x
+    for step in range(4 * 64 + 8):
+        done = ((c_lo - c_hi) <= _BAND) | (_next_up(lo, grid) >= hi)
+        if bool(done.all()):
+            break
+        sel = (~done).nonzero().squeeze(1)
+        xs, ks, es = x[sel], k[sel], ext[sel]
+        l, h, cl, ch = lo[sel], hi[sel], c_lo[sel], c_hi[sel]
+        f = ((cl - ks).double() / (cl - ch).double()).to(x.dtype)
+        r_l, r_h = _rank_in(es, l), _rank_in(es, h)
+        span = r_h - r_l
+        r = r_l + f * span
+        w = 1.5 * torch.sqrt(span * f * (1 - f)) + 0.5
+        coarse = torch.full_like(f, float(step == 0)).bool()
+        mid = _midpoint(l, h, grid)
+        bis = slow[sel]
+
+        cand = [
+            torch.where(bis, mid, torch.where(coarse, _value_at(es, (r - w).clamp(0, m1)), l + (h - l) * (f - 0.05).clamp(0, 1))),
+            torch.where(bis, mid, torch.where(coarse, _value_at(es, (r + w).clamp(0, m1)), l + (h - l) * (f + 0.05).clamp(0, 1))),
+        ]
+        before = cl - ch
+        for t in cand:
+            t = t.to(grid).to(x.dtype)  # a representable threshold
+            ok = (t > l) & (t < h)
+            c_t = _count_ge(xs, t)
+            up = ok & (c_t >= ks)
+            dn = ok & (c_t < ks)
+            l, cl = torch.where(up, t, l), torch.where(up, c_t, cl)
+            h, ch = torch.where(dn, t, h), torch.where(dn, c_t, ch)
+        slow[sel] = ~bis & (2 * (cl - ch) > before)
+        lo[sel], hi[sel], c_lo[sel], c_hi[sel] = l, h, cl, ch
+    else:  # unreachable: bit-pattern bisection converges in at most 64 halvings
+        raise RuntimeError("emprune: threshold search did not converge")
+
+    # 3. exact k-th value from the entries left in the bracket
+    v = lo.clone()  # rows whose bracket holds one value only: v = lo
+    small = ((c_lo - c_hi) <= _BAND) & (_next_up(lo, grid) < hi)
+    if bool(small.any()):
+        idx = small.nonzero().squeeze(1)
+        xs, los, his = x[idx], lo[idx], hi[idx]
+        inband = (xs >= los[:, None]) & (xs < his[:, None])
+        cnt = inband.sum(-1)
+        vals = xs[inband]  # row-major: grouped by row
+        width = int(cnt.max())
+        row_id = torch.repeat_interleave(torch.arange(idx.numel(), device=x.device), cnt)
+        start = torch.cumsum(cnt, 0) - cnt
+        pos = torch.arange(vals.numel(), device=x.device) - start[row_id]
+        packed = torch.full((idx.numel(), width), -1.0, dtype=x.dtype, device=x.device)
+        packed[row_id, pos] = vals
+        packed = torch.sort(packed, dim=-1, descending=True).values
+        r = (k[idx] - c_hi[idx] - 1).clamp(0, width - 1)
+        v[idx] = packed.gather(1, r[:, None]).squeeze(1)
+    return _mask_from_value(x, v, k, full)
+
+
+def _mask_from_value(x: Tensor, v: Tensor, k: Tensor, full: Tensor) -> Tensor:
+    """``x >= v`` per row, trimmed to exactly ``k`` by dropping the highest-index ties."""
+    mask = x >= v[:, None]
+    cnt = mask.sum(-1)
+    over = (cnt > k).nonzero().squeeze(1)
+    if over.numel():
+        xs, vs, ks = x[over], v[over], k[over]
+        eq = xs == vs[:, None]
+        need = ks - (xs > vs[:, None]).sum(-1)  # how many equal entries to keep
+        keep_eq = eq & (torch.cumsum(eq, -1) <= need[:, None])
+        mask[over] = (xs > vs[:, None]) | keep_eq
+    mask[full] = True
+    return mask
+
+
+# ------------------------------------------------------------------ global scope
+
+
+def _materialise(src: ScoreSource) -> Tensor:
+    return src() if callable(src) else src
+
+
+def _nonneg_chunks(t: Tensor, negative: Negative, shift: float) -> Iterator[Tensor]:
+    """Non-negative working copies of cache-sized chunks of a flattened tensor."""
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), _BLOCK_ELEMS):
+        c = flat[i : i + _BLOCK_ELEMS].to(_work_dtype(t.dtype))
+        yield c.abs() if negative == "abs" else c - shift
+
+
+def _nonneg(t: Tensor, negative: Negative, shift: float) -> Tensor:
+    x = t.to(_work_dtype(t.dtype))
+    return x.abs() if negative == "abs" else x - shift
+
+
+def _global_shift(sources: Sequence[ScoreSource], negative: Negative) -> float:
+    if negative != "shift":
+        return 0.0
+    return min(float(_materialise(s).amin()) for s in sources)
+
+
+def _stream_sums(
+    sources: Sequence[ScoreSource], negative: Negative, names: Sequence[str] | None, shift: float
+) -> tuple[Tensor, Tensor, int]:
+    """float64 (sum, sum of squares, count) over all sources, chunk by chunk."""
+    s1 = torch.zeros((), dtype=torch.float64)
+    s2 = torch.zeros((), dtype=torch.float64)
+    n = 0
+    for i, src in enumerate(sources):
+        t = _materialise(src)
+        where = names[i] if names is not None else (f"tensor {i}" if len(sources) > 1 else None)
+        _check_scores(t, where)
+        for c in _nonneg_chunks(t, negative, shift):
+            x = c.double()
+            s1 += x.sum().cpu()
+            s2 += torch.dot(x, x).cpu()
+        n += t.numel()
+        if not (torch.isfinite(s1) and torch.isfinite(s2)):
+            _finite_or_raise(t, where)
+            raise ValueError(f"sum of squared scores overflows float64{_name(where)}")
+    return s1, s2, n
+
+
+@dataclass
+class GlobalThreshold:
+    """One EMP decision over many tensors: keep every score ``> value``, and among scores
+    ``== value`` the first ``keep_equal[i]`` (in flat index order) of tensor ``i``.
+
+    ``n``: total scores; ``n_eff``: their effective number; ``k``: how many are kept;
+    ``shift``: what was subtracted from every score with ``negative="shift"``."""
+
+    n: int
+    n_eff: float
+    k: int
+    value: float
+    keep_equal: list[int] = field(default_factory=list)
+    shift: float = 0.0
+
+
+def global_threshold(
+    sources: Sequence[ScoreSource],
+    beta: float = 1.0,
+    *,
+    k: int | None = None,
+    negative: Negative = "abs",
+    names: Sequence[str] | None = None,
+) -> GlobalThreshold:
+    """EMP over the union of several score tensors, without concatenating them.
+
+    ``sources`` are tensors or zero-argument callables returning one (called again on each
+    pass, so scores such as ``|W| * ||X||`` are never all held at once).  A few streaming
+    passes over cache-sized chunks: float64 sums plus a sample, counts at a handful of
+    sampled thresholds, then the entries of the final narrow bracket.  Peak extra memory is
+    of the order of the largest tensor.  ``k`` overrides EMP's count (fixed-sparsity
+    baselines); ``names`` label the tensors in error messages."""
+    b = _check_beta(beta)
+    neff, n, shift = _global_neff(sources, negative, names)
+    if k is None:
+        kk = int(_counts_from_neff(torch.tensor(neff, dtype=torch.float64), b, n))
+    else:
+        kk = int(k)
+        if not 0 <= kk <= n:
+            raise ValueError(f"k must lie in [0, {n}], got {k}")
+    value, keep_equal = _select_global(sources, kk, n, negative, shift)
+    return GlobalThreshold(n, neff, kk, value, keep_equal, shift)
+
+
+def _global_neff(
+    sources: Sequence[ScoreSource], negative: Negative, names: Sequence[str] | None
+) -> tuple[float, int, float]:
+    _check_negative(negative)
+    if not len(sources):
+        raise ValueError("global scope needs at least one score tensor")
+    shift = _global_shift(sources, negative)
+    s1, s2, n = _stream_sums(sources, negative, names, shift)
+    return float(_neff_from_sums(s1, s2, n)), n, shift
+
+
+def global_effective_number(
+    sources: Sequence[ScoreSource], *, negative: Negative = "abs", names: Sequence[str] | None = None
+) -> tuple[float, int]:
+    """``(N_eff, N)`` of the union of several score tensors, streamed in float64."""
+    neff, n, _ = _global_neff(sources, negative, names)
+    return neff, n
+
+
+def _count_sources(sources, ts: Tensor, negative: Negative, shift: float) -> Tensor:
+    """count(x >= t) over all sources for each threshold in ``ts`` (one streaming pass)."""
+    counts = torch.zeros(ts.numel(), dtype=torch.int64)
+    for src in sources:
+        t = _materialise(src)
+        tt = ts.to(device=t.device, dtype=_work_dtype(t.dtype))
+        for c in _nonneg_chunks(t, negative, shift):
+            for j in range(tt.numel()):
+                counts[j] += int((c >= tt[j]).sum())
+    return counts
+
+
+def _select_global(
+    sources: Sequence[ScoreSource], k: int, n: int, negative: Negative, shift: float
+) -> tuple[float, list[int]]:
+    """Exact k-th largest value over all sources, and how many of its ties each source
+    keeps (lower flat index, then lower source index, first)."""
+    if k >= n:
+        return -math.inf, [0] * len(sources)
+    if k == 0:
+        return math.inf, [0] * len(sources)
+    # invariant: count(x >= lo) = c_lo >= k > c_hi = count(x >= hi)
+    lo, c_lo, hi, c_hi = 0.0, n, math.inf, 0
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    while c_lo - c_hi > _GLOBAL_BAND and _next_up_f(lo) < hi:
+        # 1. a sample of the bracket's entries (about one in _GLOBAL_SAMPLE_EVERY)
+        parts = []
+        for src in sources:
+            for c in _nonneg_chunks(_materialise(src), negative, shift):
+                inb = c[(c >= lo) & (c < hi)]
+                m = inb.numel() // _GLOBAL_SAMPLE_EVERY + (1 if inb.numel() else 0)
+                if m:
+                    parts.append(inb[torch.randint(0, inb.numel(), (m,), generator=g).to(inb.device)].cpu())
+        samp = torch.sort(torch.cat(parts).double()).values
+        ms = samp.numel()
+        # 2. counts at sample quantiles around the threshold's expected position
+        p = (c_lo - k) / (c_lo - c_hi)  # share of the bracket below the threshold
+        sd = math.sqrt(max(p * (1 - p), 1.0 / ms) / ms)
+        qs = sorted({min(ms - 1, max(0, round((p + z * sd) * ms))) for z in (-4, -2, -1, 0, 1, 2, 4)})
+        ts = torch.cat([samp[qs], torch.tensor([_next_up_f(lo)], dtype=torch.float64)]).unique()
+        ts = ts[(ts > lo) & (ts < hi)]
+        counts = _count_sources(sources, ts, negative, shift)
+        for t, c in zip(ts.tolist(), counts.tolist()):  # ascending thresholds
+            if c >= k:
+                lo, c_lo = t, c
+            elif t < hi:
+                hi, c_hi = t, c
+    if _next_up_f(lo) >= hi:  # the bracket holds a single value: it is the threshold
+        value = lo
+        band_eq = [int(sum(int((c == lo).sum()) for c in _nonneg_chunks(_materialise(s), negative, shift)))
+                   for s in sources]
+    else:
+        band: list[Tensor] = []
+        for src in sources:
+            vals = [c[(c >= lo) & (c < hi)].cpu() for c in _nonneg_chunks(_materialise(src), negative, shift)]
+            band.append(torch.cat(vals).double())
+        allv = torch.cat(band)
+        value = float(torch.topk(allv, k - c_hi, largest=True, sorted=False).values.min())
+        band_eq = [int((b == value).sum()) for b in band]
+        c_hi = c_hi + sum(int((b > value).sum()) for b in band)
+    need = k - c_hi  # how many entries equal to value are kept, assigned in order
+    keep_equal = []
+    for e in band_eq:
+        keep_equal.append(min(e, need))
+        need -= keep_equal[-1]
+    return value, keep_equal
+
+
+def _next_up_f(x: float) -> float:
+    return math.nextafter(x, math.inf)
+
+
+def global_masks(
+    sources: Sequence[ScoreSource], thr: GlobalThreshold, *, negative: Negative = "abs"
+) -> Iterator[Tensor]:
+    """Yield the boolean keep mask of each source in order, one at a time (so a caller can
+    apply and drop each before the next is made)."""
+    for i, src in enumerate(sources):
+        t = _materialise(src)
+        x = _nonneg(t, negative, thr.shift)
+        mask = x > thr.value
+        if thr.keep_equal and thr.keep_equal[i]:
+            idx = (x == thr.value).reshape(-1).nonzero().squeeze(1)[: thr.keep_equal[i]]
+            mask.view(-1)[idx] = True
+        yield mask
+
+
+# ------------------------------------------------------------------ mass bound
+
+
+def mass_bound(nu: int, n: int) -> float:
+    """Lower bound on the retained normalised score mass when the top ``nu = floor(N_eff)``
+    of ``n`` scores are kept (paper's Theorem, corrected).
+
+    ``nu/n + ((n-nu)/n) * sqrt((n-nu-1) / ((nu+1)(n-1)))`` for ``2 <= nu < n``; ``1/2`` for
+    ``nu = 1`` (the paper's formula is not valid there: ``w = (1/2+e, 1/2-e, 0, ...)`` has
+    ``N_eff < 2`` and keeps just over 1/2); ``1`` for ``nu = n``.  The infimum is approached
+    by "one spike plus a uniform rest" and not attained."""
+    nu_i, n_i = int(nu), int(n)
+    if nu_i != nu or n_i != n or n_i < 1 or not 1 <= nu_i <= n_i:
+        raise ValueError(f"mass_bound needs integers 1 <= nu <= n, got nu={nu!r}, n={n!r}")
+    if nu_i == n_i:
+        return 1.0
+    if nu_i == 1:
+        return 0.5
+    return nu_i / n_i + ((n_i - nu_i) / n_i) * math.sqrt((n_i - nu_i - 1) / ((nu_i + 1) * (n_i - 1)))
+
+
+def mass_bound_tensor(nu: Tensor, n: int) -> Tensor:
+    """Vectorised :func:`mass_bound` (float64) for a tensor of ``nu`` values."""
+    nu = nu.double()
+    f = nu / n + ((n - nu) / n) * torch.sqrt(((n - nu - 1) / ((nu + 1) * max(n - 1, 1))).clamp_min(0))
+    f = torch.where(nu <= 1, torch.full_like(f, 0.5), f)
+    return torch.where(nu >= n, torch.ones_like(f), f)
+
+
+def guaranteed_mass(nu: Tensor, k: Tensor, n: int) -> Tensor:
+    """What the bound guarantees when ``k`` (not necessarily ``nu``) entries are kept:
+    the bound for ``nu`` if ``k >= nu``, ``(k/nu)`` times it otherwise (top-k averages
+    never fall below top-nu averages)."""
+    b = mass_bound_tensor(nu, n)
+    return torch.where(k >= nu, b, b * k.double() / nu.double().clamp_min(1))
+
+
+def retained_mass(scores: Tensor, mask: Tensor, dim: int | None = None, *, negative: Negative = "abs") -> Tensor:
+    """Fraction of the score mass kept by ``mask``: ``sum_kept |s| / sum |s|`` per slice
+    (float64; 1 for an all-zero slice).  This is the ``s_eff`` that :func:`mass_bound`
+    bounds from below when ``mask`` is EMP's."""
+    _check_scores(scores)
+    if mask.shape != scores.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != scores shape {tuple(scores.shape)}")
+    rows, back = _as_rows(scores, dim)
+    mrows, _ = _as_rows(mask, dim)
+    kept = torch.empty(rows.shape[0], dtype=torch.float64, device=scores.device)
+    total = torch.empty_like(kept)
+    for b in _blocks(*rows.shape):
+        x = _prep_block(rows[b], negative).double()
+        total[b] = x.sum(-1)
+        kept[b] = (x * mrows[b]).sum(-1)
+    frac = torch.where(total > 0, kept / torch.where(total > 0, total, 1.0), torch.ones_like(total))
+    if dim is None:
+        return frac.reshape(())
+    return frac.reshape(_as_rows_shape(scores, dim))
