@@ -164,21 +164,25 @@ def _stats(scores: Tensor, dim: int | None, negative: Negative, where: str | Non
     _check_negative(negative)
     if dim is None:
         shift = _global_shift([scores], negative)
-        return _stream_sums([scores], negative, None if where is None else [where], shift)
+        return _stream_sums([scores], negative, None if where is None else [where], shift)[:3]
     rows, _ = _as_rows(scores, dim)
     n = rows.shape[1]
     s1 = torch.empty(rows.shape[0], dtype=torch.float64, device=scores.device)
     s2 = torch.empty_like(s1)
     for b in _blocks(*rows.shape):
-        s1[b], s2[b] = _row_sums(_prep_block(rows[b], negative))
-    if not (torch.isfinite(s1).all() and torch.isfinite(s2).all()):
-        _finite_or_raise(rows, where)
-        # finite input whose float64 squares overflow: rescale each row by its max
-        for b in _blocks(*rows.shape):
-            x = _prep_block(rows[b], negative).double()
-            x = x / x.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-            s1[b], s2[b] = _row_sums(x)
+        s1[b], s2[b] = _block_sums(_prep_block(rows[b], negative), where)
     return s1.reshape(_as_rows_shape(scores, dim)), s2.reshape(_as_rows_shape(scores, dim)), n
+
+
+def _block_sums(x: Tensor, where: str | None) -> tuple[Tensor, Tensor]:
+    """Row sums of a prepared block; raises on NaN/Inf; rescales rows whose float64
+    squares overflow (finite float64 scores above ~1e154)."""
+    s1, s2 = _row_sums(x)
+    if not (torch.isfinite(s1).all() and torch.isfinite(s2).all()):
+        _finite_or_raise(x, where)
+        x = x.double() / x.double().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        s1, s2 = _row_sums(x)
+    return s1, s2
 
 
 def _as_rows_shape(scores: Tensor, dim: int) -> tuple[int, ...]:
@@ -235,9 +239,16 @@ def keep_mask(
         _check_scores(scores, where)
         thr = global_threshold([scores], b, negative=negative, names=None if where is None else [where])
         return next(global_masks([scores], thr, negative=negative))
-    s1, s2, n = _stats(scores, dim, negative, where)
-    k = _counts_from_neff(_neff_from_sums(s1, s2, n), b, n)
-    return topk_mask(scores, k, dim, negative=negative, where=where, _checked=True)
+    _check_scores(scores, where)
+    _check_negative(negative)
+    rows, back = _as_rows(scores, dim)
+    n = rows.shape[1]
+    out = torch.empty(rows.shape, dtype=torch.bool, device=scores.device)
+    for blk in _blocks(*rows.shape):  # one pass: each block is summed and selected in cache
+        x = _prep_block(rows[blk], negative)
+        s1, s2 = _block_sums(x, where)
+        out[blk] = _rows_topk(x, _counts_from_neff(_neff_from_sums(s1, s2, n), b, n), scores.dtype)
+    return back(out)
 
 
 def topk_mask(
@@ -247,17 +258,14 @@ def topk_mask(
     *,
     negative: Negative = "abs",
     where: str | None = None,
-    _checked: bool = False,
 ) -> Tensor:
     """Exactly ``k`` largest entries per slice along ``dim`` (``k`` an int, or one count per
     slice with the shape of the reduced tensor), ties broken by lower index.
 
     Cost is a few passes over cache-sized blocks; no slice is fully sorted.
     """
-    if not _checked:
-        _check_scores(scores, where)
-        _check_negative(negative)
-        _finite_or_raise(scores, where)
+    _check_scores(scores, where)
+    _check_negative(negative)
     rows, back = _as_rows(scores, dim)
     n_rows, n = rows.shape
     kk = torch.as_tensor(k, dtype=torch.int64, device=scores.device).reshape(-1)
@@ -273,7 +281,10 @@ def topk_mask(
         return next(global_masks([scores], thr, negative=negative))
     out = torch.empty(rows.shape, dtype=torch.bool, device=scores.device)
     for b in _blocks(n_rows, n):
-        out[b] = _rows_topk(_prep_block(rows[b], negative), kk[b], scores.dtype)
+        x = _prep_block(rows[b], negative)
+        if not bool(torch.isfinite(x.amax(-1)).all()):  # NaN and Inf both reach the max
+            _raise_nonfinite(x, where)
+        out[b] = _rows_topk(x, kk[b], scores.dtype)
     return back(out)
 
 
@@ -438,11 +449,6 @@ def _nonneg_chunks(t: Tensor, negative: Negative, shift: float) -> Iterator[Tens
         yield c.abs() if negative == "abs" else c - shift
 
 
-def _nonneg(t: Tensor, negative: Negative, shift: float) -> Tensor:
-    x = t.to(_work_dtype(t.dtype))
-    return x.abs() if negative == "abs" else x - shift
-
-
 def _global_shift(sources: Sequence[ScoreSource], negative: Negative) -> float:
     if negative != "shift":
         return 0.0
@@ -450,25 +456,37 @@ def _global_shift(sources: Sequence[ScoreSource], negative: Negative) -> float:
 
 
 def _stream_sums(
-    sources: Sequence[ScoreSource], negative: Negative, names: Sequence[str] | None, shift: float
-) -> tuple[Tensor, Tensor, int]:
-    """float64 (sum, sum of squares, count) over all sources, chunk by chunk."""
+    sources: Sequence[ScoreSource], negative: Negative, names: Sequence[str] | None, shift: float,
+    sample_every: int = 0,
+) -> tuple[Tensor, Tensor, int, Tensor | None]:
+    """float64 (sum, sum of squares, count) over all sources, chunk by chunk, and with
+    ``sample_every`` a seeded random sample of about one score in that many (sorted)."""
     s1 = torch.zeros((), dtype=torch.float64)
     s2 = torch.zeros((), dtype=torch.float64)
     n = 0
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    parts: list[Tensor] = []
     for i, src in enumerate(sources):
         t = _materialise(src)
         where = names[i] if names is not None else (f"tensor {i}" if len(sources) > 1 else None)
         _check_scores(t, where)
+        a = torch.zeros((), dtype=torch.float64, device=t.device)
+        b = torch.zeros_like(a)
         for c in _nonneg_chunks(t, negative, shift):
             x = c.double()
-            s1 += x.sum().cpu()
-            s2 += torch.dot(x, x).cpu()
+            a += x.sum()
+            b += torch.dot(x, x)
+            if sample_every:
+                idx = torch.randint(0, c.numel(), (c.numel() // sample_every + 1,), generator=g)
+                parts.append(c[idx.to(c.device)].double().cpu())
+        s1 += a.cpu()
+        s2 += b.cpu()
         n += t.numel()
         if not (torch.isfinite(s1) and torch.isfinite(s2)):
             _finite_or_raise(t, where)
             raise ValueError(f"sum of squared scores overflows float64{_name(where)}")
-    return s1, s2, n
+    sample = torch.sort(torch.cat(parts)).values if parts else None
+    return s1, s2, n, sample
 
 
 @dataclass
@@ -504,33 +522,33 @@ def global_threshold(
     of the order of the largest tensor.  ``k`` overrides EMP's count (fixed-sparsity
     baselines); ``names`` label the tensors in error messages."""
     b = _check_beta(beta)
-    neff, n, shift = _global_neff(sources, negative, names)
+    neff, n, shift, sample = _global_neff(sources, negative, names, _GLOBAL_SAMPLE_EVERY)
     if k is None:
         kk = int(_counts_from_neff(torch.tensor(neff, dtype=torch.float64), b, n))
     else:
         kk = int(k)
         if not 0 <= kk <= n:
             raise ValueError(f"k must lie in [0, {n}], got {k}")
-    value, keep_equal = _select_global(sources, kk, n, negative, shift)
+    value, keep_equal = _select_global(sources, kk, n, negative, shift, sample)
     return GlobalThreshold(n, neff, kk, value, keep_equal, shift)
 
 
 def _global_neff(
-    sources: Sequence[ScoreSource], negative: Negative, names: Sequence[str] | None
-) -> tuple[float, int, float]:
+    sources: Sequence[ScoreSource], negative: Negative, names: Sequence[str] | None, sample_every: int = 0
+) -> tuple[float, int, float, Tensor | None]:
     _check_negative(negative)
     if not len(sources):
         raise ValueError("global scope needs at least one score tensor")
     shift = _global_shift(sources, negative)
-    s1, s2, n = _stream_sums(sources, negative, names, shift)
-    return float(_neff_from_sums(s1, s2, n)), n, shift
+    s1, s2, n, sample = _stream_sums(sources, negative, names, shift, sample_every)
+    return float(_neff_from_sums(s1, s2, n)), n, shift, sample
 
 
 def global_effective_number(
     sources: Sequence[ScoreSource], *, negative: Negative = "abs", names: Sequence[str] | None = None
 ) -> tuple[float, int]:
     """``(N_eff, N)`` of the union of several score tensors, streamed in float64."""
-    neff, n, _ = _global_neff(sources, negative, names)
+    neff, n, _, _ = _global_neff(sources, negative, names)
     return neff, n
 
 
@@ -540,60 +558,71 @@ def _count_sources(sources, ts: Tensor, negative: Negative, shift: float) -> Ten
     for src in sources:
         t = _materialise(src)
         tt = ts.to(device=t.device, dtype=_work_dtype(t.dtype))
+        acc = torch.zeros(ts.numel(), dtype=torch.int64, device=t.device)
         for c in _nonneg_chunks(t, negative, shift):
             for j in range(tt.numel()):
-                counts[j] += int((c >= tt[j]).sum())
+                acc[j] += (c >= tt[j]).sum(dtype=torch.int64)
+        counts += acc.cpu()
     return counts
 
 
 def _select_global(
-    sources: Sequence[ScoreSource], k: int, n: int, negative: Negative, shift: float
+    sources: Sequence[ScoreSource], k: int, n: int, negative: Negative, shift: float,
+    sample: Tensor | None = None,
 ) -> tuple[float, list[int]]:
     """Exact k-th largest value over all sources, and how many of its ties each source
-    keeps (lower flat index, then lower source index, first)."""
+    keeps (lower flat index, then lower source index, first).
+
+    Keeps a bracket ``count(x >= lo) = c_lo >= k > c_hi = count(x >= hi)``; each round counts
+    at a few quantiles of a sample of the bracket (the first sample comes from the sums
+    pass), until the bracket holds few enough entries to gather and select exactly."""
     if k >= n:
         return -math.inf, [0] * len(sources)
     if k == 0:
         return math.inf, [0] * len(sources)
-    # invariant: count(x >= lo) = c_lo >= k > c_hi = count(x >= hi)
     lo, c_lo, hi, c_hi = 0.0, n, math.inf, 0
-    g = torch.Generator(device="cpu").manual_seed(1234)
+    g = torch.Generator(device="cpu").manual_seed(4321)
+    stalled = False
     while c_lo - c_hi > _GLOBAL_BAND and _next_up_f(lo) < hi:
-        # 1. a sample of the bracket's entries (about one in _GLOBAL_SAMPLE_EVERY)
-        parts = []
-        for src in sources:
-            for c in _nonneg_chunks(_materialise(src), negative, shift):
-                inb = c[(c >= lo) & (c < hi)]
-                m = inb.numel() // _GLOBAL_SAMPLE_EVERY + (1 if inb.numel() else 0)
-                if m:
-                    parts.append(inb[torch.randint(0, inb.numel(), (m,), generator=g).to(inb.device)].cpu())
-        samp = torch.sort(torch.cat(parts).double()).values
-        ms = samp.numel()
-        # 2. counts at sample quantiles around the threshold's expected position
+        if sample is None:  # a fresh sample of the bracket's entries
+            parts = []
+            for src in sources:
+                for c in _nonneg_chunks(_materialise(src), negative, shift):
+                    inb = c[(c >= lo) & (c < hi)]
+                    if inb.numel():
+                        idx = torch.randint(0, inb.numel(), (inb.numel() // _GLOBAL_SAMPLE_EVERY + 1,), generator=g)
+                        parts.append(inb[idx.to(inb.device)].double().cpu())
+            sample = torch.sort(torch.cat(parts)).values
+        ms = sample.numel()
         p = (c_lo - k) / (c_lo - c_hi)  # share of the bracket below the threshold
         sd = math.sqrt(max(p * (1 - p), 1.0 / ms) / ms)
-        qs = sorted({min(ms - 1, max(0, round((p + z * sd) * ms))) for z in (-4, -2, -1, 0, 1, 2, 4)})
-        ts = torch.cat([samp[qs], torch.tensor([_next_up_f(lo)], dtype=torch.float64)]).unique()
+        qs = sorted({min(ms - 1, max(0, round((p + z * sd) * ms))) for z in (-3, -1.5, 0, 1.5, 3)})
+        ts = sample[qs]
+        if stalled:  # the sample cannot split the bracket (ties): try just above lo
+            ts = torch.cat([ts, torch.tensor([_next_up_f(lo)], dtype=torch.float64)])
+        ts = ts.unique()
         ts = ts[(ts > lo) & (ts < hi)]
-        counts = _count_sources(sources, ts, negative, shift)
-        for t, c in zip(ts.tolist(), counts.tolist()):  # ascending thresholds
-            if c >= k:
-                lo, c_lo = t, c
-            elif t < hi:
-                hi, c_hi = t, c
+        before = (lo, hi)
+        if ts.numel():
+            for t, c in zip(ts.tolist(), _count_sources(sources, ts, negative, shift).tolist()):
+                if c >= k:  # ascending thresholds: the last valid lower end is the tightest
+                    lo, c_lo = t, c
+                elif t < hi:
+                    hi, c_hi = t, c
+        stalled = (lo, hi) == before
+        sample = None
     if _next_up_f(lo) >= hi:  # the bracket holds a single value: it is the threshold
         value = lo
-        band_eq = [int(sum(int((c == lo).sum()) for c in _nonneg_chunks(_materialise(s), negative, shift)))
+        band_eq = [sum(int((c == lo).sum()) for c in _nonneg_chunks(_materialise(s), negative, shift))
                    for s in sources]
     else:
         band: list[Tensor] = []
         for src in sources:
-            vals = [c[(c >= lo) & (c < hi)].cpu() for c in _nonneg_chunks(_materialise(src), negative, shift)]
-            band.append(torch.cat(vals).double())
-        allv = torch.cat(band)
-        value = float(torch.topk(allv, k - c_hi, largest=True, sorted=False).values.min())
+            vals = [c[(c >= lo) & (c < hi)].double().cpu() for c in _nonneg_chunks(_materialise(src), negative, shift)]
+            band.append(torch.cat(vals))
+        value = float(torch.topk(torch.cat(band), k - c_hi, largest=True, sorted=False).values.min())
         band_eq = [int((b == value).sum()) for b in band]
-        c_hi = c_hi + sum(int((b > value).sum()) for b in band)
+        c_hi += sum(int((b > value).sum()) for b in band)
     need = k - c_hi  # how many entries equal to value are kept, assigned in order
     keep_equal = []
     for e in band_eq:
@@ -610,15 +639,40 @@ def global_masks(
     sources: Sequence[ScoreSource], thr: GlobalThreshold, *, negative: Negative = "abs"
 ) -> Iterator[Tensor]:
     """Yield the boolean keep mask of each source in order, one at a time (so a caller can
-    apply and drop each before the next is made)."""
+    apply and drop each before the next is made); built chunk by chunk, so the only
+    tensor-sized allocation is the mask itself."""
     for i, src in enumerate(sources):
         t = _materialise(src)
-        x = _nonneg(t, negative, thr.shift)
-        mask = x > thr.value
-        if thr.keep_equal and thr.keep_equal[i]:
-            idx = (x == thr.value).reshape(-1).nonzero().squeeze(1)[: thr.keep_equal[i]]
-            mask.view(-1)[idx] = True
+        mask = torch.empty(t.shape, dtype=torch.bool, device=t.device)
+        flat = mask.view(-1)
+        budget = thr.keep_equal[i] if thr.keep_equal else 0
+        pos = 0
+        for c in _nonneg_chunks(t, negative, thr.shift):
+            m = flat[pos : pos + c.numel()]
+            torch.gt(c, thr.value, out=m)
+            if budget:  # ties at the threshold: the first ones in flat order
+                eq = (c == thr.value).nonzero().squeeze(1)[:budget]
+                m[eq] = True
+                budget -= eq.numel()
+            pos += c.numel()
         yield mask
+
+
+def masked_mass(
+    scores: Tensor, mask: Tensor, *, negative: Negative = "abs", shift: float = 0.0
+) -> tuple[float, float]:
+    """``(sum of kept scores, sum of all scores)`` in float64, chunk by chunk (scores made
+    non-negative as the rule does: ``|s|``, or ``s - shift``)."""
+    kept = torch.zeros((), dtype=torch.float64, device=scores.device)
+    total = torch.zeros_like(kept)
+    flat = mask.reshape(-1)
+    pos = 0
+    for c in _nonneg_chunks(scores, negative, shift):
+        x = c.double()
+        total += x.sum()
+        kept += torch.where(flat[pos : pos + c.numel()], x, 0.0).sum()
+        pos += c.numel()
+    return float(kept), float(total)
 
 
 # ------------------------------------------------------------------ mass bound

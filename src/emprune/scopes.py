@@ -149,15 +149,18 @@ def _decide_global(targets: Sequence[Target], beta: float, sparsity: float | Non
                    min_keep: float | int | None, negative: rule.Negative) -> Iterator[Decision]:
     names = [t.name for t in targets]
     sel_src = [t.score for t in targets]
-    cnt_src = [t.count or t.score for t in targets]
-    neff, n = rule.global_effective_number(cnt_src, negative=negative, names=names)
-    if sparsity is not None:
-        k = fixed_count(sparsity, n)
+    if any(t.count is not None for t in targets):  # count on other scores: one more pass
+        cnt_src = [t.count or t.score for t in targets]
+        neff, n = rule.global_effective_number(cnt_src, negative=negative, names=names)
+        k = fixed_count(sparsity, n) if sparsity is not None else int(rule.keep_count_from_neff(neff, beta, n))
+        thr = rule.global_threshold(sel_src, k=k, negative=negative, names=names)
     else:
-        k = int(rule.keep_count_from_neff(torch.tensor(neff), beta, n))
-    thr = rule.global_threshold(sel_src, k=k, negative=negative, names=names)
+        n = sum(math.prod(t.shape) for t in targets)
+        thr = rule.global_threshold(sel_src, beta, k=None if sparsity is None else fixed_count(sparsity, n),
+                                    negative=negative, names=names)
+        neff = thr.n_eff
     nu = max(1, min(n, math.floor(thr.n_eff * (1 + 2.0**-48))))
-    guaranteed = rule.guaranteed_mass(torch.tensor([nu]), torch.tensor([k]), n)
+    guaranteed = rule.guaranteed_mass(torch.tensor([nu]), torch.tensor([thr.k]), n)
     for t, mask in zip(targets, rule.global_masks(sel_src, thr, negative=negative)):
         s = t.score()
         fl = floor_count(min_keep, s.numel())
@@ -166,7 +169,7 @@ def _decide_global(targets: Sequence[Target], beta: float, sparsity: float | Non
             mask = rule.topk_mask(s, fl, None, negative=negative, where=t.name)
             raised = 1
         kept = int(mask.sum())
-        mass = rule.retained_mass(s, mask, None, negative=negative).reshape(1)
-        total = float(rule._nonneg(s, negative, thr.shift).double().sum())
+        kept_sum, total = rule.masked_mass(s, mask, negative=negative, shift=thr.shift)
+        mass = torch.tensor([kept_sum / total if total > 0 else 1.0], dtype=torch.float64)
         yield Decision(t.name, tuple(s.shape), "global", s.numel(), torch.tensor([neff], dtype=torch.float64),
                        torch.tensor([kept]), raised, mass.cpu(), guaranteed, mask, total)

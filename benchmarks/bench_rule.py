@@ -1,0 +1,252 @@
+"""Speed and memory of the EMP rule at LLM scale, as ratios against baselines in the same run.
+
+Cases (each in a fresh subprocess, so that peak memory is its own):
+  row-fp32 / row-bf16  keep_mask(W.abs(), dim=1) on an 11008 x 4096 matrix, against
+                       W.clone() (the memory-traffic floor) and the authors' sort-based
+                       reference (argsort per row + scatter); masks compared.
+  global-1b            one EMP decision over >= 1 B scores held as many tensors (LLaMA-7B
+                       MLP shapes): global_threshold + global_masks (each mask dropped as
+                       made), against one clone() pass over every tensor.
+  prune-global-134m    emprune.prune(model, "magnitude", "global") on a model with 134 M
+                       weights (8 x Linear(4096, 4096)), end to end, reversible masks.
+
+Peak memory: on CPU the process's resident-set high-water mark above what it held once its
+inputs existed (ru_maxrss); on CUDA torch.cuda.max_memory_allocated above the inputs.
+
+    python benchmarks/bench_rule.py [--quick] [--device cpu|cuda] [--json OUT] [--md OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def rss_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Peak:
+    """Peak extra memory (MB) of the code run inside, above what was held on entry."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def __enter__(self) -> "Peak":
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.base = rss_peak_mb()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.mb = torch.cuda.max_memory_allocated() / 2**20 - self.base
+        else:
+            self.mb = max(0.0, rss_peak_mb() - self.base)
+
+
+def timed(fn, device: str, repeat: int) -> float:
+    """Median wall time of ``fn`` over ``repeat`` runs (after one warm-up)."""
+    fn()
+    ts = []
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def reference_row_mask(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The authors' approach: sort every row, scatter the first k (a stable sort, so that
+    ties go to the lower index as in emprune and the masks can be compared exactly)."""
+    order = torch.sort(x, dim=1, descending=True, stable=True).indices
+    ranks = torch.arange(x.shape[1], device=x.device).expand_as(x)
+    return torch.zeros_like(x, dtype=torch.bool).scatter_(1, order, ranks < k[:, None])
+
+
+def case_row(dtype: torch.dtype, device: str, quick: bool, repeat: int) -> dict:
+    import emprune
+
+    rows, cols = (2752, 4096) if quick else (11008, 4096)
+    g = torch.Generator().manual_seed(0)
+    x = torch.empty(rows, cols).normal_(generator=g).abs_().to(dtype).to(device)
+    t_clone = timed(lambda: x.clone(), device, repeat)
+    with Peak(device) as pk:
+        mask = emprune.keep_mask(x, dim=1)
+    t_ours = timed(lambda: emprune.keep_mask(x, dim=1), device, repeat)
+    k = emprune.keep_count(x, dim=1)
+    # kept counts must equal a float64 computation of floor(N_eff)
+    x64 = x.double()
+    k64 = torch.floor((x64.sum(1) ** 2 / (x64 * x64).sum(1)) * (1 + 2.0**-48)).clamp(1, cols).long()
+    del x64
+    t_ref = timed(lambda: reference_row_mask(x, k), device, max(1, repeat // 2))
+    ref = reference_row_mask(x, k)
+    ties = int((x.float().sort(1).values.diff(1) == 0).any(1).sum())
+    return {
+        "case": f"row-{str(dtype).split('.')[-1]}", "shape": [rows, cols], "device": device,
+        "ours_s": t_ours, "reference_s": t_ref, "clone_s": t_clone,
+        "ours_over_clone": t_ours / t_clone, "reference_over_ours": t_ref / t_ours,
+        "peak_extra_mb": pk.mb, "input_mb": x.numel() * x.element_size() / 2**20,
+        "counts_equal_float64": bool(torch.equal(k.cpu(), k64.cpu())),
+        "exact_counts": bool(torch.equal(mask.sum(1), k)),
+        "mask_equal_reference": bool(torch.equal(mask, ref)),
+        "rows_with_ties": ties,
+        "targets": {"ours_over_clone_max": 4.0, "reference_over_ours_min": 10.0},
+    }
+
+
+def case_global(device: str, quick: bool, repeat: int) -> dict:
+    import emprune
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(11008, 4096), (11008, 4096), (4096, 11008)] * (1 if quick else 8)  # 8 LLaMA-7B MLPs
+    ts = [torch.empty(s).normal_(generator=g).to(device) for s in shapes]
+    n = sum(t.numel() for t in ts)
+    largest_mb = max(t.numel() * t.element_size() for t in ts) / 2**20
+
+    def clone_pass() -> None:
+        for t in ts:
+            t.clone()
+
+    def ours() -> int:
+        thr = emprune.global_threshold(ts)
+        kept = 0
+        for m in emprune.global_masks(ts, thr):
+            kept += int(m.sum())
+        return kept
+
+    t_clone = timed(clone_pass, device, repeat)
+    with Peak(device) as pk:
+        kept = ours()
+    t_ours = timed(ours, device, max(1, repeat // 2))
+    thr = emprune.global_threshold(ts)
+    return {
+        "case": "global-1b" if not quick else "global-135m", "tensors": len(ts), "scores": n, "device": device,
+        "ours_s": t_ours, "clone_s": t_clone, "ours_over_clone": t_ours / t_clone,
+        "peak_extra_mb": pk.mb, "largest_tensor_mb": largest_mb, "peak_over_largest": pk.mb / largest_mb,
+        "model_mb": n * 4 / 2**20, "kept": kept, "k": thr.k, "exact_count": kept == thr.k,
+        "n_eff_over_n": thr.n_eff / n,
+        "targets": {"ours_over_clone_max": 6.0, "peak_over_largest_max": 2.0},
+    }
+
+
+def case_prune(device: str, quick: bool, repeat: int) -> dict:
+    import emprune
+
+    torch.manual_seed(0)
+    layers = 2 if quick else 8
+    model = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096, bias=False) for _ in range(layers)]).to(device)
+    n = sum(p.numel() for p in model.parameters())
+    with Peak(device) as pk:
+        t0 = time.perf_counter()
+        rep = emprune.prune(model, "magnitude", "global", permanent=True)
+        t = time.perf_counter() - t0
+    return {"case": f"prune-global-{n // 10**6}m", "weights": n, "device": device, "seconds": t,
+            "peak_extra_mb": pk.mb, "largest_tensor_mb": 4096 * 4096 * 4 / 2**20, "sparsity": rep.sparsity,
+            "global_neff": rep.global_neff, "mass": rep.global_mass, "bound": rep.global_bound}
+
+
+CASES = {
+    "row-fp32": lambda d, q, r: case_row(torch.float32, d, q, r),
+    "row-bf16": lambda d, q, r: case_row(torch.bfloat16, d, q, r),
+    "global": case_global,
+    "prune-global": case_prune,
+}
+
+
+def to_markdown(results: list[dict], cmd: str, env: dict) -> str:
+    lines = ["# EMP rule: speed and memory", "", f"Command: `{cmd}`", "",
+             f"Machine: {env['machine']}; torch {env['torch']}; threads {env['threads']}; device {env['device']}", "",
+             "## Per-row keep_mask (11008 x 4096)", "",
+             "| case | ours (ms) | clone (ms) | argsort ref (ms) | ours / clone (target <= 4) | ref / ours (target >= 10) "
+             "| peak extra (MB) | input (MB) | counts = float64 | mask = ref | rows with ties |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r["case"].startswith("row"):
+            lines.append(f"| {r['case']} | {1e3 * r['ours_s']:.1f} | {1e3 * r['clone_s']:.1f} | {1e3 * r['reference_s']:.1f} "
+                         f"| {r['ours_over_clone']:.2f} | {r['reference_over_ours']:.1f} | {r['peak_extra_mb']:.0f} "
+                         f"| {r['input_mb']:.0f} | {r['counts_equal_float64']} | {r['mask_equal_reference']} | {r['rows_with_ties']} |")
+    lines += ["", "## Global scope over many tensors", "",
+              "| case | tensors | scores | ours (s) | clone pass (s) | ours / clone (target <= 6) | peak extra (MB) "
+              "| largest tensor (MB) | peak / largest (target <= 2) | model (MB) | exact count |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r["case"].startswith("global"):
+            lines.append(f"| {r['case']} | {r['tensors']} | {r['scores']:,} | {r['ours_s']:.2f} | {r['clone_s']:.2f} "
+                         f"| {r['ours_over_clone']:.2f} | {r['peak_extra_mb']:.0f} | {r['largest_tensor_mb']:.0f} "
+                         f"| {r['peak_over_largest']:.2f} | {r['model_mb']:.0f} | {r['exact_count']} |")
+    lines += ["", "## emprune.prune, global magnitude, end to end", "",
+              "| case | weights | seconds | peak extra (MB) | largest tensor (MB) | sparsity | N_eff | mass >= bound |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r["case"].startswith("prune"):
+            lines.append(f"| {r['case']} | {r['weights']:,} | {r['seconds']:.2f} | {r['peak_extra_mb']:.0f} "
+                         f"| {r['largest_tensor_mb']:.0f} | {100 * r['sparsity']:.2f}% | {r['global_neff']:.4g} "
+                         f"| {r['mass']:.4f} >= {r['bound']:.4f} |")
+    lines += ["", "Times are medians of repeated runs in one process; each case ran in its own process so that "
+              "its peak memory is its own (CPU: resident-set high-water mark above the inputs)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
+    ap.add_argument("--json", default=None, help="write results JSON here")
+    ap.add_argument("--md", default=None, help="write a markdown table here")
+    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case
+    a = ap.parse_args()
+    if a.case:
+        r = CASES[a.case](a.device, a.quick, a.repeat)
+        print("RESULT " + json.dumps(r))
+        return 0
+    results = []
+    for name in a.cases.split(","):
+        cmd = [sys.executable, __file__, "--case", name, "--device", a.device, "--repeat", str(a.repeat)]
+        if a.quick:
+            cmd.append("--quick")
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+        if out.returncode != 0:
+            print(out.stdout, out.stderr, file=sys.stderr)
+            return 1
+        r = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[7:])
+        results.append(r)
+        print(json.dumps(r, indent=None))
+    env = {"machine": f"{platform.machine()}, {os.cpu_count()} cores" + (
+        f", {torch.cuda.get_device_name(0)}" if a.device == "cuda" else ""),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "device": a.device}
+    cmdline = "python benchmarks/bench_rule.py " + " ".join(sys.argv[1:])
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"command": cmdline, "env": env, "results": results}, indent=2))
+    md = to_markdown(results, cmdline, env)
+    if a.md:
+        Path(a.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.md).write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
