@@ -32,6 +32,7 @@ def prune_layerwise(
     decide: Decide,
     progress: bool = True,
     device: torch.device | str | None = None,
+    batch_size: int = 8,
 ) -> dict[str, Any]:
     """Calibrate ``model`` block by block on ``calib_tokens`` ``[n, seqlen]`` and let ``decide`` prune.
 
@@ -44,12 +45,19 @@ def prune_layerwise(
     are (their hooks place inputs); blocks offloaded to ``meta`` are refused, since in-place
     pruning of offloaded weights would be lost.
 
+    ``batch_size``: calibration samples run through a block at once (the block's call kwargs,
+    captured for one sample, broadcast over the batch). Batches of several samples make much
+    larger matrix products, several times faster on CPU than one sample at a time; the
+    statistics are the same sums (up to float rounding).
+
     Returns timings: ``seconds``, ``capture_seconds``, ``decide_seconds``, ``block_seconds``.
     """
     from tqdm.auto import tqdm
 
     if calib_tokens.ndim != 2:
         raise ValueError(f"calib_tokens must be [n_samples, seqlen], got shape {tuple(calib_tokens.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     layers = decoder_layers(model)
     names = {mod: name for name, mod in model.named_modules()}
     dev = torch.device(device) if device is not None else None
@@ -77,12 +85,12 @@ def prune_layerwise(
             if moved:
                 block.to(dev)
             linears = {names[mod]: mod for mod in block_linears(block, targets).values()}
-            stats = _collect_input_norms(block, linears, inps, kwargs)
+            stats = _collect_input_norms(block, linears, inps, kwargs, batch_size)
             td = time.perf_counter()
             decide(i, {n: (linears[n], sq, cnt) for n, (sq, cnt) in stats.items()})
             timings["decide_seconds"] += time.perf_counter() - td
-            for j in range(inps.shape[0]):  # pruned outputs feed the next block
-                outs[j] = _hidden(block(inps[j : j + 1], **kwargs))[0]
+            for j in range(0, inps.shape[0], batch_size):  # pruned outputs feed the next block
+                outs[j : j + batch_size] = _hidden(block(inps[j : j + batch_size], **kwargs))
             if moved:
                 block.to(home)
             inps, outs = outs, inps
@@ -97,6 +105,7 @@ def prune_layerwise(
         blocks=len(layers),
         n_samples=int(calib_tokens.shape[0]),
         seqlen=int(calib_tokens.shape[1]),
+        batch_size=int(batch_size),
     )
     return timings
 
@@ -141,7 +150,8 @@ def _capture_block0_inputs(
 
 
 def _collect_input_norms(
-    block: nn.Module, linears: dict[str, nn.Linear], inps: torch.Tensor, kwargs: dict[str, Any]
+    block: nn.Module, linears: dict[str, nn.Linear], inps: torch.Tensor, kwargs: dict[str, Any],
+    batch_size: int = 1,
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """Run ``block`` over ``inps`` with forward hooks summing ``x_j^2`` (float64) per input feature."""
     sums: dict[str, torch.Tensor] = {}
@@ -159,8 +169,8 @@ def _collect_input_norms(
 
     handles = [mod.register_forward_hook(make_hook(name)) for name, mod in linears.items()]
     try:
-        for j in range(inps.shape[0]):
-            block(inps[j : j + 1], **kwargs)
+        for j in range(0, inps.shape[0], batch_size):
+            block(inps[j : j + batch_size], **kwargs)
     finally:
         for h in handles:
             h.remove()

@@ -21,6 +21,10 @@ DEFAULT_FILES: dict[str, str] = {
 _OPTION = {"calib": "--calib-text", "eval": "--eval-text"}
 #: hub datasets understood by ``load_text`` when online (Wanda's loaders)
 HUB_NAMES = ("wikitext2", "c4")
+#: offline English text that ships with Python itself (no download, no extra package):
+#: ``python-docs`` is the Python Language Reference help text of ``pydoc_data.topics``
+#: (~465 kB of prose with some code, PSF licence), used as "text other than WikiText".
+BUILTIN_NAMES = ("python-docs",)
 
 
 def data_roots() -> list[Path]:
@@ -60,8 +64,9 @@ def load_text(
 ) -> str:
     """The text of a file (CRLF normalised to LF), or of a hub dataset by name where online.
 
-    ``None`` picks the default file for ``kind``. Names: ``wikitext2`` (train split for
-    ``calib``, test split for ``eval``) and ``c4`` (needs the ``datasets`` package and internet).
+    ``None`` picks the default file for ``kind``. Names: ``python-docs`` (offline, see
+    :func:`builtin_text`), ``wikitext2`` (train split for ``calib``, test split for ``eval``) and
+    ``c4`` (these two need the ``datasets`` package and internet).
     """
     if path_or_name is None:
         path_or_name = default_text_path(kind)
@@ -70,11 +75,30 @@ def load_text(
         text = path.read_text(encoding="utf-8")
         return text.replace("\r\n", "\n").replace("\r", "\n")
     name = os.fspath(path_or_name)
+    if name in BUILTIN_NAMES:
+        return builtin_text(name)
     if name in HUB_NAMES:
         return _load_hub_text(name, kind)
     raise FileNotFoundError(
-        f"{_OPTION[kind]}: {name!r} is neither a file nor one of the dataset names {list(HUB_NAMES)}"
+        f"{_OPTION[kind]}: {name!r} is neither a file nor one of the text names "
+        f"{list(BUILTIN_NAMES + HUB_NAMES)}"
     )
+
+
+def builtin_text(name: str = "python-docs") -> str:
+    """Offline English text shipped with Python (see :data:`BUILTIN_NAMES`).
+
+    ``python-docs``: every topic of ``pydoc_data.topics`` (the Language Reference sections that
+    ``help("if")`` shows), in the module's order, joined by blank lines. Deterministic for a
+    given Python version (3.11: 79 topics, 465,126 characters).
+    """
+    if name != "python-docs":
+        raise ValueError(f"unknown built-in text {name!r}; choose from {list(BUILTIN_NAMES)}")
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as err:  # some distributions strip pydoc_data
+        raise FileNotFoundError("this Python has no pydoc_data module; pass a text file instead") from err
+    return "\n\n".join(topics.values())
 
 
 def _load_hub_text(name: str, kind: str) -> str:
