@@ -70,6 +70,7 @@ def prune(
     negative: str = "abs",
     seed: int = 0,
     permanent: bool = False,
+    progress: bool = False,
 ) -> PruneReport:
     """Prune ``model`` in place with EMP and return a :class:`PruneReport`.
 
@@ -83,7 +84,8 @@ def prune(
     batch) -> loss`` is needed by Taylor/gradient unless the model returns ``.loss``; a
     criterion instance prepared beforehand is used as it is when no calibration is given.
     Masks stay reversible (:func:`restore`) until :func:`make_permanent`, or are folded in
-    at once with ``permanent=True`` (no extra memory)."""
+    at once with ``permanent=True`` (no extra memory).  ``progress`` shows a progress bar
+    over the targets (with ``tqdm`` installed)."""
     check_options(scope, beta, sparsity, min_keep)
     if sparsity is not None and count_by is not None:
         raise ValueError("count_by sets EMP's counts; it has no meaning with a fixed sparsity")
@@ -104,7 +106,8 @@ def prune(
                          beta=None if sparsity is not None else float(beta),
                          target_sparsity=sparsity, min_keep=min_keep)
     try:
-        for d in decide(tlist, scope, beta, sparsity=sparsity, min_keep=min_keep, negative=negative):  # type: ignore[arg-type]
+        decisions = decide(tlist, scope, beta, sparsity=sparsity, min_keep=min_keep, negative=negative)  # type: ignore[arg-type]
+        for d in _progress(decisions, len(tlist), progress, f"emprune {scope}"):
             mod = mods[d.name]
             apply_mask(mod, d.mask, permanent=permanent)
             report.add(d, int((mod.weight == 0).sum()))
@@ -113,6 +116,16 @@ def prune(
             c.release()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _progress(it: Iterable, total: int, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are optional
+        return it
+    return tqdm(it, total=total, desc=desc, unit="layer")
 
 
 def _bind(crit: C.Criterion, name: str, mod: nn.Module) -> Callable[[], Tensor]:
