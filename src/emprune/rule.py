@@ -27,6 +27,8 @@ from typing import Callable, Iterable, Iterator, Literal, Sequence, Union
 import torch
 from torch import Tensor
 
+from . import _kernels
+
 __all__ = [
     "effective_number",
     "keep_count",
@@ -84,13 +86,18 @@ def _raise_nonfinite(x: Tensor, where: str | None) -> None:
     raise ValueError(f"scores contain {bad} ({n} non-finite of {x.numel()}){_name(where)}")
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+def _work_dtype(dtype: torch.dtype, negative: str = "abs") -> torch.dtype:
     """The dtype blocks are processed in: exact for every supported input dtype."""
-    if not dtype.is_floating_point:
-        return torch.float64  # integers (and bool) are exact in float64 up to 2**53
+    if not dtype.is_floating_point or negative == "shift":
+        return torch.float64  # shifted scores s - min are exact in float64 only; integers (and bool) are exact in float64 up to 2**53
     if dtype == torch.float64:
         return dtype
     return torch.float32  # float16 / bfloat16 embed exactly (and compare much faster)
+
+
+def _grid(dtype: torch.dtype, negative: str) -> torch.dtype:
+    """The float grid thresholds are searched on: the scores' own (|s| is exact in it)."""
+    return dtype if negative == "abs" and dtype.is_floating_point else torch.float64
 
 
 def _check_negative(negative: str) -> None:
@@ -135,15 +142,15 @@ class _Work:
         self.b = torch.empty(rows, n, dtype=torch.bool, device=device)
 
     @staticmethod
-    def for_rows(rows: Tensor) -> "_Work":
+    def for_rows(rows: Tensor, negative: str) -> "_Work":
         step = max(1, _BLOCK_ELEMS // max(1, rows.shape[1]))
-        return _Work(min(step, rows.shape[0]), rows.shape[1], rows.dtype, rows.device)
+        return _Work(min(step, rows.shape[0]), rows.shape[1], _work_dtype(rows.dtype, negative), rows.device)
 
 
 def _prep_block(block: Tensor, negative: Negative, ws: _Work | None = None) -> Tensor:
     """Non-negative working copy of a block of score rows (into ``ws`` when given)."""
     if ws is None:
-        x = block.to(_work_dtype(block.dtype))
+        x = block.to(_work_dtype(block.dtype, negative))
     else:
         x = ws.x[: block.shape[0]]
         x.copy_(block)
@@ -191,9 +198,14 @@ def _stats(scores: Tensor, dim: int | None, negative: Negative, where: str | Non
         return _stream_sums([scores], negative, None if where is None else [where], shift)[:3]
     rows, _ = _as_rows(scores, dim)
     n = rows.shape[1]
+    shape = _as_rows_shape(scores, dim)
+    if _kernels.usable(rows):
+        _, s1, s2 = _kernels.rows_keep(rows, None, 1.0, negative == "shift", select=False)
+        if bool(torch.isfinite(s1).all() and torch.isfinite(s2).all()):
+            return s1.reshape(shape), s2.reshape(shape), n
     s1 = torch.empty(rows.shape[0], dtype=torch.float64, device=scores.device)
     s2 = torch.empty_like(s1)
-    ws = _Work.for_rows(rows)
+    ws = _Work.for_rows(rows, negative)
     for b in _blocks(*rows.shape):
         s1[b], s2[b] = _block_sums(_prep_block(rows[b], negative, ws), where, ws)
     return s1.reshape(_as_rows_shape(scores, dim)), s2.reshape(_as_rows_shape(scores, dim)), n
@@ -268,12 +280,18 @@ def keep_mask(
     _check_negative(negative)
     rows, back = _as_rows(scores, dim)
     n = rows.shape[1]
+    if _kernels.usable(rows):  # compiled path (CPU, numba installed): same masks
+        mask, s1, s2 = _kernels.rows_keep(rows, None, b, negative == "shift")
+        if bool(torch.isfinite(s1).all() and torch.isfinite(s2).all()):
+            return back(mask)
+        _finite_or_raise(rows, where)  # NaN/Inf: a clear error; overflowing squares: below
     out = torch.empty(rows.shape, dtype=torch.bool, device=scores.device)
-    ws = _Work.for_rows(rows)
+    ws = _Work.for_rows(rows, negative)
     for blk in _blocks(*rows.shape):  # one pass: each block is summed and selected in cache
         x = _prep_block(rows[blk], negative, ws)
         s1, s2 = _block_sums(x, where, ws)
-        out[blk] = _rows_topk(x, _counts_from_neff(_neff_from_sums(s1, s2, n), b, n), scores.dtype, ws)
+        k = _counts_from_neff(_neff_from_sums(s1, s2, n), b, n)
+        out[blk] = _rows_topk(x, k, _grid(scores.dtype, negative), ws)
     return back(out)
 
 
@@ -305,13 +323,18 @@ def topk_mask(
         thr = global_threshold([scores], k=int(kk[0]), negative=negative,
                                names=None if where is None else [where])
         return next(global_masks([scores], thr, negative=negative))
+    if _kernels.usable(rows):  # compiled path (CPU, numba installed): same masks
+        mask, s1, s2 = _kernels.rows_keep(rows, kk, 1.0, negative == "shift")
+        if bool(torch.isfinite(s1).all()):
+            return back(mask)
+        _raise_nonfinite(rows, where)
     out = torch.empty(rows.shape, dtype=torch.bool, device=scores.device)
-    ws = _Work.for_rows(rows)
+    ws = _Work.for_rows(rows, negative)
     for b in _blocks(n_rows, n):
         x = _prep_block(rows[b], negative, ws)
         if not bool(torch.isfinite(x.amax(-1)).all()):  # NaN and Inf both reach the max
             _raise_nonfinite(x, where)
-        out[b] = _rows_topk(x, kk[b], scores.dtype, ws)
+        out[b] = _rows_topk(x, kk[b], _grid(scores.dtype, negative), ws)
     return back(out)
 
 
@@ -489,7 +512,7 @@ def _nonneg_chunks(t: Tensor, negative: Negative, shift: float) -> Iterator[Tens
     """Non-negative working copies of cache-sized chunks of a flattened tensor."""
     flat = t.reshape(-1)
     for i in range(0, flat.numel(), _BLOCK_ELEMS):
-        c = flat[i : i + _BLOCK_ELEMS].to(_work_dtype(t.dtype))
+        c = flat[i : i + _BLOCK_ELEMS].to(_work_dtype(t.dtype, negative))
         yield c.abs() if negative == "abs" else c - shift
 
 
@@ -601,7 +624,7 @@ def _count_sources(sources, ts: Tensor, negative: Negative, shift: float) -> Ten
     counts = torch.zeros(ts.numel(), dtype=torch.int64)
     for src in sources:
         t = _materialise(src)
-        tt = ts.to(device=t.device, dtype=_work_dtype(t.dtype))
+        tt = ts.to(device=t.device, dtype=_work_dtype(t.dtype, negative))
         acc = torch.zeros(ts.numel(), dtype=torch.int64, device=t.device)
         for c in _nonneg_chunks(t, negative, shift):
             for j in range(tt.numel()):
