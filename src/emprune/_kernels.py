@@ -164,13 +164,21 @@ def rows_keep(x: Tensor, k: Tensor | None, beta: float, shift: bool,
     """``(mask, sum, sum of squares)`` per row: exactly ``k[r]`` kept, or ``floor(beta N_eff)``
     when ``k`` is None (``select=False``: the float64 sums only, mask None).  Half precision
     and integers are widened (exactly) first."""
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.to(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else torch.float64)
-    xn = x.contiguous().numpy()
-    rows = xn.shape[0]
+    rows, n = x.shape
     kin = np.full(rows, -1, np.int64) if k is None else k.to(torch.int64).contiguous().numpy()
-    out = np.empty(xn.shape if select else (1, 1), np.bool_)
+    out = np.empty((rows, n) if select else (1, 1), np.bool_)
     s1 = np.empty(rows, np.float64)
     s2 = np.empty(rows, np.float64)
-    _rows(xn, kin, float(beta), bool(shift), bool(select), out, s1, s2)
+    if x.dtype in (torch.float32, torch.float64):
+        _rows(x.contiguous().numpy(), kin, float(beta), bool(shift), bool(select), out, s1, s2)
+    else:  # half precision / integers: widened exactly, a block of rows at a time (no full copy)
+        wide = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else torch.float64
+        step = max(1, (1 << 22) // max(1, n))
+        buf = torch.empty(min(step, rows), n, dtype=wide)
+        for i in range(0, rows, step):
+            j = min(rows, i + step)
+            xb = buf[: j - i]
+            xb.copy_(x[i:j])
+            _rows(xb.numpy(), kin[i:j], float(beta), bool(shift), bool(select),
+                  out[i:j] if select else out, s1[i:j], s2[i:j])
     return (torch.from_numpy(out) if select else None), torch.from_numpy(s1), torch.from_numpy(s2)

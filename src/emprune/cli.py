@@ -141,6 +141,9 @@ def _add_llm_parsers(sub) -> None:
                     help="override the recipe: one count per unit, or per layer spread over its rows")
     _add_calib_args(pr, 128, 512)
     _add_model_args(pr)
+    pr.add_argument("--offload", action="store_true",
+                    help="keep the model in CPU memory and move one decoder block at a time to --device "
+                         "(for models larger than the GPU; see docs/llm.md)")
 
     ev = sub.add_parser("eval", help="perplexity of a causal LM over non-overlapping windows",
                         description="Perplexity: exp of the mean next-token loss over non-overlapping "
@@ -183,7 +186,7 @@ def _add_llm_parsers(sub) -> None:
                          "Reference shipped with Python); 'none' to skip")
     cp.add_argument("--other-tokens", type=int, default=16384, help="tokens of the other text (default 16384)")
     cp.add_argument("--other-for", choices=("all", "emp", "none"), default="all",
-                    help="rows evaluated on the other text: all, emp (EMP and uniform rows), none (default all)")
+                    help="rows evaluated on the other text: all, emp (dense and the EMP rows), none (default all)")
     _add_calib_args(cp, 32, 512)
     _add_model_args(cp)
 
@@ -197,6 +200,8 @@ def _add_llm_parsers(sub) -> None:
     de.add_argument("--seqlen", type=int, default=256, help="calibration/evaluation window (default 256)")
     de.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens (default 4096)")
     de.add_argument("--other-tokens", type=int, default=4096, help="tokens of python-docs text (default 4096)")
+    de.add_argument("--calib-text", default=None, help="calibration text (default WikiText-2 validation)")
+    de.add_argument("--eval-text", default=None, help="evaluation text (default WikiText-2 test)")
     de.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -225,8 +230,11 @@ def _cmd_prune(args) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    if args.offload and args.device in (None, "cpu", "auto"):
+        raise ValueError("--offload needs an execution device: --device cuda (or cuda:N)")
     print(f"loading {args.model} ...", file=sys.stderr)
-    model, tok = models.load_causal_lm(args.model, dtype=_dtype(args.dtype), device_map=_device_map(args.device))
+    model, tok = models.load_causal_lm(args.model, dtype=_dtype(args.dtype),
+                                       device_map=None if args.offload else _device_map(args.device))
     calib = None
     calib_src = None
     if args.criterion == "wanda" or (args.sparsity is None and (args.count_by or "").startswith("wanda")) or \
@@ -237,10 +245,10 @@ def _cmd_prune(args) -> int:
     res = prune_lm(model, calib, criterion=args.criterion, scope=args.scope, beta=args.beta, sparsity=args.sparsity,
                    targets=args.targets, recipe=args.recipe, count_by=args.count_by, min_keep=mk,
                    count_unit=args.count_unit, progress=not args.quiet, batch_size=args.batch_size,
-                   device=None if args.device in (None, "auto") else args.device)
+                   device=None if args.device in (None, "cpu", "auto") else args.device)
     info = dict(res.info)
     info["model"] = args.model
-    info["command"] = "emprune " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if _from_console() else []))
+    info["command"] = _command_line(args)
     info["calibration"].update(text=calib_src, seed=args.seed)
     info["total_seconds"] = time.perf_counter() - t0
     saved = models.save_pruned(model, tok, out, info, overwrite=args.overwrite)
@@ -259,10 +267,6 @@ def _recipe_needs_data(recipe: str) -> bool:
     from .llm.prune import get_recipe
 
     return get_recipe(recipe).count_by.startswith("wanda")
-
-
-def _from_console() -> bool:
-    return bool(sys.argv) and Path(sys.argv[0]).name in ("emprune", "cli.py", "__main__.py")
 
 
 def _short_table(report: PruneReport) -> str:
@@ -319,8 +323,8 @@ def _cmd_compare(args) -> int:
 
 
 def _command_line(args) -> str:
-    argv = sys.argv[1:] if _from_console() else getattr(args, "_argv", [])
-    return "emprune " + " ".join(shlex.quote(a) for a in argv)
+    """The command line as typed (``main(argv)`` records its argv, the console script sys.argv)."""
+    return "emprune " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", []))
 
 
 def _print_compare(doc: dict, out: str) -> None:
@@ -338,6 +342,7 @@ def _cmd_demo(args) -> int:
           f"{args.seqlen} tokens, perplexity on {args.eval_tokens} WikiText-2 + {args.other_tokens} python-docs "
           f"tokens). Results go to {args.out}.md/.json/.png", file=sys.stderr)
     doc = run_compare(args.model, targets=("mlp",), calib_samples=args.calib_samples, seqlen=args.seqlen,
+                      calib_text=args.calib_text, eval_text=args.eval_text,
                       eval_tokens=args.eval_tokens, other_tokens=args.other_tokens, other_for="emp",
                       uniform=True, matched=True, out=args.out, command=_command_line(args),
                       progress=not args.quiet)

@@ -508,12 +508,38 @@ def _materialise(src: ScoreSource) -> Tensor:
     return src() if callable(src) else src
 
 
-def _nonneg_chunks(t: Tensor, negative: Negative, shift: float) -> Iterator[Tensor]:
-    """Non-negative working copies of cache-sized chunks of a flattened tensor."""
+class _Scratch:
+    """Reusable chunk-sized buffers for the streaming passes (a fresh multi-MB temporary per
+    chunk would cost more in page faults than the arithmetic)."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[tuple, Tensor] = {}
+
+    def get(self, name: str, dtype: torch.dtype, n: int, device: torch.device) -> Tensor:
+        key = (name, dtype, device)
+        b = self.bufs.get(key)
+        if b is None or b.numel() < n:
+            b = self.bufs[key] = torch.empty(max(n, _BLOCK_ELEMS), dtype=dtype, device=device)
+        return b[:n]
+
+
+def _nonneg_chunks(t: Tensor, negative: Negative, shift: float, sc: _Scratch | None = None) -> Iterator[Tensor]:
+    """Non-negative working copies of cache-sized chunks of a flattened tensor.  With a
+    scratch, each chunk lives in a reused buffer: valid until the next one is yielded."""
     flat = t.reshape(-1)
+    wd = _work_dtype(t.dtype, negative)
     for i in range(0, flat.numel(), _BLOCK_ELEMS):
-        c = flat[i : i + _BLOCK_ELEMS].to(_work_dtype(t.dtype, negative))
-        yield c.abs() if negative == "abs" else c - shift
+        src = flat[i : i + _BLOCK_ELEMS]
+        c = src.to(wd) if sc is None else sc.get("x", wd, src.numel(), t.device).copy_(src)
+        if sc is None and c.data_ptr() == src.data_ptr():
+            c = c.clone()  # never modify the caller's scores
+        yield c.abs_() if negative == "abs" else c.sub_(shift)
+
+
+def _in_bracket(c: Tensor, lo: float, hi: float, sc: _Scratch) -> Tensor:
+    """Bool mask ``lo <= c < hi`` in scratch buffers."""
+    a = torch.ge(c, lo, out=sc.get("b1", torch.bool, c.numel(), c.device))
+    return a.logical_and_(torch.lt(c, hi, out=sc.get("b2", torch.bool, c.numel(), c.device)))
 
 
 def _global_shift(sources: Sequence[ScoreSource], negative: Negative) -> float:
@@ -533,14 +559,15 @@ def _stream_sums(
     n = 0
     g = torch.Generator(device="cpu").manual_seed(1234)
     parts: list[Tensor] = []
+    sc = _Scratch()
     for i, src in enumerate(sources):
         t = _materialise(src)
         where = names[i] if names is not None else (f"tensor {i}" if len(sources) > 1 else None)
         _check_scores(t, where)
         a = torch.zeros((), dtype=torch.float64, device=t.device)
         b = torch.zeros_like(a)
-        for c in _nonneg_chunks(t, negative, shift):
-            x = c.double()
+        for c in _nonneg_chunks(t, negative, shift, sc):
+            x = c if c.dtype == torch.float64 else sc.get("d", torch.float64, c.numel(), c.device).copy_(c)
             a += x.sum()
             b += torch.dot(x, x)
             if sample_every:
@@ -619,18 +646,37 @@ def global_effective_number(
     return neff, n
 
 
-def _count_sources(sources, ts: Tensor, negative: Negative, shift: float) -> Tensor:
-    """count(x >= t) over all sources for each threshold in ``ts`` (one streaming pass)."""
-    counts = torch.zeros(ts.numel(), dtype=torch.int64)
+def _pass(
+    sources: Sequence[ScoreSource], ts: Tensor, negative: Negative, shift: float,
+    collect: tuple[float, float] | None = None, expect: int = 0,
+) -> tuple[list[int], list[Tensor] | None]:
+    """One streaming pass: ``count(x >= t)`` for each threshold in ``ts`` and, with
+    ``collect=(a, b)``, the entries in ``[a, b)`` of each source (float64, on the CPU),
+    gathered into one buffer sized from ``expect`` (grown if needed), so that the kept
+    pieces never fragment the heap between the chunk temporaries."""
+    counts = [0] * ts.numel()
+    buf = torch.empty(max(1024, 2 * expect + 1024) if collect is not None else 0, dtype=torch.float64)
+    pos = 0
+    spans = []
+    sc = _Scratch()
     for src in sources:
         t = _materialise(src)
         tt = ts.to(device=t.device, dtype=_work_dtype(t.dtype, negative))
         acc = torch.zeros(ts.numel(), dtype=torch.int64, device=t.device)
-        for c in _nonneg_chunks(t, negative, shift):
+        start = pos
+        for c in _nonneg_chunks(t, negative, shift, sc):
+            b = sc.get("b", torch.bool, c.numel(), c.device)
             for j in range(tt.numel()):
-                acc[j] += (c >= tt[j]).sum(dtype=torch.int64)
-        counts += acc.cpu()
-    return counts
+                acc[j] += torch.ge(c, tt[j], out=b).sum(dtype=torch.int64)
+            if collect is not None:
+                piece = c[_in_bracket(c, collect[0], collect[1], sc)]
+                if pos + piece.numel() > buf.numel():  # rare: grow geometrically
+                    buf = torch.cat([buf[:pos], torch.empty(max(buf.numel(), piece.numel()), dtype=torch.float64)])
+                buf[pos : pos + piece.numel()].copy_(piece)
+                pos += piece.numel()
+        counts = [x + y for x, y in zip(counts, acc.tolist())]
+        spans.append((start, pos))
+    return counts, ([buf[a:b] for a, b in spans] if collect is not None else None)
 
 
 def _select_global(
@@ -640,22 +686,29 @@ def _select_global(
     """Exact k-th largest value over all sources, and how many of its ties each source
     keeps (lower flat index, then lower source index, first).
 
-    Keeps a bracket ``count(x >= lo) = c_lo >= k > c_hi = count(x >= hi)``; each round counts
-    at a few quantiles of a sample of the bracket (the first sample comes from the sums
-    pass), until the bracket holds few enough entries to gather and select exactly."""
+    Keeps a bracket ``count(x >= lo) = c_lo >= k > c_hi = count(x >= hi)``.  A round counts
+    at two quantiles of a sample of the bracket (the first sample comes from the sums pass),
+    3 standard errors either side of the threshold's expected rank, and in the same pass
+    gathers the entries between them; when they bracket the threshold (all but ~0.3% of
+    the time) those entries are all that is left to select from."""
     if k >= n:
         return -math.inf, [0] * len(sources)
     if k == 0:
         return math.inf, [0] * len(sources)
     lo, c_lo, hi, c_hi = 0.0, n, math.inf, 0
     g = torch.Generator(device="cpu").manual_seed(4321)
+    sc = _Scratch()
     stalled = False
-    while c_lo - c_hi > _GLOBAL_BAND and _next_up_f(lo) < hi:
+    band: list[Tensor] | None = None
+    while _next_up_f(lo) < hi:
+        if c_lo - c_hi <= _GLOBAL_BAND:  # few enough: gather the bracket
+            band = _pass(sources, torch.empty(0, dtype=torch.float64), negative, shift, (lo, hi), c_lo - c_hi)[1]
+            break
         if sample is None:  # a fresh sample of the bracket's entries
             parts = []
             for src in sources:
-                for c in _nonneg_chunks(_materialise(src), negative, shift):
-                    inb = c[(c >= lo) & (c < hi)]
+                for c in _nonneg_chunks(_materialise(src), negative, shift, sc):
+                    inb = c[_in_bracket(c, lo, hi, sc)]
                     if inb.numel():
                         idx = torch.randint(0, inb.numel(), (inb.numel() // _GLOBAL_SAMPLE_EVERY + 1,), generator=g)
                         parts.append(inb[idx.to(inb.device)].double().cpu())
@@ -663,30 +716,31 @@ def _select_global(
         ms = sample.numel()
         p = (c_lo - k) / (c_lo - c_hi)  # share of the bracket below the threshold
         sd = math.sqrt(max(p * (1 - p), 1.0 / ms) / ms)
-        qs = sorted({min(ms - 1, max(0, round((p + z * sd) * ms))) for z in (-3, -1.5, 0, 1.5, 3)})
-        ts = sample[qs]
+        qa, qb = (min(ms - 1, max(0, round((p + z * sd) * ms))) for z in (-3, 3))
+        ts = sample[[qa, qb]]
         if stalled:  # the sample cannot split the bracket (ties): try just above lo
             ts = torch.cat([ts, torch.tensor([_next_up_f(lo)], dtype=torch.float64)])
         ts = ts.unique()
         ts = ts[(ts > lo) & (ts < hi)]
+        expected = (qb - qa + 2) / ms * (c_lo - c_hi)  # entries between the two thresholds
+        collect = (float(ts[0]), float(ts[1])) if ts.numel() == 2 and 2 * expected <= _GLOBAL_BAND else None
         before = (lo, hi)
-        if ts.numel():
-            for t, c in zip(ts.tolist(), _count_sources(sources, ts, negative, shift).tolist()):
-                if c >= k:  # ascending thresholds: the last valid lower end is the tightest
-                    lo, c_lo = t, c
-                elif t < hi:
-                    hi, c_hi = t, c
+        counts, got = _pass(sources, ts, negative, shift, collect, int(expected))
+        for t, c in zip(ts.tolist(), counts):  # ascending: the last valid lower end is tightest
+            if c >= k:
+                lo, c_lo = t, c
+            elif t < hi:
+                hi, c_hi = t, c
+        if collect is not None and (lo, hi) == collect:
+            band = got
+            break
         stalled = (lo, hi) == before
         sample = None
-    if _next_up_f(lo) >= hi:  # the bracket holds a single value: it is the threshold
+    if band is None:  # the bracket holds a single value: it is the threshold
         value = lo
-        band_eq = [sum(int((c == lo).sum()) for c in _nonneg_chunks(_materialise(s), negative, shift))
-                   for s in sources]
+        band_eq = [sum(int(torch.eq(c, lo, out=sc.get("b", torch.bool, c.numel(), c.device)).sum())
+                       for c in _nonneg_chunks(_materialise(s), negative, shift, sc)) for s in sources]
     else:
-        band: list[Tensor] = []
-        for src in sources:
-            vals = [c[(c >= lo) & (c < hi)].double().cpu() for c in _nonneg_chunks(_materialise(src), negative, shift)]
-            band.append(torch.cat(vals))
         value = float(torch.topk(torch.cat(band), k - c_hi, largest=True, sorted=False).values.min())
         band_eq = [int((b == value).sum()) for b in band]
         c_hi += sum(int((b > value).sum()) for b in band)
@@ -708,13 +762,14 @@ def global_masks(
     """Yield the boolean keep mask of each source in order, one at a time (so a caller can
     apply and drop each before the next is made); built chunk by chunk, so the only
     tensor-sized allocation is the mask itself."""
+    sc = _Scratch()
     for i, src in enumerate(sources):
         t = _materialise(src)
         mask = torch.empty(t.shape, dtype=torch.bool, device=t.device)
         flat = mask.view(-1)
         budget = thr.keep_equal[i] if thr.keep_equal else 0
         pos = 0
-        for c in _nonneg_chunks(t, negative, thr.shift):
+        for c in _nonneg_chunks(t, negative, thr.shift, sc):
             m = flat[pos : pos + c.numel()]
             torch.gt(c, thr.value, out=m)
             if budget:  # ties at the threshold: the first ones in flat order
@@ -734,10 +789,10 @@ def masked_mass(
     total = torch.zeros_like(kept)
     flat = mask.reshape(-1)
     pos = 0
-    for c in _nonneg_chunks(scores, negative, shift):
-        x = c.double()
-        total += x.sum()
-        kept += torch.where(flat[pos : pos + c.numel()], x, 0.0).sum()
+    sc = _Scratch()
+    for c in _nonneg_chunks(scores, negative, shift, sc):
+        total += c.sum(dtype=torch.float64)
+        kept += c.masked_fill_(flat[pos : pos + c.numel()].logical_not(), 0).sum(dtype=torch.float64)
         pos += c.numel()
     return float(kept), float(total)
 

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 
 from .memory import PeakMemory, fmt_bytes
-from .prune import RECIPES, Recipe, get_recipe, prune_lm, target_modules, versions
+from .prune import CLIP_FACTOR, RECIPES, Recipe, get_recipe, prune_lm, target_modules, versions
 
 
 @dataclass
@@ -56,6 +56,16 @@ def _emp_key(criterion: str, source: str, recipe: Recipe, beta: float) -> str:
     return f"emp|{criterion}|{source}|{recipe.count_unit}|{recipe.min_keep}|{beta:g}"
 
 
+def _how(r: Recipe) -> str:
+    src = {"same": "Wanda scores", "magnitude": "\\|W\\|", "wanda": "Wanda scores",
+           "wanda-clip": f"Wanda scores, input norms clipped at {CLIP_FACTOR:g}x median",
+           "wanda-sqrt": "\\|W\\|*sqrt(\\|\\|X\\|\\|)"}[r.count_by]
+    txt = f"N_eff of {src} per " + ("layer, spread over rows" if r.count_unit == "layer" else "unit")
+    if r.min_keep is not None:
+        txt += f", floor {r.min_keep:g}" if isinstance(r.min_keep, float) else f", floor {r.min_keep}"
+    return txt
+
+
 def plan(beta: float = 1.0, sparsity: float = 0.5, extra_recipes: Sequence[str] = (),
          uniform: bool = True, matched: bool = True) -> list[RunSpec]:
     """The runs of one target set, in execution order, duplicates folded into ``same_as``."""
@@ -71,44 +81,46 @@ def plan(beta: float = 1.0, sparsity: float = 0.5, extra_recipes: Sequence[str] 
         return spec
 
     pct = f"{100 * sparsity:g}%"
+    unit = "unit"
     add(RunSpec(f"fixed|magnitude|{sparsity:.6f}", f"magnitude {pct}", "fixed", "magnitude", sparsity,
-                how=f"{pct} of every row"))
+                how=f"{pct} of every {unit}"))
     add(RunSpec(f"fixed|wanda|{sparsity:.6f}", f"Wanda {pct}", "fixed", "wanda", sparsity,
-                how=f"{pct} of every row"))
+                how=f"{pct} of every {unit}"))
     paper = RECIPES["paper"]
     emp: list[RunSpec] = []
     b = f"beta={beta:g}"
-    emp.append(add(RunSpec(_emp_key("magnitude", "magnitude", paper, beta), f"EMP-magnitude {b} (paper)", "emp",
-                           "magnitude", recipe=paper, how="paper recipe")))
-    emp.append(add(RunSpec(_emp_key("wanda", "wanda", paper, beta), f"EMP-Wanda {b} (paper)", "emp", "wanda",
-                           recipe=paper, how="paper recipe")))
+    emp.append(add(RunSpec(_emp_key("magnitude", "magnitude", paper, beta), "EMP-magnitude (paper)", "emp",
+                           "magnitude", recipe=paper, how=f"EMP {b}: N_eff of \\|W\\| per {unit}")))
+    emp.append(add(RunSpec(_emp_key("wanda", "wanda", paper, beta), "EMP-Wanda (paper)", "emp", "wanda",
+                           recipe=paper, how=f"EMP {b}: N_eff of Wanda scores per {unit}")))
     for name in ("default", *extra_recipes):
         r = get_recipe(name)
-        spec = RunSpec("", f"EMP-Wanda {b} recipe {r.name}", "emp", "wanda", recipe=r, how=r.summary)
+        label = f"EMP-Wanda, default recipe ({r.name.split('(')[-1].rstrip(')')})" if name == "default" \
+            else f"EMP-Wanda, recipe {r.name}"
+        spec = RunSpec("", label, "emp", "wanda", recipe=r, how=f"EMP {b}: {_how(r)}")
         spec.key = _emp_key("wanda", _count_source(spec), r, beta)
         emp.append(add(spec))
-    emp = list(dict.fromkeys(emp))  # order kept, duplicates (default == paper) dropped
+    emp = list({r.key: r for r in emp}.values())  # order kept, duplicates (default == paper) dropped
     if matched:
         for ref in emp:
             src = _count_source(ref)
             for crit in ("magnitude", "wanda"):
-                crit_name = "Wanda" if crit == "wanda" else crit
-                label = f"{crit_name} at the counts of {ref.label}"
                 if crit == ref.criterion:
-                    key = ref.key
-                elif src == "magnitude":  # data-free counts: identical in any pruning chain
+                    continue  # the reference itself
+                crit_name = "Wanda" if crit == "wanda" else crit
+                label = f"{crit_name}, counts of {ref.label}"
+                if src == "magnitude":  # data-free counts: identical in any pruning chain
                     assert ref.recipe is not None
                     key = _emp_key(crit, src, ref.recipe, beta)
                 else:
                     key = f"matched|{crit}|{ref.key}"
-                add(RunSpec(key, label, "matched", crit, ref=ref.key,
-                            how=f"same kept count per unit as {ref.label}"))
+                add(RunSpec(key, label, "matched", crit, ref=ref.key, how=f"same kept count per {unit}"))
     if uniform:
         for ref in emp:
             crit = ref.criterion
             crit_name = "Wanda" if crit == "wanda" else crit
             add(RunSpec(f"uniform|{crit}|{ref.key}", f"{crit_name} uniform at the sparsity of {ref.label}",
-                        "uniform", crit, ref=ref.key, how=f"every row at {ref.label}'s overall sparsity"))
+                        "uniform", crit, ref=ref.key, how=f"same overall sparsity, equal in every {unit}"))
     return runs
 
 
@@ -208,7 +220,7 @@ def run_compare(
     bar.set_postfix_str("dense")
     with PeakMemory(device) as mem:
         evaluate(dense_row, True)
-    dense_row.update(prune_seconds=0.0, peak_memory=mem.result)
+    dense_row.update(prune_seconds=0.0, peak_memory=None, eval_peak_memory=mem.result)
     bar.update(1)
     doc["dense"] = dense_row
     _write(doc, out)
@@ -254,7 +266,7 @@ def run_compare(
             if sp_note is not None:
                 row["uniform_at"] = sp_note
             with torch.no_grad():
-                evaluate(row, other_for == "all" or (other_for == "emp" and spec.kind in ("emp", "uniform")))
+                evaluate(row, other_for == "all" or (other_for == "emp" and spec.kind == "emp"))
             for n, m in all_mods.items():  # back to dense for the next run
                 with torch.no_grad():
                     m.weight.copy_(dense_w[n].to(m.weight.device))
@@ -324,7 +336,7 @@ def markdown(doc: dict[str, Any]) -> str:
     sep = "|" + "---|" * 10
     dense_line = (f"| dense | - | 0.00% | - | {dense.get('ppl', float('nan')):.3f} | x1.00 | "
                   + (f"{dense['ppl_other']:.3f} | x1.00" if dense.get("ppl_other") else "- | -")
-                  + f" | - | {_peak(dense)} |")
+                  + " | - | - |")
     for sec in doc["sections"]:
         lines += [f"### targets: {sec['targets']}"
                   + (" (paper protocol: gate/up/down of every block)" if sec["targets"] == "mlp"
@@ -345,7 +357,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "pre-existing exact zeros of the weights are not counted as pruned; see `zeros_fraction` and "
         "`dense_zeros_fraction` in the JSON); *max unit* = the most-pruned unit (row); *prune s* = "
         "calibration + scoring + masking; *peak RSS* = process resident memory peak during the pruning "
-        "run (sampled; it includes the loaded model and the dense copy kept for restoring).",
+        "run (sampled; it includes the loaded model and the dense copy kept for restoring; evaluation "
+        "is not included).",
         "",
         f"Recipes: paper = {p['summary']}; default = `{d['name']}`: {d['summary']}. *Matched* rows keep "
         "exactly the per-row counts of the named EMP run; *uniform* rows prune every row by the EMP run's "
