@@ -12,22 +12,46 @@ normalised scores.  This module holds that arithmetic and the exact selection be
   tensors, streamed (never concatenated; memory of the order of the largest tensor);
 * :func:`mass_bound` / :func:`retained_mass` - the guarantee and what was actually kept.
 
-Numerics: sums are accumulated in float64 (block by block, so no float64 copy of a whole
-matrix is made).  Selection never sorts whole rows: a sample brackets the k-th largest
-value, a few counting passes over cache-sized blocks narrow the bracket, and only the
-handful of entries left inside it are sorted.  Ties at the threshold are broken by index
-(lower index kept first), so exactly ``k`` entries are kept, deterministically.
+Numerics: sums are accumulated in float64, block by block; selection is exact (``k``
+kept, ties at the threshold broken by lower index) and never sorts whole rows.  The
+selection engines live in :mod:`emprune._select` (PyTorch, any device) and
+:mod:`emprune._kernels` (optional compiled per-row kernel on CPU); they give identical
+masks.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Literal, Sequence, Union
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from . import _kernels
+from ._select import (
+    Negative,
+    ScoreSource,
+    _name,
+    _check_scores,
+    _raise_nonfinite,
+    _grid,
+    _check_negative,
+    _as_rows,
+    _blocks,
+    _Work,
+    _prep_block,
+    _block_sums,
+    _as_rows_shape,
+    _finite_or_raise,
+    _rows_topk,
+    _materialise,
+    _Scratch,
+    _nonneg_chunks,
+    _global_shift,
+    _stream_sums,
+    _select_global,
+    _GLOBAL_SAMPLE_EVERY,
+)
 
 __all__ = [
     "effective_number",
@@ -44,21 +68,8 @@ __all__ = [
     "guaranteed_mass",
 ]
 
-Negative = Literal["abs", "shift"]
-ScoreSource = Union[Tensor, Callable[[], Tensor]]
-
-_BLOCK_ELEMS = 1 << 20  # elements per working block: ~4 MB of float32, cache-sized
-_SAMPLE = 64  # sampled columns per row used to bracket the threshold
-_BAND = 64  # entries per row left in the bracket before the final small sort
-_GLOBAL_BAND = 1 << 22  # entries left in the global bracket before the final sort
-_GLOBAL_SAMPLE_EVERY = 1024  # global scope samples about one score in this many
-
 
 # --------------------------------------------------------------------------- checks
-
-
-def _name(where: str | None) -> str:
-    return f" ({where})" if where else ""
 
 
 def _check_beta(beta: float) -> float:
@@ -69,105 +80,6 @@ def _check_beta(beta: float) -> float:
     if not math.isfinite(b) or b <= 0:
         raise ValueError(f"beta must be a positive finite number, got {beta!r}")
     return b
-
-
-def _check_scores(scores: Tensor, where: str | None = None) -> None:
-    if not isinstance(scores, Tensor):
-        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}{_name(where)}")
-    if scores.is_complex():
-        raise TypeError(f"scores must be real, got {scores.dtype}{_name(where)}")
-    if scores.numel() == 0:
-        raise ValueError(f"scores are empty (shape {tuple(scores.shape)}){_name(where)}")
-
-
-def _raise_nonfinite(x: Tensor, where: str | None) -> None:
-    bad = "NaN" if torch.isnan(x).any() else "Inf"
-    n = int((~torch.isfinite(x)).sum())
-    raise ValueError(f"scores contain {bad} ({n} non-finite of {x.numel()}){_name(where)}")
-
-
-def _work_dtype(dtype: torch.dtype, negative: str = "abs") -> torch.dtype:
-    """The dtype blocks are processed in: exact for every supported input dtype."""
-    if not dtype.is_floating_point or negative == "shift":
-        return torch.float64  # shifted scores s - min are exact in float64 only; integers (and bool) are exact in float64 up to 2**53
-    if dtype == torch.float64:
-        return dtype
-    return torch.float32  # float16 / bfloat16 embed exactly (and compare much faster)
-
-
-def _grid(dtype: torch.dtype, negative: str) -> torch.dtype:
-    """The float grid thresholds are searched on: the scores' own (|s| is exact in it)."""
-    return dtype if negative == "abs" and dtype.is_floating_point else torch.float64
-
-
-def _check_negative(negative: str) -> None:
-    if negative not in ("abs", "shift"):
-        raise ValueError(f"negative must be 'abs' or 'shift', got {negative!r}")
-
-
-# ------------------------------------------------------------------- row layout
-
-
-def _as_rows(scores: Tensor, dim: int | None) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """View ``scores`` as a 2-D ``[slices, N]`` tensor and return the inverse reshaper."""
-    if dim is None:
-        rows = scores.reshape(1, -1)
-        return rows, lambda r: r.reshape(scores.shape)
-    d = dim % scores.dim() if scores.dim() else 0
-    if scores.dim() == 0:
-        raise ValueError("dim must be None for a 0-d tensor")
-    moved = scores.movedim(d, -1)
-    rows = moved.reshape(-1, moved.shape[-1])
-    shape = moved.shape
-
-    def back(r: Tensor) -> Tensor:
-        return r.reshape(shape).movedim(-1, d)
-
-    return rows, back
-
-
-def _blocks(n_rows: int, n_cols: int) -> Iterator[slice]:
-    step = max(1, _BLOCK_ELEMS // max(1, n_cols))
-    for i in range(0, n_rows, step):
-        yield slice(i, min(n_rows, i + step))
-
-
-class _Work:
-    """Block-sized scratch buffers, reused across blocks: fresh multi-MB allocations cost
-    page faults that would dominate these cache-resident passes."""
-
-    def __init__(self, rows: int, n: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.x = torch.empty(rows, n, dtype=_work_dtype(dtype), device=device)
-        self.d = torch.empty(rows, n, dtype=torch.float64, device=device) if self.x.dtype != torch.float64 else None
-        self.b = torch.empty(rows, n, dtype=torch.bool, device=device)
-
-    @staticmethod
-    def for_rows(rows: Tensor, negative: str) -> "_Work":
-        step = max(1, _BLOCK_ELEMS // max(1, rows.shape[1]))
-        return _Work(min(step, rows.shape[0]), rows.shape[1], _work_dtype(rows.dtype, negative), rows.device)
-
-
-def _prep_block(block: Tensor, negative: Negative, ws: _Work | None = None) -> Tensor:
-    """Non-negative working copy of a block of score rows (into ``ws`` when given)."""
-    if ws is None:
-        x = block.to(_work_dtype(block.dtype, negative))
-    else:
-        x = ws.x[: block.shape[0]]
-        x.copy_(block)
-    if negative == "abs":
-        return x.abs_()
-    return x.sub_(x.amin(dim=-1, keepdim=True))
-
-
-def _row_sums(x: Tensor, ws: _Work | None = None) -> tuple[Tensor, Tensor]:
-    """float64 sum and sum of squares per row of a non-negative block."""
-    if ws is None or ws.d is None:
-        x64 = x.double()
-        return x64.sum(-1), (x64 * x64).sum(-1)
-    d = ws.d[: x.shape[0]]
-    d.copy_(x)
-    s1 = d.sum(-1)
-    return s1, d.mul_(d).sum(-1)
 
 
 def _neff_from_sums(s1: Tensor, s2: Tensor, n: int) -> Tensor:
@@ -209,27 +121,6 @@ def _stats(scores: Tensor, dim: int | None, negative: Negative, where: str | Non
     for b in _blocks(*rows.shape):
         s1[b], s2[b] = _block_sums(_prep_block(rows[b], negative, ws), where, ws)
     return s1.reshape(_as_rows_shape(scores, dim)), s2.reshape(_as_rows_shape(scores, dim)), n
-
-
-def _block_sums(x: Tensor, where: str | None, ws: _Work | None = None) -> tuple[Tensor, Tensor]:
-    """Row sums of a prepared block; raises on NaN/Inf; rescales rows whose float64
-    squares overflow (finite float64 scores above ~1e154)."""
-    s1, s2 = _row_sums(x, ws)
-    if not (torch.isfinite(s1).all() and torch.isfinite(s2).all()):
-        _finite_or_raise(x, where)
-        x = x.double() / x.double().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-        s1, s2 = _row_sums(x)
-    return s1, s2
-
-
-def _as_rows_shape(scores: Tensor, dim: int) -> tuple[int, ...]:
-    d = dim % scores.dim()
-    return tuple(s for i, s in enumerate(scores.shape) if i != d)
-
-
-def _finite_or_raise(x: Tensor, where: str | None) -> None:
-    if x.is_floating_point() and not torch.isfinite(x).all():
-        _raise_nonfinite(x, where)
 
 
 # ------------------------------------------------------------------- public rule
@@ -338,249 +229,7 @@ def topk_mask(
     return back(out)
 
 
-# ------------------------------------------------------------- per-row selection
-
-
-def _count_ge(x: Tensor, t: Tensor, ws: _Work | None = None) -> Tensor:
-    """Per row, how many entries are >= t (into the scratch bool buffer when given)."""
-    if ws is None or x.shape[0] > ws.b.shape[0]:
-        ge = x >= t.unsqueeze(-1)
-    else:
-        ge = torch.ge(x, t.unsqueeze(-1), out=ws.b[: x.shape[0]])
-    return ge.sum(-1, dtype=torch.int32).to(torch.int64)
-
-
-def _next_up(t: Tensor, grid: torch.dtype | None = None) -> Tensor:
-    """Next representable value above ``t`` (in ``grid``'s precision when given)."""
-    g = t if grid is None else t.to(grid)
-    return torch.nextafter(g, torch.full_like(g, math.inf)).to(t.dtype)
-
-
-def _rank_in(ext: Tensor, t: Tensor) -> Tensor:
-    """Continuous rank of ``t`` among each row's ascending sample ``ext``."""
-    j = torch.searchsorted(ext, t[:, None]).clamp(1, ext.shape[1] - 1)
-    a, b = ext.gather(1, j - 1).squeeze(1), ext.gather(1, j).squeeze(1)
-    frac = torch.where(b > a, (t - a) / torch.where(b > a, b - a, 1), 0).clamp(0, 1)
-    return (j.squeeze(1) - 1).to(t.dtype) + frac
-
-
-def _value_at(ext: Tensor, r: Tensor) -> Tensor:
-    """Inverse of :func:`_rank_in`: the value at continuous rank ``r``."""
-    j = torch.floor(r).long().clamp(0, ext.shape[1] - 2)
-    a, b = ext.gather(1, j[:, None]).squeeze(1), ext.gather(1, j[:, None] + 1).squeeze(1)
-    return a + (r - j.to(r.dtype)).clamp(0, 1) * (b - a)
-
-
-def _midpoint(lo: Tensor, hi: Tensor, grid: torch.dtype) -> Tensor:
-    """Midpoint of non-negative floats in the bit-pattern order of ``grid`` (the scores'
-    own float dtype): halves the representable values between them, so bisection ends
-    within 16, 32 or 64 steps."""
-    it = {torch.float64: torch.int64, torch.float32: torch.int32}.get(grid, torch.int16)
-    a, b = lo.to(grid).view(it).long(), hi.to(grid).view(it).long()
-    return (a + (b - a) // 2).to(it).view(grid).to(lo.dtype)
-
-
-def _rows_topk(x: Tensor, k: Tensor, grid: torch.dtype | None = None, ws: _Work | None = None) -> Tensor:
-    """Exact per-row top-k mask of a non-negative block ``x`` ``[B, N]``.
-
-    Finds per row the k-th largest value ``v`` by bracketing ``[lo, hi)`` with
-    ``count(x >= lo) >= k > count(x >= hi)``: a sorted sample gives the first bracket,
-    counting passes narrow it (interpolation, falling back to bisection), and the few
-    entries left are sorted.  Then ``x > v`` plus the first entries equal to ``v``.
-    ``grid`` is the scores' own float dtype: candidate thresholds are rounded to it, so
-    half-precision scores (few distinct values, many ties) converge in few steps.
-    """
-    rows, n = x.shape
-    grid = grid if grid is not None and grid.is_floating_point else x.dtype
-    full = k >= n
-    if bool(full.all()):
-        return torch.ones_like(x, dtype=torch.bool)
-    none = k <= 0
-    if bool(none.any()):  # rows keeping nothing: select 1 there, then clear them
-        m = _rows_topk(x, k.clamp_min(1), grid, ws)
-        m[none] = False
-        return m
-    if n <= 2 * _SAMPLE:  # short rows: a full sort is cheaper than bracketing
-        v = torch.sort(x, dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1)).squeeze(1)
-        return _mask_from_value(x, v, k, full)
-
-    # 1. a deterministic pseudo-random sample of columns, sorted, between 0 and max+
-    g = torch.Generator(device="cpu").manual_seed(n)
-    cols = torch.randperm(n, generator=g)[:_SAMPLE].to(x.device)
-    top = _next_up(x.amax(-1), grid)  # count(x >= top) == 0
-    zero = torch.zeros(rows, dtype=x.dtype, device=x.device)
-    ext = torch.cat([zero[:, None], torch.sort(x[:, cols], dim=-1).values, top[:, None]], 1)
-    m1 = ext.shape[1] - 1  # ranks run over [0, m1]
-
-    # 2. narrow the bracket [lo, hi), count(x >= lo) = c_lo >= k > c_hi = count(x >= hi):
-    #    estimate the threshold by interpolating the counts in sample-rank space (coarse) or
-    #    in value space (fine), count just below and just above the estimate so that both
-    #    ends move, and bisect the bit pattern every 4th step to guarantee termination.
-    lo, hi = zero.clone(), top.clone()
-    c_lo, c_hi = torch.full_like(k, n), torch.zeros_like(k)
-    slow = torch.zeros_like(k, dtype=torch.bool)  # last step shrank the bracket < 2x
-    for step in range(4 * 64 + 8):
-        done = ((c_lo - c_hi) <= _BAND) | (_next_up(lo, grid) >= hi)
-        if bool(done.all()):
-            break
-        sel = (~done).nonzero().squeeze(1)
-        if 2 * sel.numel() > rows:  # most rows still open: count on all, copy nothing
-            sel = torch.arange(rows, device=x.device)
-            xs = x
-        else:
-            xs = x[sel]
-        ks, es = k[sel], ext[sel]
-        l, h, cl, ch = lo[sel], hi[sel], c_lo[sel], c_hi[sel]
-        f = ((cl - ks).double() / (cl - ch).double()).to(x.dtype)
-        r_l, r_h = _rank_in(es, l), _rank_in(es, h)
-        span = r_h - r_l
-        r = r_l + f * span
-        w = 1.5 * torch.sqrt(span * f * (1 - f)) + 0.5
-        coarse = torch.full_like(f, float(step == 0)).bool()
-        mid = _midpoint(l, h, grid)
-        bis = slow[sel]
-
-        # fine steps: a linear CDF is off by ~1/8 of the relative density change across the
-        # bracket; +-2.5% of it covers smooth densities (a miss just costs another step)
-        cand = [
-            torch.where(bis, mid, torch.where(coarse, _value_at(es, (r - w).clamp(0, m1)), l + (h - l) * (f - 0.025).clamp(0, 1))),
-            torch.where(bis, mid, torch.where(coarse, _value_at(es, (r + w).clamp(0, m1)), l + (h - l) * (f + 0.025).clamp(0, 1))),
-        ]
-        before = cl - ch
-        for t in cand:
-            t = t.to(grid).to(x.dtype)  # a representable threshold
-            ok = (t > l) & (t < h)
-            c_t = _count_ge(xs, t, ws)
-            up = ok & (c_t >= ks)
-            dn = ok & (c_t < ks)
-            l, cl = torch.where(up, t, l), torch.where(up, c_t, cl)
-            h, ch = torch.where(dn, t, h), torch.where(dn, c_t, ch)
-        slow[sel] = ~bis & (2 * (cl - ch) > before)
-        lo[sel], hi[sel], c_lo[sel], c_hi[sel] = l, h, cl, ch
-    else:  # unreachable: bit-pattern bisection converges in at most 64 halvings
-        raise RuntimeError("emprune: threshold search did not converge")
-
-    # 3. exact k-th value from the entries left in the bracket
-    v = lo.clone()  # rows whose bracket holds one value only: v = lo
-    n_ge = c_lo.clone()  # count(x >= v)
-    small = ((c_lo - c_hi) <= _BAND) & (_next_up(lo, grid) < hi)
-    if bool(small.any()):
-        idx = small.nonzero().squeeze(1)
-        xs, los, his = x[idx], lo[idx], hi[idx]
-        inband = (xs >= los[:, None]) & (xs < his[:, None])
-        cnt = inband.sum(-1)
-        vals = xs[inband]  # row-major: grouped by row
-        width = int(cnt.max())
-        row_id = torch.repeat_interleave(torch.arange(idx.numel(), device=x.device), cnt)
-        start = torch.cumsum(cnt, 0) - cnt
-        pos = torch.arange(vals.numel(), device=x.device) - start[row_id]
-        packed = torch.full((idx.numel(), width), -1.0, dtype=x.dtype, device=x.device)
-        packed[row_id, pos] = vals
-        packed = torch.sort(packed, dim=-1, descending=True).values
-        r = (k[idx] - c_hi[idx] - 1).clamp(0, width - 1)
-        vi = packed.gather(1, r[:, None]).squeeze(1)
-        v[idx] = vi
-        n_ge[idx] = c_hi[idx] + (packed >= vi[:, None]).sum(-1)
-    return _mask_from_value(x, v, k, full, n_ge)
-
-
-def _mask_from_value(x: Tensor, v: Tensor, k: Tensor, full: Tensor, cnt: Tensor | None = None) -> Tensor:
-    """``x >= v`` per row, trimmed to exactly ``k`` by dropping the highest-index ties
-    (``cnt``: count(x >= v) per row, when already known)."""
-    mask = x >= v[:, None]
-    if cnt is None:
-        cnt = mask.sum(-1)
-    over = (cnt > k).nonzero().squeeze(1)
-    if over.numel():
-        xs, vs, ks = x[over], v[over], k[over]
-        eq = xs == vs[:, None]
-        need = ks - (xs > vs[:, None]).sum(-1)  # how many equal entries to keep
-        keep_eq = eq & (torch.cumsum(eq, -1) <= need[:, None])
-        mask[over] = (xs > vs[:, None]) | keep_eq
-    mask[full] = True
-    return mask
-
-
 # ------------------------------------------------------------------ global scope
-
-
-def _materialise(src: ScoreSource) -> Tensor:
-    return src() if callable(src) else src
-
-
-class _Scratch:
-    """Reusable chunk-sized buffers for the streaming passes (a fresh multi-MB temporary per
-    chunk would cost more in page faults than the arithmetic)."""
-
-    def __init__(self) -> None:
-        self.bufs: dict[tuple, Tensor] = {}
-
-    def get(self, name: str, dtype: torch.dtype, n: int, device: torch.device) -> Tensor:
-        key = (name, dtype, device)
-        b = self.bufs.get(key)
-        if b is None or b.numel() < n:
-            b = self.bufs[key] = torch.empty(max(n, _BLOCK_ELEMS), dtype=dtype, device=device)
-        return b[:n]
-
-
-def _nonneg_chunks(t: Tensor, negative: Negative, shift: float, sc: _Scratch | None = None) -> Iterator[Tensor]:
-    """Non-negative working copies of cache-sized chunks of a flattened tensor.  With a
-    scratch, each chunk lives in a reused buffer: valid until the next one is yielded."""
-    flat = t.reshape(-1)
-    wd = _work_dtype(t.dtype, negative)
-    for i in range(0, flat.numel(), _BLOCK_ELEMS):
-        src = flat[i : i + _BLOCK_ELEMS]
-        c = src.to(wd) if sc is None else sc.get("x", wd, src.numel(), t.device).copy_(src)
-        if sc is None and c.data_ptr() == src.data_ptr():
-            c = c.clone()  # never modify the caller's scores
-        yield c.abs_() if negative == "abs" else c.sub_(shift)
-
-
-def _in_bracket(c: Tensor, lo: float, hi: float, sc: _Scratch) -> Tensor:
-    """Bool mask ``lo <= c < hi`` in scratch buffers."""
-    a = torch.ge(c, lo, out=sc.get("b1", torch.bool, c.numel(), c.device))
-    return a.logical_and_(torch.lt(c, hi, out=sc.get("b2", torch.bool, c.numel(), c.device)))
-
-
-def _global_shift(sources: Sequence[ScoreSource], negative: Negative) -> float:
-    if negative != "shift":
-        return 0.0
-    return min(float(_materialise(s).amin()) for s in sources)
-
-
-def _stream_sums(
-    sources: Sequence[ScoreSource], negative: Negative, names: Sequence[str] | None, shift: float,
-    sample_every: int = 0,
-) -> tuple[Tensor, Tensor, int, Tensor | None]:
-    """float64 (sum, sum of squares, count) over all sources, chunk by chunk, and with
-    ``sample_every`` a seeded random sample of about one score in that many (sorted)."""
-    s1 = torch.zeros((), dtype=torch.float64)
-    s2 = torch.zeros((), dtype=torch.float64)
-    n = 0
-    g = torch.Generator(device="cpu").manual_seed(1234)
-    parts: list[Tensor] = []
-    sc = _Scratch()
-    for i, src in enumerate(sources):
-        t = _materialise(src)
-        where = names[i] if names is not None else (f"tensor {i}" if len(sources) > 1 else None)
-        _check_scores(t, where)
-        a = torch.zeros((), dtype=torch.float64, device=t.device)
-        b = torch.zeros_like(a)
-        for c in _nonneg_chunks(t, negative, shift, sc):
-            x = c if c.dtype == torch.float64 else sc.get("d", torch.float64, c.numel(), c.device).copy_(c)
-            a += x.sum()
-            b += torch.dot(x, x)
-            if sample_every:
-                idx = torch.randint(0, c.numel(), (c.numel() // sample_every + 1,), generator=g)
-                parts.append(c[idx.to(c.device)].double().cpu())
-        s1 += a.cpu()
-        s2 += b.cpu()
-        n += t.numel()
-        if not (torch.isfinite(s1) and torch.isfinite(s2)):
-            _finite_or_raise(t, where)
-            raise ValueError(f"sum of squared scores overflows float64{_name(where)}")
-    sample = torch.sort(torch.cat(parts)).values if parts else None
-    return s1, s2, n, sample
 
 
 @dataclass
@@ -644,116 +293,6 @@ def global_effective_number(
     """``(N_eff, N)`` of the union of several score tensors, streamed in float64."""
     neff, n, _, _ = _global_neff(sources, negative, names)
     return neff, n
-
-
-def _pass(
-    sources: Sequence[ScoreSource], ts: Tensor, negative: Negative, shift: float,
-    collect: tuple[float, float] | None = None, expect: int = 0,
-) -> tuple[list[int], list[Tensor] | None]:
-    """One streaming pass: ``count(x >= t)`` for each threshold in ``ts`` and, with
-    ``collect=(a, b)``, the entries in ``[a, b)`` of each source (float64, on the CPU),
-    gathered into one buffer sized from ``expect`` (grown if needed), so that the kept
-    pieces never fragment the heap between the chunk temporaries."""
-    counts = [0] * ts.numel()
-    buf = torch.empty(max(1024, 2 * expect + 1024) if collect is not None else 0, dtype=torch.float64)
-    pos = 0
-    spans = []
-    sc = _Scratch()
-    for src in sources:
-        t = _materialise(src)
-        tt = ts.to(device=t.device, dtype=_work_dtype(t.dtype, negative))
-        acc = torch.zeros(ts.numel(), dtype=torch.int64, device=t.device)
-        start = pos
-        for c in _nonneg_chunks(t, negative, shift, sc):
-            b = sc.get("b", torch.bool, c.numel(), c.device)
-            for j in range(tt.numel()):
-                acc[j] += torch.ge(c, tt[j], out=b).sum(dtype=torch.int64)
-            if collect is not None:
-                piece = c[_in_bracket(c, collect[0], collect[1], sc)]
-                if pos + piece.numel() > buf.numel():  # rare: grow geometrically
-                    buf = torch.cat([buf[:pos], torch.empty(max(buf.numel(), piece.numel()), dtype=torch.float64)])
-                buf[pos : pos + piece.numel()].copy_(piece)
-                pos += piece.numel()
-        counts = [x + y for x, y in zip(counts, acc.tolist())]
-        spans.append((start, pos))
-    return counts, ([buf[a:b] for a, b in spans] if collect is not None else None)
-
-
-def _select_global(
-    sources: Sequence[ScoreSource], k: int, n: int, negative: Negative, shift: float,
-    sample: Tensor | None = None,
-) -> tuple[float, list[int]]:
-    """Exact k-th largest value over all sources, and how many of its ties each source
-    keeps (lower flat index, then lower source index, first).
-
-    Keeps a bracket ``count(x >= lo) = c_lo >= k > c_hi = count(x >= hi)``.  A round counts
-    at two quantiles of a sample of the bracket (the first sample comes from the sums pass),
-    3 standard errors either side of the threshold's expected rank, and in the same pass
-    gathers the entries between them; when they bracket the threshold (all but ~0.3% of
-    the time) those entries are all that is left to select from."""
-    if k >= n:
-        return -math.inf, [0] * len(sources)
-    if k == 0:
-        return math.inf, [0] * len(sources)
-    lo, c_lo, hi, c_hi = 0.0, n, math.inf, 0
-    g = torch.Generator(device="cpu").manual_seed(4321)
-    sc = _Scratch()
-    stalled = False
-    band: list[Tensor] | None = None
-    while _next_up_f(lo) < hi:
-        if c_lo - c_hi <= _GLOBAL_BAND:  # few enough: gather the bracket
-            band = _pass(sources, torch.empty(0, dtype=torch.float64), negative, shift, (lo, hi), c_lo - c_hi)[1]
-            break
-        if sample is None:  # a fresh sample of the bracket's entries
-            parts = []
-            for src in sources:
-                for c in _nonneg_chunks(_materialise(src), negative, shift, sc):
-                    inb = c[_in_bracket(c, lo, hi, sc)]
-                    if inb.numel():
-                        idx = torch.randint(0, inb.numel(), (inb.numel() // _GLOBAL_SAMPLE_EVERY + 1,), generator=g)
-                        parts.append(inb[idx.to(inb.device)].double().cpu())
-            sample = torch.sort(torch.cat(parts)).values
-        ms = sample.numel()
-        p = (c_lo - k) / (c_lo - c_hi)  # share of the bracket below the threshold
-        sd = math.sqrt(max(p * (1 - p), 1.0 / ms) / ms)
-        qa, qb = (min(ms - 1, max(0, round((p + z * sd) * ms))) for z in (-3, 3))
-        ts = sample[[qa, qb]]
-        if stalled:  # the sample cannot split the bracket (ties): try just above lo
-            ts = torch.cat([ts, torch.tensor([_next_up_f(lo)], dtype=torch.float64)])
-        ts = ts.unique()
-        ts = ts[(ts > lo) & (ts < hi)]
-        expected = (qb - qa + 2) / ms * (c_lo - c_hi)  # entries between the two thresholds
-        collect = (float(ts[0]), float(ts[1])) if ts.numel() == 2 and 2 * expected <= _GLOBAL_BAND else None
-        before = (lo, hi)
-        counts, got = _pass(sources, ts, negative, shift, collect, int(expected))
-        for t, c in zip(ts.tolist(), counts):  # ascending: the last valid lower end is tightest
-            if c >= k:
-                lo, c_lo = t, c
-            elif t < hi:
-                hi, c_hi = t, c
-        if collect is not None and (lo, hi) == collect:
-            band = got
-            break
-        stalled = (lo, hi) == before
-        sample = None
-    if band is None:  # the bracket holds a single value: it is the threshold
-        value = lo
-        band_eq = [sum(int(torch.eq(c, lo, out=sc.get("b", torch.bool, c.numel(), c.device)).sum())
-                       for c in _nonneg_chunks(_materialise(s), negative, shift, sc)) for s in sources]
-    else:
-        value = float(torch.topk(torch.cat(band), k - c_hi, largest=True, sorted=False).values.min())
-        band_eq = [int((b == value).sum()) for b in band]
-        c_hi += sum(int((b > value).sum()) for b in band)
-    need = k - c_hi  # how many entries equal to value are kept, assigned in order
-    keep_equal = []
-    for e in band_eq:
-        keep_equal.append(min(e, need))
-        need -= keep_equal[-1]
-    return value, keep_equal
-
-
-def _next_up_f(x: float) -> float:
-    return math.nextafter(x, math.inf)
 
 
 def global_masks(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping
 
-import torch
 from torch import Tensor, nn
 
 Batch = Any  # a Tensor (model(x)), a tuple/list (model(*x)) or a mapping (model(**x))
