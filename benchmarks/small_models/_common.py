@@ -28,7 +28,7 @@ N_TEST_PER_CLASS = 100  # 10 classes x 100 = 1,000 test digits; 4,000 train
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the usual MNIST normalisation
 
 
-def setup_torch(threads: int = 2) -> None:
+def setup_torch(threads: int = 1) -> None:
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(False)
 
@@ -108,7 +108,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
             loss = F.cross_entropy(model(xb), yb)
             loss.backward()
             opt.step()
-            tot += float(loss) * len(xb)
+            tot += float(loss.detach()) * len(xb)
             n += len(xb)
         rec = {"epoch": ep + 1, "train_loss": tot / n}
         last = ep + 1 == epochs
@@ -166,7 +166,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 def _clean(x: Any) -> Any:
     if isinstance(x, float):
-        return None if not math.isfinite(x) else round(x, 6)
+        return None if not math.isfinite(x) else round(x, 12)
     if isinstance(x, dict):
         return {str(k): _clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -203,6 +203,26 @@ def plt():
     import matplotlib.pyplot as p
 
     return p
+
+
+def train_cached(key: str, make: Callable[[], nn.Module], fit: Callable[[nn.Module], Any],
+                 cache: str | None, log: Callable[[str], None]) -> tuple[nn.Module, Any, bool]:
+    """Build ``make()`` and train it with ``fit`` - or load its weights from ``cache/key.pt``
+    (a development convenience; the committed results are produced without a cache)."""
+    model = make()
+    path = Path(cache) / f"{key}.pt" if cache else None
+    if path is not None and path.exists():
+        blob = torch.load(path, weights_only=False)
+        model.load_state_dict(blob["state"])
+        model.eval()
+        log(f"loaded {key} from cache {path}")
+        return model, blob["info"], True
+    info = fit(model)
+    model.eval()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": model.state_dict(), "info": info}, path)
+    return model, info, False
 
 
 def count_params(model: nn.Module) -> int:
