@@ -126,7 +126,12 @@ class PruneReport:
                f"{'kept':>11} {'sparsity':>8} {'mass':>6} {'bound':>6}"
         lines = [head, "-" * len(head)]
         for l in self.layers:
-            neff = f"{l.neff_mean:.1f} [{l.neff_min:.0f},{l.neff_max:.0f}]" if l.units > 1 else f"{l.neff_mean:.1f}"
+            if l.unit == "global":  # one N_eff for the whole model: printed below the table
+                neff = "(global)"
+            elif l.units > 1:
+                neff = f"{l.neff_mean:.1f} [{l.neff_min:.0f},{l.neff_max:.0f}]"
+            else:
+                neff = f"{l.neff_mean:.1f}"
             lines.append(f"{_clip(l.name, 40):<40} {'x'.join(map(str, l.shape)):>14} {l.unit:>6} "
                          f"{l.n_per_unit:>8} {neff:>26} {l.kept:>11} {100 * l.sparsity:>7.2f}% "
                          f"{l.mass_mean:>6.3f} {l.bound_min:>6.3f}")
