@@ -395,11 +395,12 @@ def _pass(
     collect: tuple[float, float] | None = None, expect: int = 0,
 ) -> tuple[list[int], list[Tensor] | None]:
     """One streaming pass: ``count(x >= t)`` for each threshold in ``ts`` and, with
-    ``collect=(a, b)``, the entries in ``[a, b)`` of each source (float64, on the CPU),
+    ``collect=(a, b)``, the entries in ``[a, b)`` of each source (on the CPU),
     gathered into one buffer sized from ``expect`` (grown if needed), so that the kept
     pieces never fragment the heap between the chunk temporaries."""
     counts = [0] * ts.numel()
-    buf = torch.empty(max(1024, 2 * expect + 1024) if collect is not None else 0, dtype=torch.float64)
+    # float32 (exact for float32/half scores, half the memory), widened if float64 shows up
+    buf = torch.empty(max(1024, int(1.5 * expect) + 1024) if collect is not None else 0, dtype=torch.float32)
     pos = 0
     spans = []
     sc = _Scratch()
@@ -414,8 +415,10 @@ def _pass(
                 acc[j] += torch.ge(c, tt[j], out=b).sum(dtype=torch.int64)
             if collect is not None:
                 piece = c[_in_bracket(c, collect[0], collect[1], sc)]
+                if piece.dtype == torch.float64 and buf.dtype != torch.float64:
+                    buf = buf.double()
                 if pos + piece.numel() > buf.numel():  # rare: grow geometrically
-                    buf = torch.cat([buf[:pos], torch.empty(max(buf.numel(), piece.numel()), dtype=torch.float64)])
+                    buf = torch.cat([buf[:pos], torch.empty(max(buf.numel(), piece.numel()), dtype=buf.dtype)])
                 buf[pos : pos + piece.numel()].copy_(piece)
                 pos += piece.numel()
         counts = [x + y for x, y in zip(counts, acc.tolist())]
@@ -485,7 +488,8 @@ def _select_global(
         band_eq = [sum(int(torch.eq(c, lo, out=sc.get("b", torch.bool, c.numel(), c.device)).sum())
                        for c in _nonneg_chunks(_materialise(s), negative, shift, sc)) for s in sources]
     else:
-        value = float(torch.topk(torch.cat(band), k - c_hi, largest=True, sorted=False).values.min())
+        allv = torch.cat(band) if len(band) > 1 else band[0]
+        value = float(torch.kthvalue(allv, allv.numel() - (k - c_hi) + 1).values)  # (k - c_hi)-th largest
         band_eq = [int((b == value).sum()) for b in band]
         c_hi += sum(int((b > value).sum()) for b in band)
     need = k - c_hi  # how many entries equal to value are kept, assigned in order
