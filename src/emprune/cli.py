@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import sys
@@ -196,7 +197,7 @@ def _add_llm_parsers(sub) -> None:
                                     "recipe and the matched baselines. Writes OUT.md/.json/.png.")
     de.add_argument("--model", default="smollm2-135m", help="model to use (default smollm2-135m)")
     de.add_argument("--out", default="emprune-demo/demo", help="output prefix (default emprune-demo/demo)")
-    de.add_argument("--calib-samples", type=int, default=8, help="calibration windows (default 8)")
+    de.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
     de.add_argument("--seqlen", type=int, default=256, help="calibration/evaluation window (default 256)")
     de.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens (default 4096)")
     de.add_argument("--other-tokens", type=int, default=4096, help="tokens of python-docs text (default 4096)")
@@ -221,7 +222,7 @@ def _cmd_prune(args) -> int:
     import time
 
     from .llm import data, models
-    from .llm.prune import prune_lm, summary_line
+    from .llm.prune import get_recipe, needs_calibration, prune_lm, summary_line
 
     t0 = time.perf_counter()
     mk = _min_keep(args.min_keep)
@@ -237,8 +238,8 @@ def _cmd_prune(args) -> int:
                                        device_map=None if args.offload else _device_map(args.device))
     calib = None
     calib_src = None
-    if args.criterion == "wanda" or (args.sparsity is None and (args.count_by or "").startswith("wanda")) or \
-            (args.sparsity is None and args.count_by is None and _recipe_needs_data(args.recipe)):
+    recipe = get_recipe(args.recipe, count_by=args.count_by, min_keep=mk, count_unit=args.count_unit)
+    if needs_calibration(args.criterion, recipe, args.sparsity):
         calib_src = args.calib_text if args.calib_text is not None else str(data.default_text_path("calib"))
         calib = data.calibration_batches(tok, data.load_text(calib_src, "calib"), args.calib_samples,
                                          args.seqlen, args.seed)
@@ -261,12 +262,6 @@ def _cmd_prune(args) -> int:
     print(f"saved to {saved} (load with transformers: AutoModelForCausalLM.from_pretrained({str(saved)!r})); "
           f"report: {saved / models.REPORT_NAME}")
     return 0
-
-
-def _recipe_needs_data(recipe: str) -> bool:
-    from .llm.prune import get_recipe
-
-    return get_recipe(recipe).count_by.startswith("wanda")
 
 
 def _short_table(report: PruneReport) -> str:
@@ -300,6 +295,9 @@ def _cmd_eval(args) -> int:
 
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(res, indent=2) + "\n")
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)  # mkstemp's files are private (0600)
         print(f"wrote {args.json}")
     return 0
 

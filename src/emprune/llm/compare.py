@@ -17,7 +17,6 @@ Rows, per target set (``mlp``: the paper's protocol; ``linear``: attention too):
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from typing import Any, Sequence
 import torch
 
 from .memory import PeakMemory, fmt_bytes
-from .prune import CLIP_FACTOR, RECIPES, Recipe, get_recipe, prune_lm, target_modules, versions
+from .prune import CLIP_FACTOR, RECIPES, Recipe, _spread, get_recipe, prune_lm, target_modules, versions
 
 
 @dataclass
@@ -127,6 +126,18 @@ def plan(beta: float = 1.0, sparsity: float = 0.5, extra_recipes: Sequence[str] 
 # ------------------------------------------------------------------------ running
 
 
+def uniform_counts(model: torch.nn.Module, targets: str, sparsity: float) -> dict[str, torch.Tensor]:
+    """Per-row keep counts giving every targeted matrix the sparsity ``sparsity`` (its kept total
+    rounded to the nearest entry, spread evenly over its rows): the equal-sparsity baseline at
+    an EMP run's exact overall sparsity (``sparsity=`` would round every row up instead)."""
+    out = {}
+    for name, mod in target_modules(model, targets).items():  # type: ignore[arg-type]
+        w = mod.weight
+        out[name] = _spread(round((1.0 - sparsity) * w.numel()), w.shape[0])
+    return out
+
+
+
 def run_compare(
     model_spec: str,
     *,
@@ -172,6 +183,7 @@ def run_compare(
     out = Path(out)
     eval_seqlen = eval_seqlen or seqlen
     model, tokenizer = load_causal_lm(model_spec, dtype=dtype, device_map=device)
+    device = None if device in (None, "cpu", "auto") else device  # execution device ("auto": as dispatched)
     calib_src = calib_text if calib_text is not None else str(data.default_text_path("calib"))
     eval_src = eval_text if eval_text is not None else str(data.default_text_path("eval"))
     calib = data.calibration_batches(tokenizer, data.load_text(calib_src, "calib"), calib_samples, seqlen, seed)
@@ -241,9 +253,9 @@ def run_compare(
                 kw.update(beta=beta, recipe=spec.recipe)
             elif spec.kind == "matched":
                 kw.update(counts=counts[spec.ref], counts_from=done[spec.ref]["label"])
-            elif spec.kind == "uniform":
+            elif spec.kind == "uniform":  # the reference's sparsity in every layer, rows within one entry
                 p = done[spec.ref]["sparsity"]
-                kw["sparsity"] = p
+                kw.update(counts=uniform_counts(model, t, p), counts_from=f"uniform {100 * p:.2f}%")
                 sp_note = p
             res = prune_lm(model, calib, **kw)
             counts[spec.key] = res.counts
@@ -289,14 +301,23 @@ def _write(doc: dict[str, Any], out: Path) -> None:
 
     doc = dict(doc)
     out.parent.mkdir(parents=True, exist_ok=True)
+    mode = 0o666 & ~_umask()  # mkstemp creates 0600 files; results are meant to be shared
     with atomic_path(out.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(doc, indent=1, default=_default) + "\n")
+        os.chmod(tmp, mode)
     with atomic_path(out.with_suffix(".md")) as tmp:
         tmp.write_text(markdown(doc))
+        os.chmod(tmp, mode)
     try:
         plot(doc, out.with_suffix(".png"))
     except ImportError:  # matplotlib missing: the table and JSON are still written
         pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _default(o: Any) -> Any:
@@ -369,35 +390,60 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
-    """Perplexity vs sparsity, one panel per target set, with the command line as caption."""
+    """Perplexity vs sparsity, one panel per target set: numbered points (keyed on the right),
+    the equal-sparsity baselines joined by a line per criterion, the command line as caption."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     secs = doc["sections"] or [{"targets": "-", "rows": []}]
-    fig, axes = plt.subplots(1, len(secs), figsize=(7 * len(secs), 5.4), squeeze=False)
+    n = len(secs)
+    fig = plt.figure(figsize=(5.2 * n + 4.6, 5.6))
+    gs = fig.add_gridspec(1, n + 1, width_ratios=[5.2] * n + [4.6])
     marker = {"fixed": "s", "emp": "*", "matched": "^", "uniform": "o"}
     color = {"magnitude": "tab:blue", "wanda": "tab:orange"}
     dense = doc.get("dense") or {}
-    for ax, sec in zip(axes[0], secs):
+    key_lines: list[str] = []
+    labels: dict[str, int] = {}
+    for j, sec in enumerate(secs):
+        ax = fig.add_subplot(gs[0, j])
         if dense.get("ppl"):
             ax.axhline(dense["ppl"], color="gray", ls="--", lw=1, label=f"dense {dense['ppl']:.2f}")
+        for crit in ("magnitude", "wanda"):  # the equal-sparsity curve of each criterion
+            pts = sorted((100 * r["sparsity"], r["ppl"]) for r in sec["rows"]
+                         if r["criterion"] == crit and r["kind"] in ("fixed", "uniform"))
+            if len(pts) > 1:
+                ax.plot(*zip(*pts), color=color[crit], lw=1, alpha=0.6,
+                        label=f"{'Wanda' if crit == 'wanda' else crit}, equal sparsity per row")
+        # collapsed runs (thousands of times dense) would squash the interesting range: draw them
+        # on the top edge with their value
+        top = 30 * dense["ppl"] if dense.get("ppl") else math.inf
         for r in sec["rows"]:
-            ms = 14 if r["kind"] == "emp" else 7
-            ax.scatter(100 * r["sparsity"], r["ppl"], marker=marker.get(r["kind"], "o"), s=ms * 6,
+            if r["label"] not in labels:
+                labels[r["label"]] = len(labels) + 1
+                key_lines.append(f"{labels[r['label']]:>2}  {r['label']}")
+            x, y = 100 * r["sparsity"], r["ppl"]
+            tag = str(labels[r["label"]])
+            if y > top:
+                y, tag = top, f"{tag} (ppl {r['ppl']:.3g}, off scale)"
+            ax.scatter(x, y, marker=marker.get(r["kind"], "o"), s=150 if r["kind"] == "emp" else 45,
                        color=color.get(r["criterion"], "k"), edgecolor="k", lw=0.5, zorder=3)
-            ax.annotate(r["label"], (100 * r["sparsity"], r["ppl"]), fontsize=6.5, xytext=(4, 2),
-                        textcoords="offset points")
+            ax.annotate(tag, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
         ax.set_yscale("log")
         ax.set_xlabel("sparsity of the targeted weights (% of the dense model)")
         ax.set_ylabel("perplexity (WikiText-2 test)")
-        ax.set_title(f"{doc['model']}: targets {sec['targets']}")
+        ax.set_title(f"{doc['model']}: targets {sec['targets']}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="upper left", fontsize=8)
-    caption = "\n".join(_wrap(doc["command"], 160))
+        ax.legend(loc="upper left", fontsize=7)
+    kax = fig.add_subplot(gs[0, n])
+    kax.axis("off")
+    key = "\n".join(key_lines) + "\n\nstar: EMP   square: fixed %   triangle: matched counts\n" \
+                                 "circle: equal sparsity   blue: magnitude   orange: Wanda"
+    kax.text(0.0, 1.0, key, fontsize=6.5, va="top", family="monospace", wrap=True)
+    caption = "\n".join(_wrap(doc["command"], 150))
     fig.text(0.01, 0.005, caption, fontsize=6.5, family="monospace", va="bottom")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -200,6 +200,9 @@ def save_pruned(
             tokenizer.save_pretrained(tmp)
         # the report goes last: its presence marks a finished folder
         (tmp / REPORT_NAME).write_text(json.dumps(report_json, indent=2, default=_json_default) + "\n")
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes a private (0700) folder; the result is not private
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

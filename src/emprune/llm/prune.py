@@ -39,7 +39,7 @@ from .. import rule
 from ..apply import apply_mask
 from ..criteria import Magnitude, Wanda
 from ..report import WARN_UNIT_SPARSITY, PruneReport
-from ..scopes import SCOPES, Decision, Target, check_options, decide
+from ..scopes import Decision, Target, check_options, decide
 from .calibrate import prune_layerwise
 from .memory import PeakMemory
 from .models import block_linears, decoder_layers
