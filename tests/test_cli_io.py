@@ -80,6 +80,10 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
             raise RuntimeError("interrupted")
     assert torch.equal(load_state_dict(dest)["a"], torch.ones(3))  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temp left
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_save_shared_tensors_and_torch_format(tmp_path):

@@ -51,6 +51,7 @@ def test_prune_every_criterion_and_scope(scope, crit):
     names = [l.name for l in rep.layers]
     assert names == ["0", "2", "4"]
     assert rep.sparsity == pytest.approx(zeros_fraction(m, names))  # the report is what the model holds
+    assert rep.pruned_fraction == pytest.approx(1 - rep.kept / rep.total)
     assert 0 < rep.sparsity < 1
     assert rep.bound_ok
     for l in rep.layers:

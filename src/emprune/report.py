@@ -96,6 +96,12 @@ class PruneReport:
         return self.zeros / self.total if self.total else 0.0
 
     @property
+    def pruned_fraction(self) -> float:
+        """Share of the targeted weights the masks removed (``1 - kept/total``); differs from
+        :attr:`sparsity` by the weights that were already zero before pruning."""
+        return 1.0 - self.kept / self.total if self.total else 0.0
+
+    @property
     def bound_ok(self) -> bool:
         if self.global_mass is not None and self.global_bound is not None:
             return self.global_mass >= self.global_bound - 1e-9
@@ -114,6 +120,7 @@ class PruneReport:
         d = asdict(self)
         d.pop("_mass_kept"), d.pop("_mass_total")
         d.update(total=self.total, kept=self.kept, zeros=self.zeros, sparsity=self.sparsity,
+                 pruned_fraction=self.pruned_fraction,
                  bound_ok=self.bound_ok, warnings=self.warnings)
         return _finite(d)
 
