@@ -6,6 +6,8 @@ Nothing is downloaded at run time.
 """
 from __future__ import annotations
 
+import argparse
+
 import json
 import math
 import os
@@ -152,6 +154,28 @@ class Logger:
 
     def __call__(self, msg: str) -> None:
         print(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}", flush=True)
+
+
+def base_parser(doc: str, name: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every small-model script shares (add its own, then call :func:`start`)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--out", default=None, help=f"output folder (default benchmarks/results/{name})")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    ap.add_argument("--replot", action="store_true", help="only rewrite results.md and the plots from results.json")
+    return ap
+
+
+def start(args: argparse.Namespace, name: str, replot: Callable[[Path, dict], None]) -> tuple["Logger", Path] | None:
+    """Set up torch, the logger and the output folder; with ``--replot`` rebuild the outputs
+    from ``results.json`` with ``replot(out, results)`` and return None (nothing to run)."""
+    setup_torch(args.threads)
+    log = Logger()
+    out = out_dir(args.out, name)
+    if args.replot:
+        replot(out, json.loads((out / "results.json").read_text()))
+        return None
+    return log, out
 
 
 def out_dir(arg: str | None, name: str) -> Path:

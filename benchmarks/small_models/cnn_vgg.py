@@ -20,8 +20,6 @@ output position), i.e. what an ideal sparse kernel would execute.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,8 +32,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import emprune
-from _common import (Logger, accuracy, calibration_batches, ce_loss, command_line, count_params, environment,
-                     mean_std, md_table, mnist_split, out_dir, pct, plt, setup_torch, train, train_cached,
+from _common import (accuracy, base_parser, calibration_batches, ce_loss, command_line, count_params,
+                     environment, md_table, mean_std, mnist_split, pct, plt, start, train, train_cached,
                      write_json)
 
 CFG = [16, 16, "M", 32, 32, "M", 64, "M"]
@@ -113,23 +111,15 @@ def flops(model: nn.Module) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, beta = 1 only")
-    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/cnn_mnist)")
+    ap = base_parser(__doc__, "cnn_mnist", "smoke run: 2 epochs, beta = 1 only")
     ap.add_argument("--seeds", type=int, default=None, help="training seeds (default 2; quick 1)")
     ap.add_argument("--random-seeds", type=int, default=None, help="seeds for the random baseline (default 3)")
     ap.add_argument("--cache", default=None, help="dev only: folder to cache trained weights")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    ap.add_argument("--replot", action="store_true", help="only rewrite results.md and the plots from results.json")
     args = ap.parse_args(argv)
-    setup_torch(args.threads)
-    log = Logger()
-    out = out_dir(args.out, "cnn_mnist")
-    if args.replot:
-        R = json.loads((out / "results.json").read_text())
-        write_markdown(out, R)
-        plot(out, R)
+    started = start(args, "cnn_mnist", lambda out, R: (write_markdown(out, R), plot(out, R)))
+    if started is None:
         return 0
+    log, out = started
     t_start = time.perf_counter()
     epochs = EPOCHS_QUICK if args.quick else EPOCHS_FULL
     betas = BETAS_QUICK if args.quick else BETAS_FULL

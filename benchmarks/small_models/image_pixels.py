@@ -16,8 +16,6 @@ Images (shipped with scikit-image, no download): ``astronaut`` (512x512) and ``c
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ import numpy as np
 import torch
 
 import emprune
-from _common import Logger, command_line, environment, md_table, out_dir, plt, setup_torch, write_json
+from _common import base_parser, command_line, environment, md_table, plt, start, write_json
 
 BETAS_FULL = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
 BETAS_QUICK = [0.5, 1.0]
@@ -85,21 +83,13 @@ def emp_keep(img: np.ndarray, mode: str, beta: float) -> torch.Tensor:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: astronaut only, 2 betas")
-    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/image_pixels)")
+    ap = base_parser(__doc__, "image_pixels", "smoke run: astronaut only, 2 betas")
     ap.add_argument("--random-seeds", type=int, default=None, help="seeds for the random baseline (default 3)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--replot", action="store_true", help="only rewrite results.md and the plots from results.json")
     args = ap.parse_args(argv)
-    setup_torch(args.threads)
-    log = Logger()
-    out = out_dir(args.out, "image_pixels")
-    if args.replot:
-        R = json.loads((out / "results.json").read_text())
-        write_markdown(out, R)
-        plot(out, R, None)
+    started = start(args, "image_pixels", lambda out, R: (write_markdown(out, R), plot(out, R, None)))
+    if started is None:
         return 0
+    log, out = started
     t0 = time.perf_counter()
     betas = BETAS_QUICK if args.quick else BETAS_FULL
     names = ["astronaut"] if args.quick else ["astronaut", "coffee"]

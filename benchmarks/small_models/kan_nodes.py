@@ -21,8 +21,6 @@ nodes by a data-driven activation score (mean |node value| over the train digits
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import emprune
-from _common import (Logger, accuracy, command_line, count_params, environment, mean_std, md_table, mnist_split,
-                     out_dir, pct, plt, setup_torch, train, train_cached, write_json)
+from _common import (accuracy, base_parser, command_line, count_params, environment, md_table, mean_std,
+                     mnist_split, pct, plt, start, train, train_cached, write_json)
 
 WIDTH = [784, 64, 10]
 GRID, ORDER = 5, 3
@@ -130,23 +128,15 @@ def masked_logits(model: KAN, keep: torch.Tensor, x: torch.Tensor) -> torch.Tens
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 2 betas, 1 seed")
-    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/kan_mnist)")
+    ap = base_parser(__doc__, "kan_mnist", "smoke run: 2 epochs, 2 betas, 1 seed")
     ap.add_argument("--seeds", type=int, default=None, help="training seeds (default 3; quick 1)")
     ap.add_argument("--random-seeds", type=int, default=None, help="seeds for the random-node baseline (default 10)")
     ap.add_argument("--cache", default=None, help="dev only: folder to cache trained weights")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    ap.add_argument("--replot", action="store_true", help="only rewrite results.md and the plots from results.json")
     args = ap.parse_args(argv)
-    setup_torch(args.threads)
-    log = Logger()
-    out = out_dir(args.out, "kan_mnist")
-    if args.replot:
-        R = json.loads((out / "results.json").read_text())
-        write_markdown(out, R)
-        plot(out, R)
+    started = start(args, "kan_mnist", lambda out, R: (write_markdown(out, R), plot(out, R)))
+    if started is None:
         return 0
+    log, out = started
     t_start = time.perf_counter()
     epochs = EPOCHS_QUICK if args.quick else EPOCHS_FULL
     betas = BETAS_QUICK if args.quick else BETAS_FULL

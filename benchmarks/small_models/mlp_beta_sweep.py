@@ -16,8 +16,6 @@ fine-tuning.  Masks are undone with ``emprune.restore`` between runs.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,8 +27,8 @@ import torch
 from torch import nn
 
 import emprune
-from _common import (Logger, accuracy, command_line, environment, mean_std, md_table, mnist_split, out_dir, pct,
-                     plt, setup_torch, train, train_cached, write_json, count_params)
+from _common import (accuracy, base_parser, command_line, count_params, environment, md_table, mean_std,
+                     mnist_split, pct, plt, start, train, train_cached, write_json)
 
 ARCH = {
     "FC2": [784, 100, 10],
@@ -63,24 +61,16 @@ def mlp(sizes: list[int]) -> nn.Sequential:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: FC2+FC5, few epochs, 3 betas, 1 seed")
-    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/mlp_mnist)")
+    ap = base_parser(__doc__, "mlp_mnist", "smoke run: FC2+FC5, few epochs, 3 betas, 1 seed")
     ap.add_argument("--seeds", type=int, default=None, help="training seeds per model (default: SEEDS_FULL; quick: 1)")
     ap.add_argument("--random-seeds", type=int, default=None, help="seeds for the random baseline (default 3; quick 1)")
     ap.add_argument("--models", default=None, help="comma list, e.g. FC2,FC5")
     ap.add_argument("--cache", default=None, help="dev only: folder to cache trained weights")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
-    ap.add_argument("--replot", action="store_true", help="only rewrite results.md and the plots from results.json")
     args = ap.parse_args(argv)
-    setup_torch(args.threads)
-    log = Logger()
-    out = out_dir(args.out, "mlp_mnist")
-    if args.replot:
-        R = json.loads((out / "results.json").read_text())
-        write_markdown(out, R)
-        plot(out, R)
+    started = start(args, "mlp_mnist", lambda out, R: (write_markdown(out, R), plot(out, R)))
+    if started is None:
         return 0
+    log, out = started
     t_start = time.perf_counter()
 
     epochs = EPOCHS_QUICK if args.quick else EPOCHS_FULL
