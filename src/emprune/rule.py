@@ -170,20 +170,32 @@ def keep_mask(
     _check_scores(scores, where)
     _check_negative(negative)
     rows, back = _as_rows(scores, dim)
+    return back(_select_rows(rows, None, b, negative, where))
+
+
+def _select_rows(rows: Tensor, k: Tensor | None, beta: float, negative: Negative, where: str | None) -> Tensor:
+    """Mask of ``rows`` ``[slices, N]`` keeping ``k[r]`` per row, or EMP's ``floor(beta N_eff)``
+    when ``k`` is None: the compiled kernel where usable, else the PyTorch engine, one
+    cache-sized block at a time (each block summed and selected while in cache)."""
     n = rows.shape[1]
     if _kernels.usable(rows):  # compiled path (CPU, numba installed): same masks
-        mask, s1, s2 = _kernels.rows_keep(rows, None, b, negative == "shift")
-        if bool(torch.isfinite(s1).all() and torch.isfinite(s2).all()):
-            return back(mask)
+        mask, s1, s2 = _kernels.rows_keep(rows, k, beta, negative == "shift")
+        if bool(torch.isfinite(s1).all() and (k is not None or torch.isfinite(s2).all())):
+            return mask
         _finite_or_raise(rows, where)  # NaN/Inf: a clear error; overflowing squares: below
-    out = torch.empty(rows.shape, dtype=torch.bool, device=scores.device)
+    out = torch.empty(rows.shape, dtype=torch.bool, device=rows.device)
     ws = _Work.for_rows(rows, negative)
-    for blk in _blocks(*rows.shape):  # one pass: each block is summed and selected in cache
+    for blk in _blocks(*rows.shape):
         x = _prep_block(rows[blk], negative, ws)
-        s1, s2 = _block_sums(x, where, ws)
-        k = _counts_from_neff(_neff_from_sums(s1, s2, n), b, n)
-        out[blk] = _rows_topk(x, k, _grid(scores.dtype, negative), ws)
-    return back(out)
+        if k is None:
+            s1, s2 = _block_sums(x, where, ws)
+            kb = _counts_from_neff(_neff_from_sums(s1, s2, n), beta, n)
+        else:
+            if not bool(torch.isfinite(x.amax(-1)).all()):  # NaN and Inf both reach the max
+                _raise_nonfinite(x, where)
+            kb = k[blk]
+        out[blk] = _rows_topk(x, kb, _grid(rows.dtype, negative), ws)
+    return out
 
 
 def topk_mask(
@@ -214,19 +226,7 @@ def topk_mask(
         thr = global_threshold([scores], k=int(kk[0]), negative=negative,
                                names=None if where is None else [where])
         return next(global_masks([scores], thr, negative=negative))
-    if _kernels.usable(rows):  # compiled path (CPU, numba installed): same masks
-        mask, s1, s2 = _kernels.rows_keep(rows, kk, 1.0, negative == "shift")
-        if bool(torch.isfinite(s1).all()):
-            return back(mask)
-        _raise_nonfinite(rows, where)
-    out = torch.empty(rows.shape, dtype=torch.bool, device=scores.device)
-    ws = _Work.for_rows(rows, negative)
-    for b in _blocks(n_rows, n):
-        x = _prep_block(rows[b], negative, ws)
-        if not bool(torch.isfinite(x.amax(-1)).all()):  # NaN and Inf both reach the max
-            _raise_nonfinite(x, where)
-        out[b] = _rows_topk(x, kk[b], _grid(scores.dtype, negative), ws)
-    return back(out)
+    return back(_select_rows(rows, kk, 1.0, negative, where))
 
 
 # ------------------------------------------------------------------ global scope
