@@ -163,7 +163,7 @@ def case_global(device: str, quick: bool, repeat: int) -> dict:
         thr = emprune.global_threshold(ts)
         kept = 0
         for m in emprune.global_masks(ts, thr):
-            kept += int(m.sum())
+            kept += int(torch.count_nonzero(m))  # m.sum() would make an int64 copy
         return kept
 
     t_clone = timed(clone_pass, device, repeat)
@@ -221,27 +221,41 @@ CASES = {
 }
 
 
+def _met(r: dict) -> str:
+    """"yes" when every target of a case holds (and its answer is right), else what missed."""
+    t = r["targets"]
+    missed = [f"{key} {r[key]:.2f} > {t[key + '_max']}" for key in ("ours_over_clone", "peak_over_largest")
+              if key + "_max" in t and r[key] > t[key + "_max"]]
+    missed += [f"{key} {r[key]:.1f} < {t[key + '_min']}" for key in ("reference_over_ours",)
+               if key + "_min" in t and r[key] < t[key + "_min"]]
+    if not (r.get("mask_equal_reference", True) and r.get("exact_count", True) and r.get("exact_counts", True)
+            and r.get("counts_equal_float64", True)):
+        missed.append("wrong answer")
+    return "yes" if not missed else "no: " + ", ".join(missed)
+
+
 def to_markdown(results: list[dict], cmd: str, env: dict) -> str:
     lines = ["# EMP rule: speed and memory", "", f"Command: `{cmd}`", "",
              f"Machine: {env['machine']}; torch {env['torch']}; threads {env['threads']}; device {env['device']}", "",
              "## Per-row keep_mask (11008 x 4096)", "",
              "| case | path | ours (ms) | clone (ms) | sort ref (ms) | ours / clone (target <= 4) | ref / ours (target >= 10) "
-             "| peak extra (MB) | input (MB) | counts = float64 | mask = ref | rows with ties |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak extra (MB) | input (MB) | counts = float64 | mask = ref | rows with ties | targets met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r["case"].startswith("row"):
             lines.append(f"| {r['case']} | {r['path']} | {1e3 * r['ours_s']:.1f} | {1e3 * r['clone_s']:.1f} | {1e3 * r['reference_s']:.1f} "
                          f"| {r['ours_over_clone']:.2f} | {r['reference_over_ours']:.1f} | {r['peak_extra_mb']:.0f} "
-                         f"| {r['input_mb']:.0f} | {r['counts_equal_float64']} | {r['mask_equal_reference']} | {r['rows_with_ties']} |")
+                         f"| {r['input_mb']:.0f} | {r['counts_equal_float64']} | {r['mask_equal_reference']} | {r['rows_with_ties']} "
+                         f"| {_met(r)} |")
     lines += ["", "## Global scope over many tensors", "",
               "| case | tensors | scores | ours (s) | clone pass (s) | ours / clone (target <= 6) | peak extra (MB) "
-              "| largest tensor (MB) | peak / largest (target <= 2) | model (MB) | exact count |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| largest tensor (MB) | peak / largest (target <= 2) | model (MB) | exact count | targets met |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r["case"].startswith("global"):
             lines.append(f"| {r['case']} | {r['tensors']} | {r['scores']:,} | {r['ours_s']:.2f} | {r['clone_s']:.2f} "
                          f"| {r['ours_over_clone']:.2f} | {r['peak_extra_mb']:.0f} | {r['largest_tensor_mb']:.0f} "
-                         f"| {r['peak_over_largest']:.2f} | {r['model_mb']:.0f} | {r['exact_count']} |")
+                         f"| {r['peak_over_largest']:.2f} | {r['model_mb']:.0f} | {r['exact_count']} | {_met(r)} |")
     lines += ["", "## emprune.prune, global magnitude, end to end", "",
               "| case | weights | seconds | peak extra (MB) | largest tensor (MB) | sparsity | N_eff | mass >= bound |",
               "|---|---|---|---|---|---|---|---|"]
@@ -252,7 +266,14 @@ def to_markdown(results: list[dict], cmd: str, env: dict) -> str:
                          f"| {r['mass']:.4f} >= {r['bound']:.4f} |")
     lines += ["", "Times are medians of repeated runs in one process; each case ran in its own process so that "
               "its peak memory is its own (CPU: resident-set high-water mark, reset before the call, above "
-              "the resident set holding the inputs; the result itself, e.g. a bool mask, is included)."]
+              "the resident set holding the inputs; the result itself, e.g. a bool mask, is included).", "",
+              "Paths: on CPU the per-row rule runs the compiled numba kernel when numba is installed "
+              "(`pip install emprune[fast]`; the test script installs it) and falls back to the pure-PyTorch "
+              "engine otherwise; the `-pytorch` rows force that fallback (the same engine runs on CUDA "
+              "tensors). Both give the same masks; the targets are stated for the default path."]
+    if env["device"] == "cpu":
+        lines += ["", "No CUDA figures here: this machine has no GPU. On one, run the same command with "
+                  "`--device cuda` (peak memory is then torch.cuda.max_memory_allocated)."]
     return "\n".join(lines) + "\n"
 
 

@@ -201,7 +201,9 @@ def test_heavy_tailed_and_tied_rows_agree_with_reference():
     ]
     for x in cases:
         for k in (emprune.keep_count(x, dim=1), torch.full((64,), 1), torch.full((64,), 2999),
-                  torch.randint(1, 3001, (64,), generator=g)):
+                  torch.randint(1, 3001, (64,), generator=g),
+                  torch.randint(0, 3001, (64,), generator=g).index_fill_(0, torch.tensor([3, 40]), 3000)
+                  .index_fill_(0, torch.tensor([5]), 0)):  # full and empty rows among the others
             m = emprune.topk_mask(x, k, dim=1)
             assert torch.equal(m.sum(1), k)
             assert torch.equal(m, ref_topk_mask(x, k))
@@ -245,6 +247,11 @@ def test_global_ties_across_tensors_and_lazy_sources():
     assert [int(m.sum()) for m in masks] == [5, 10, 0]  # ties: earlier tensor, lower index first
     assert masks[0].tolist() == [True] * 5 + [False] * 5
     assert len(calls) > 3  # sources were recomputed, never stored
+    # one source's mask on its own (index = its position) equals the streamed one
+    for i, m in enumerate(masks):
+        assert torch.equal(emprune.global_mask(ts[i], thr, i), m)
+    with pytest.raises(IndexError):
+        emprune.global_mask(ts[0], thr, 3)
 
 
 def test_global_large_beyond_quantile_limit():

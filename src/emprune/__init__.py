@@ -8,6 +8,7 @@ from .report import LayerReport, PruneReport
 from .rule import (
     effective_number,
     global_effective_number,
+    global_mask,
     global_masks,
     global_threshold,
     keep_count,
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "effective_number", "keep_count", "keep_mask", "topk_mask", "mass_bound", "retained_mass",
-    "global_threshold", "global_masks", "global_effective_number",
+    "global_threshold", "global_masks", "global_mask", "global_effective_number",
     "prune", "make_permanent", "restore", "apply_mask", "select_targets",
     "PruneReport", "LayerReport", "__version__",
 ]

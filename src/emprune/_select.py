@@ -45,7 +45,7 @@ def _check_scores(scores: Tensor, where: str | None = None) -> None:
 
 def _raise_nonfinite(x: Tensor, where: str | None) -> None:
     bad = "NaN" if torch.isnan(x).any() else "Inf"
-    n = int((~torch.isfinite(x)).sum())
+    n = x.numel() - int(torch.count_nonzero(torch.isfinite(x)))
     raise ValueError(f"scores contain {bad} ({n} non-finite of {x.numel()}){_name(where)}")
 
 
@@ -276,9 +276,10 @@ def _rows_topk(x: Tensor, k: Tensor, grid: torch.dtype | None = None, ws: _Work 
     small = ((c_lo - c_hi) <= _BAND) & (_next_up(lo, grid) < hi)
     if bool(small.any()):
         idx = small.nonzero().squeeze(1)
-        xs, los, his = x[idx], lo[idx], hi[idx]
+        xs = x if idx.numel() == rows else x[idx]  # (all rows: no copy)
+        los, his = lo[idx], hi[idx]
         inband = (xs >= los[:, None]) & (xs < his[:, None])
-        cnt = inband.sum(-1)
+        cnt = c_lo[idx] - c_hi[idx]  # = inband.sum(-1): the bracket's counts are exact
         vals = xs[inband]  # row-major: grouped by row
         width = int(cnt.max())
         row_id = torch.repeat_interleave(torch.arange(idx.numel(), device=x.device), cnt)
@@ -307,7 +308,8 @@ def _mask_from_value(x: Tensor, v: Tensor, k: Tensor, full: Tensor, cnt: Tensor 
         need = ks - (xs > vs[:, None]).sum(-1)  # how many equal entries to keep
         keep_eq = eq & (torch.cumsum(eq, -1) <= need[:, None])
         mask[over] = (xs > vs[:, None]) | keep_eq
-    mask[full] = True
+    if bool(full.any()):  # (an unconditional mask[full] = True is a full pass)
+        mask[full] = True
     return mask
 
 
@@ -386,6 +388,7 @@ def _stream_sums(
         if not (torch.isfinite(s1) and torch.isfinite(s2)):
             _finite_or_raise(t, where)
             raise ValueError(f"sum of squared scores overflows float64{_name(where)}")
+        del t  # a computed score tensor is freed before the next one is made
     sample = torch.sort(torch.cat(parts)).values if parts else None
     return s1, s2, n, sample
 
@@ -412,7 +415,7 @@ def _pass(
         for c in _nonneg_chunks(t, negative, shift, sc):
             b = sc.get("b", torch.bool, c.numel(), c.device)
             for j in range(tt.numel()):
-                acc[j] += torch.ge(c, tt[j], out=b).sum(dtype=torch.int64)
+                acc[j] += torch.count_nonzero(torch.ge(c, tt[j], out=b))
             if collect is not None:
                 piece = c[_in_bracket(c, collect[0], collect[1], sc)]
                 if piece.dtype == torch.float64 and buf.dtype != torch.float64:
@@ -423,6 +426,7 @@ def _pass(
                 pos += piece.numel()
         counts = [x + y for x, y in zip(counts, acc.tolist())]
         spans.append((start, pos))
+        del t
     return counts, ([buf[a:b] for a, b in spans] if collect is not None else None)
 
 
@@ -485,13 +489,13 @@ def _select_global(
         sample = None
     if band is None:  # the bracket holds a single value: it is the threshold
         value = lo
-        band_eq = [sum(int(torch.eq(c, lo, out=sc.get("b", torch.bool, c.numel(), c.device)).sum())
+        band_eq = [sum(int(torch.count_nonzero(torch.eq(c, lo, out=sc.get("b", torch.bool, c.numel(), c.device))))
                        for c in _nonneg_chunks(_materialise(s), negative, shift, sc)) for s in sources]
     else:
         allv = torch.cat(band) if len(band) > 1 else band[0]
         value = float(torch.kthvalue(allv, allv.numel() - (k - c_hi) + 1).values)  # (k - c_hi)-th largest
-        band_eq = [int((b == value).sum()) for b in band]
-        c_hi += sum(int((b > value).sum()) for b in band)
+        band_eq = [int(torch.count_nonzero(b == value)) for b in band]
+        c_hi += sum(int(torch.count_nonzero(b > value)) for b in band)
     need = k - c_hi  # how many entries equal to value are kept, assigned in order
     keep_equal = []
     for e in band_eq:

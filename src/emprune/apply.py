@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune as tprune
 
 from . import criteria as C
-from .report import PruneReport
+from .report import PruneReport, count_zeros
 from .scopes import Target, check_options, decide
 
 TargetSpec = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
@@ -110,7 +110,7 @@ def prune(
         for d in _progress(decisions, len(tlist), progress, f"emprune {scope}"):
             mod = mods[d.name]
             apply_mask(mod, d.mask, permanent=permanent)
-            report.add(d, int((mod.weight == 0).sum()))
+            report.add(d, count_zeros(mod.weight))
     finally:
         for c in ours:
             c.release()

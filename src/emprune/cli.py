@@ -12,7 +12,7 @@ from typing import Sequence
 
 from . import __version__
 from .io import load_state_dict
-from .report import PruneReport
+from .report import PruneReport, count_zeros
 from .scopes import SCOPES, Target, decide
 
 
@@ -36,7 +36,7 @@ def inspect_checkpoint(path: str, beta: float = 1.0, scope: str = "row", *, spar
                          beta=None if sparsity is not None else beta, target_sparsity=sparsity,
                          min_keep=min_keep)
     for d in decide(targets, scope, beta, sparsity=sparsity, min_keep=min_keep):  # type: ignore[arg-type]
-        report.add(d, int((~d.mask | (tensors[d.name] == 0)).sum()))
+        report.add(d, count_zeros(d.mask & (tensors[d.name] != 0)))
     report.seconds = time.perf_counter() - start
     return report
 

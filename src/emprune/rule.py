@@ -64,6 +64,7 @@ __all__ = [
     "GlobalThreshold",
     "global_threshold",
     "global_masks",
+    "global_mask",
     "global_effective_number",
     "guaranteed_mass",
 ]
@@ -166,7 +167,7 @@ def keep_mask(
     if dim is None:  # one vector: the streaming selector
         _check_scores(scores, where)
         thr = global_threshold([scores], b, negative=negative, names=None if where is None else [where])
-        return next(global_masks([scores], thr, negative=negative))
+        return _global_mask(scores, thr, 0, negative, _Scratch())
     _check_scores(scores, where)
     _check_negative(negative)
     rows, back = _as_rows(scores, dim)
@@ -225,7 +226,7 @@ def topk_mask(
     if dim is None:  # one vector: the streaming selector, without a float64 copy
         thr = global_threshold([scores], k=int(kk[0]), negative=negative,
                                names=None if where is None else [where])
-        return next(global_masks([scores], thr, negative=negative))
+        return _global_mask(scores, thr, 0, negative, _Scratch())
     return back(_select_rows(rows, kk, 1.0, negative, where))
 
 
@@ -303,20 +304,32 @@ def global_masks(
     tensor-sized allocation is the mask itself."""
     sc = _Scratch()
     for i, src in enumerate(sources):
-        t = _materialise(src)
-        mask = torch.empty(t.shape, dtype=torch.bool, device=t.device)
-        flat = mask.view(-1)
-        budget = thr.keep_equal[i] if thr.keep_equal else 0
-        pos = 0
-        for c in _nonneg_chunks(t, negative, thr.shift, sc):
-            m = flat[pos : pos + c.numel()]
-            torch.gt(c, thr.value, out=m)
-            if budget:  # ties at the threshold: the first ones in flat order
-                eq = (c == thr.value).nonzero().squeeze(1)[:budget]
-                m[eq] = True
-                budget -= eq.numel()
-            pos += c.numel()
-        yield mask
+        yield _global_mask(_materialise(src), thr, i, negative, sc)
+
+
+def global_mask(scores: Tensor, thr: GlobalThreshold, index: int, *, negative: Negative = "abs") -> Tensor:
+    """The keep mask of ``scores``, source number ``index`` of the ``sources`` that ``thr``
+    was computed on (the index says how many of the ties at the threshold it keeps).  For
+    callers that need the scores again after the mask (one materialisation, not two)."""
+    if not 0 <= index < max(1, len(thr.keep_equal)):
+        raise IndexError(f"index {index} out of range for a threshold over {len(thr.keep_equal)} sources")
+    return _global_mask(scores, thr, index, negative, _Scratch())
+
+
+def _global_mask(scores: Tensor, thr: GlobalThreshold, index: int, negative: Negative, sc: _Scratch) -> Tensor:
+    mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    flat = mask.view(-1)
+    budget = thr.keep_equal[index] if thr.keep_equal else 0
+    pos = 0
+    for c in _nonneg_chunks(scores, negative, thr.shift, sc):
+        m = flat[pos : pos + c.numel()]
+        torch.gt(c, thr.value, out=m)
+        if budget:  # ties at the threshold: the first ones in flat order
+            eq = (c == thr.value).nonzero().squeeze(1)[:budget]
+            m[eq] = True
+            budget -= eq.numel()
+        pos += c.numel()
+    return mask
 
 
 def masked_mass(

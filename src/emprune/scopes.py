@@ -161,15 +161,19 @@ def _decide_global(targets: Sequence[Target], beta: float, sparsity: float | Non
         neff = thr.n_eff
     nu = max(1, min(n, math.floor(thr.n_eff * (1 + 2.0**-48))))
     guaranteed = rule.guaranteed_mass(torch.tensor([nu]), torch.tensor([thr.k]), n)
-    for t, mask in zip(targets, rule.global_masks(sel_src, thr, negative=negative)):
-        s = t.score()
+    for i, t in enumerate(targets):
+        s = t.score()  # materialised once per target: mask and mass both come from it
+        mask = rule.global_mask(s, thr, i, negative=negative)
         fl = floor_count(min_keep, s.numel())
         raised = 0
-        if int(mask.sum()) < fl:  # the floor overrides the global threshold for this layer
+        if int(torch.count_nonzero(mask)) < fl:  # the floor overrides the global threshold for this layer
             mask = rule.topk_mask(s, fl, None, negative=negative, where=t.name)
             raised = 1
-        kept = int(mask.sum())
+        kept = int(torch.count_nonzero(mask))
         kept_sum, total = rule.masked_mass(s, mask, negative=negative, shift=thr.shift)
         mass = torch.tensor([kept_sum / total if total > 0 else 1.0], dtype=torch.float64)
-        yield Decision(t.name, tuple(s.shape), "global", s.numel(), torch.tensor([neff], dtype=torch.float64),
+        shape = tuple(s.shape)
+        del s  # not held across the yield: the next target's scores are made after it
+        yield Decision(t.name, shape, "global", math.prod(shape), torch.tensor([neff], dtype=torch.float64),
                        torch.tensor([kept]), raised, mass.cpu(), guaranteed, mask, total)
+        del mask

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .. import rule
 from ..apply import apply_mask
 from ..criteria import Magnitude, Wanda
-from ..report import WARN_UNIT_SPARSITY, PruneReport
+from ..report import WARN_UNIT_SPARSITY, PruneReport, count_zeros
 from ..scopes import Decision, Target, check_options, decide
 from .calibrate import prune_layerwise
 from .memory import PeakMemory
@@ -301,7 +301,7 @@ def prune_lm(
     def apply(d: Decision) -> None:
         mod = mods[d.name]
         w = mod.weight
-        dense_zeros = int((w == 0).sum())
+        dense_zeros = count_zeros(w)
         if counts is not None or (sparsity is None and rec.count_unit == "layer"):
             # N_eff columns show the selection scores' own N_eff (counts came from elsewhere)
             sel = crit(d.name, mod)
@@ -309,7 +309,7 @@ def prune_lm(
             d = dataclasses.replace(d, neff=rule.effective_number(
                 sel.reshape(sel.shape[0], -1) if dim else sel, dim).reshape(-1).cpu())
         apply_mask(mod, d.mask, permanent=True)
-        report.add(d, int((w == 0).sum()))
+        report.add(d, count_zeros(w))
         kept[d.name] = d.k.clone()
         layer_extra.setdefault(d.name, {})["dense_zeros"] = dense_zeros
 
