@@ -7,8 +7,10 @@ Cases (each in a fresh subprocess, so that peak memory is its own):
   global-1b            one EMP decision over >= 1 B scores held as many tensors (LLaMA-7B
                        MLP shapes): global_threshold + global_masks (each mask dropped as
                        made), against one clone() pass over every tensor.
-  prune-global-134m    emprune.prune(model, "magnitude", "global") on a model with 134 M
-                       weights (8 x Linear(4096, 4096)), end to end, reversible masks.
+  prune-row / -layer / -global
+                       emprune.prune(model, "magnitude", scope, permanent=True) on LLaMA-7B
+                       MLP shapes (two blocks: 271 M weights), end to end, against one clone()
+                       pass over the weights.
 
 Peak memory: on CPU the resident-set high-water mark (VmHWM, reset just before the call) above
 the resident set once the inputs existed; on CUDA torch.cuda.max_memory_allocated above the
@@ -182,20 +184,34 @@ def case_global(device: str, quick: bool, repeat: int) -> dict:
     }
 
 
-def case_prune(device: str, quick: bool, repeat: int) -> dict:
+def case_prune(scope: str, device: str, quick: bool, repeat: int) -> dict:
+    """emprune.prune(model, "magnitude", scope, permanent=True) on LLaMA-7B MLP shapes (one
+    block quick, two otherwise), end to end: scores, N_eff, selection, masks applied, report."""
     import emprune
 
     torch.manual_seed(0)
-    layers = 2 if quick else 8
-    model = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096, bias=False) for _ in range(layers)]).to(device)
-    n = sum(p.numel() for p in model.parameters())
-    emprune.prune(torch.nn.Linear(64, 64), "magnitude", "global")  # warm-up outside the peak
+    blocks = 1 if quick else 2
+    model = torch.nn.ModuleDict({
+        f"{p}{i}": torch.nn.Linear(*shape, bias=False)
+        for i in range(blocks) for p, shape in (("gate", (4096, 11008)), ("up", (4096, 11008)), ("down", (11008, 4096)))
+    }).to(device)
+    ws = [p.detach() for p in model.parameters()]
+    n = sum(w.numel() for w in ws)
+    largest_mb = max(w.numel() * w.element_size() for w in ws) / 2**20
+    t_clone = timed(lambda: [w.clone() for w in ws], device, repeat)
+    emprune.prune(torch.nn.Linear(64, 64), "magnitude", scope)  # warm-up outside the peak
     with Peak(device) as pk:
         t0 = time.perf_counter()
-        rep = emprune.prune(model, "magnitude", "global", permanent=True)
+        rep = emprune.prune(model, "magnitude", scope, permanent=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
         t = time.perf_counter() - t0
-    return {"case": f"prune-global-{n // 10**6}m", "weights": n, "device": device, "seconds": t,
-            "peak_extra_mb": pk.mb, "largest_tensor_mb": 4096 * 4096 * 4 / 2**20, "sparsity": rep.sparsity,
+    zeros = sum(int(w.numel() - torch.count_nonzero(w)) for w in ws)
+    return {"case": f"prune-{scope}-{n // 10**6}m", "scope": scope, "weights": n, "device": device,
+            "seconds": t, "clone_s": t_clone, "ours_over_clone": t / t_clone,
+            "peak_extra_mb": pk.mb, "largest_tensor_mb": largest_mb, "peak_over_largest": pk.mb / largest_mb,
+            "sparsity": rep.sparsity, "report_matches_weights": zeros == round(rep.sparsity * n),
+            "bound_ok": rep.bound_ok,
             "global_neff": rep.global_neff, "mass": rep.global_mass, "bound": rep.global_bound}
 
 
@@ -217,7 +233,9 @@ CASES = {
     "row-fp32-pytorch": _pytorch_only(lambda d, q, r: case_row(torch.float32, d, q, r)),
     "row-bf16-pytorch": _pytorch_only(lambda d, q, r: case_row(torch.bfloat16, d, q, r)),
     "global": case_global,
-    "prune-global": case_prune,
+    "prune-row": lambda d, q, r: case_prune("row", d, q, r),
+    "prune-layer": lambda d, q, r: case_prune("layer", d, q, r),
+    "prune-global": lambda d, q, r: case_prune("global", d, q, r),
 }
 
 
@@ -256,14 +274,17 @@ def to_markdown(results: list[dict], cmd: str, env: dict) -> str:
             lines.append(f"| {r['case']} | {r['tensors']} | {r['scores']:,} | {r['ours_s']:.2f} | {r['clone_s']:.2f} "
                          f"| {r['ours_over_clone']:.2f} | {r['peak_extra_mb']:.0f} | {r['largest_tensor_mb']:.0f} "
                          f"| {r['peak_over_largest']:.2f} | {r['model_mb']:.0f} | {r['exact_count']} | {_met(r)} |")
-    lines += ["", "## emprune.prune, global magnitude, end to end", "",
-              "| case | weights | seconds | peak extra (MB) | largest tensor (MB) | sparsity | N_eff | mass >= bound |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## emprune.prune(model, \"magnitude\", scope, permanent=True), end to end (LLaMA-7B MLP shapes)", "",
+              "| case | weights | seconds | clone pass (s) | ours / clone | peak extra (MB) | largest tensor (MB) "
+              "| peak / largest | sparsity | report = weights | mass >= bound |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r["case"].startswith("prune"):
-            lines.append(f"| {r['case']} | {r['weights']:,} | {r['seconds']:.2f} | {r['peak_extra_mb']:.0f} "
-                         f"| {r['largest_tensor_mb']:.0f} | {100 * r['sparsity']:.2f}% | {r['global_neff']:.4g} "
-                         f"| {r['mass']:.4f} >= {r['bound']:.4f} |")
+            mass = (f"{r['mass']:.4f} >= {r['bound']:.4f}" if r["mass"] is not None else
+                    ("True (every unit)" if r["bound_ok"] else "False"))
+            lines.append(f"| {r['case']} | {r['weights']:,} | {r['seconds']:.2f} | {r['clone_s']:.3f} | {r['ours_over_clone']:.1f} "
+                         f"| {r['peak_extra_mb']:.0f} | {r['largest_tensor_mb']:.0f} | {r['peak_over_largest']:.2f} "
+                         f"| {100 * r['sparsity']:.2f}% | {r['report_matches_weights']} | {mass} |")
     lines += ["", "Times are medians of repeated runs in one process; each case ran in its own process so that "
               "its peak memory is its own (CPU: resident-set high-water mark, reset before the call, above "
               "the resident set holding the inputs; the result itself, e.g. a bool mask, is included).", "",

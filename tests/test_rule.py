@@ -317,3 +317,45 @@ def test_kernel_and_torch_paths_agree(monkeypatch):
             monkeypatch.setattr(_kernels, "AVAILABLE", True)
             assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
             assert torch.allclose(a[1], b[1], rtol=1e-12, atol=0)
+
+
+def test_long_rows_are_streamed_with_the_same_answers(monkeypatch):
+    """Rows longer than a working block go through the streaming engine (no row-sized
+    scratch); their counts, masks and masses equal the block path's and the reference's."""
+    from emprune import _select
+    g = torch.Generator().manual_seed(6)
+    xs = [torch.randn(5, 3000, generator=g), torch.randint(-2, 3, (5, 3000), generator=g).float(),
+          torch.randn(5, 3000, generator=g).bfloat16()]
+    for x in xs:
+        for neg in ("abs", "shift"):
+            k = torch.tensor([0, 1, 1500, 2999, 3000])
+
+            def answers():
+                m = emprune.keep_mask(x, 0.9, dim=1, negative=neg)
+                return (emprune.effective_number(x, dim=1, negative=neg), emprune.keep_count(x, 0.9, dim=1, negative=neg),
+                        m, emprune.topk_mask(x, k, dim=1, negative=neg),
+                        emprune.retained_mass(x, m, dim=1, negative=neg),
+                        emprune.retained_mass(x, m, None, negative=neg), emprune.topk_mask(x, 7000, None, negative=neg))
+            block = answers()
+            with monkeypatch.context() as mp:  # (keeps the selection-path fixture's patch)
+                mp.setattr(_select, "_BLOCK_ELEMS", 256)
+                assert _select._long(3000)
+                streamed = answers()
+            assert torch.allclose(block[0], streamed[0], rtol=1e-12, atol=0)
+            for a, b in zip(block[1:4] + block[6:], streamed[1:4] + streamed[6:]):
+                assert torch.equal(a, b)
+            assert torch.allclose(block[4], streamed[4], rtol=1e-12) and torch.allclose(block[5], streamed[5], rtol=1e-12)
+            if neg == "abs":
+                assert torch.equal(streamed[3], ref_topk_mask(x, k))
+                assert torch.equal(streamed[2], ref_topk_mask(x, streamed[1]))
+
+
+def test_retained_mass_bad_masks():
+    x = torch.randn(4, 10)
+    m = emprune.keep_mask(x, dim=1)
+    with pytest.raises(TypeError, match="bool"):
+        emprune.retained_mass(x, m.float(), dim=1)
+    with pytest.raises(ValueError, match="shape"):
+        emprune.retained_mass(x, m[:, :5], dim=1)
+    with pytest.raises(ValueError, match="shape"):
+        rule.masked_mass(x, m.reshape(-1)[:20])

@@ -86,6 +86,12 @@ def _as_rows(scores: Tensor, dim: int | None) -> tuple[Tensor, Callable[[Tensor]
     return rows, back
 
 
+def _long(n_cols: int) -> bool:
+    """Rows longer than a working block are streamed one at a time in chunks (the global
+    engine), so that no scratch buffer of a row's size is allocated."""
+    return n_cols > _BLOCK_ELEMS
+
+
 def _blocks(n_rows: int, n_cols: int) -> Iterator[slice]:
     step = max(1, _BLOCK_ELEMS // max(1, n_cols))
     for i in range(0, n_rows, step):

@@ -38,6 +38,7 @@ from ._select import (
     _check_negative,
     _as_rows,
     _blocks,
+    _long,
     _Work,
     _prep_block,
     _block_sums,
@@ -118,10 +119,15 @@ def _stats(scores: Tensor, dim: int | None, negative: Negative, where: str | Non
             return s1.reshape(shape), s2.reshape(shape), n
     s1 = torch.empty(rows.shape[0], dtype=torch.float64, device=scores.device)
     s2 = torch.empty_like(s1)
+    if _long(n):  # streamed row by row
+        names = None if where is None else [where]
+        for r in range(rows.shape[0]):
+            s1[r], s2[r] = _stream_sums([rows[r]], negative, names, _global_shift([rows[r]], negative))[:2]
+        return s1.reshape(shape), s2.reshape(shape), n
     ws = _Work.for_rows(rows, negative)
     for b in _blocks(*rows.shape):
         s1[b], s2[b] = _block_sums(_prep_block(rows[b], negative, ws), where, ws)
-    return s1.reshape(_as_rows_shape(scores, dim)), s2.reshape(_as_rows_shape(scores, dim)), n
+    return s1.reshape(shape), s2.reshape(shape), n
 
 
 # ------------------------------------------------------------------- public rule
@@ -179,6 +185,14 @@ def _select_rows(rows: Tensor, k: Tensor | None, beta: float, negative: Negative
     when ``k`` is None: the compiled kernel where usable, else the PyTorch engine, one
     cache-sized block at a time (each block summed and selected while in cache)."""
     n = rows.shape[1]
+    if _long(n):  # each long row streamed in chunks (no row-sized scratch, kernel or not)
+        out = torch.empty(rows.shape, dtype=torch.bool, device=rows.device)
+        names = None if where is None else [where]
+        sc = _Scratch()
+        for r in range(rows.shape[0]):
+            thr = global_threshold([rows[r]], beta, k=None if k is None else int(k[r]), negative=negative, names=names)
+            out[r] = _global_mask(rows[r], thr, 0, negative, sc)
+        return out
     if _kernels.usable(rows):  # compiled path (CPU, numba installed): same masks
         mask, s1, s2 = _kernels.rows_keep(rows, k, beta, negative == "shift")
         if bool(torch.isfinite(s1).all() and (k is not None or torch.isfinite(s2).all())):
@@ -332,11 +346,19 @@ def _global_mask(scores: Tensor, thr: GlobalThreshold, index: int, negative: Neg
     return mask
 
 
+def _check_mask(mask: Tensor, scores: Tensor) -> None:
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.shape != scores.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != scores shape {tuple(scores.shape)}")
+
+
 def masked_mass(
     scores: Tensor, mask: Tensor, *, negative: Negative = "abs", shift: float = 0.0
 ) -> tuple[float, float]:
     """``(sum of kept scores, sum of all scores)`` in float64, chunk by chunk (scores made
     non-negative as the rule does: ``|s|``, or ``s - shift``)."""
+    _check_mask(mask, scores)
     kept = torch.zeros((), dtype=torch.float64, device=scores.device)
     total = torch.zeros_like(kept)
     flat = mask.reshape(-1)
@@ -344,7 +366,7 @@ def masked_mass(
     sc = _Scratch()
     for c in _nonneg_chunks(scores, negative, shift, sc):
         total += c.sum(dtype=torch.float64)
-        kept += c.masked_fill_(flat[pos : pos + c.numel()].logical_not(), 0).sum(dtype=torch.float64)
+        kept += c.mul_(flat[pos : pos + c.numel()]).sum(dtype=torch.float64)  # (c >= 0 finite: exact; 4x masked_fill_)
         pos += c.numel()
     return float(kept), float(total)
 
@@ -391,16 +413,21 @@ def retained_mass(scores: Tensor, mask: Tensor, dim: int | None = None, *, negat
     (float64; 1 for an all-zero slice).  This is the ``s_eff`` that :func:`mass_bound`
     bounds from below when ``mask`` is EMP's."""
     _check_scores(scores)
-    if mask.shape != scores.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} != scores shape {tuple(scores.shape)}")
+    _check_mask(mask, scores)
     rows, back = _as_rows(scores, dim)
     mrows, _ = _as_rows(mask, dim)
     kept = torch.empty(rows.shape[0], dtype=torch.float64, device=scores.device)
     total = torch.empty_like(kept)
-    for b in _blocks(*rows.shape):
-        x = _prep_block(rows[b], negative).double()
-        total[b] = x.sum(-1)
-        kept[b] = (x * mrows[b]).sum(-1)
+    if _long(rows.shape[1]):  # e.g. one whole tensor: streamed in chunks, row by row
+        for r in range(rows.shape[0]):
+            shift = _global_shift([rows[r]], negative)
+            kept[r], total[r] = masked_mass(rows[r], mrows[r], negative=negative, shift=shift)
+    else:
+        ws = _Work.for_rows(rows, negative)
+        for b in _blocks(*rows.shape):
+            x = _prep_block(rows[b], negative, ws)  # exact in its work dtype; sums in float64
+            total[b] = x.sum(-1, dtype=torch.float64)
+            kept[b] = x.mul_(mrows[b]).sum(-1, dtype=torch.float64)  # x >= 0 finite: exact
     frac = torch.where(total > 0, kept / torch.where(total > 0, total, 1.0), torch.ones_like(total))
     if dim is None:
         return frac.reshape(())
