@@ -8,7 +8,7 @@ from torch import nn
 
 import emprune
 from emprune import criteria
-from emprune.io import load_state_dict, pruned_state_dict, save_pruned, save_state_dict
+from emprune.io import load_state_dict, pruned_state_dict, save_pruned
 
 
 def mlp():
@@ -271,3 +271,41 @@ def test_global_scope_large_model_streams():
     # kaiming-uniform init: N_eff/N = (E|u|)^2 / E u^2 = 3/4 per layer, a little less across
     # layers of different scales
     assert 0.25 <= rep.sparsity < 0.30
+
+
+# ---------------------------------------------------------------- explicit counts (Target.k)
+
+def test_decide_with_explicit_counts():
+    """Explicit per-unit counts (matched runs) keep exactly those counts, by the selection
+    scores; N_eff columns then show the selection scores' own N_eff."""
+    from emprune import rule
+    from emprune.scopes import Target, decide
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 40, generator=g), torch.randn(3, 50, generator=g)
+    k_rows = torch.tensor([0, 1, 7, 39, 40, 20])
+    d = next(decide([Target("a", a.shape, lambda: a, k=k_rows)], "row"))
+    assert torch.equal(d.k, k_rows) and torch.equal(d.mask.sum(1), k_rows)
+    assert torch.equal(d.mask, rule.topk_mask(a, k_rows, dim=1))
+    assert torch.allclose(d.neff, emprune.effective_number(a, dim=1))
+    d = next(decide([Target("a", a.shape, lambda: a, k=torch.tensor([100]))], "layer"))
+    assert int(d.mask.sum()) == 100 and torch.equal(d.mask, rule.topk_mask(a, 100))
+    # global: the total is kept over all targets, by one threshold
+    ds = list(decide([Target("a", a.shape, lambda: a, k=torch.tensor([100])),
+                      Target("b", b.shape, lambda: b, k=torch.tensor([30]))], "global"))
+    assert sum(int(x.mask.sum()) for x in ds) == 130
+    kept_min = min(float(t.abs()[x.mask].min()) for t, x in zip((a, b), ds))
+    dropped_max = max(float(t.abs()[~x.mask].max()) for t, x in zip((a, b), ds))
+    assert kept_min >= dropped_max
+    # bad counts: a clear error naming the target
+    with pytest.raises(ValueError, match="one per unit"):
+        next(decide([Target("a", a.shape, lambda: a, k=torch.tensor([1, 2]))], "row"))
+    with pytest.raises(ValueError, match=r"\[0, 40\]"):
+        next(decide([Target("a", a.shape, lambda: a, k=torch.full((6,), 41))], "row"))
+    with pytest.raises(TypeError, match="integers"):
+        next(decide([Target("a", a.shape, lambda: a, k=torch.full((6,), 2.0))], "row"))
+    with pytest.raises(ValueError, match="every target"):
+        next(decide([Target("a", a.shape, lambda: a, k=k_rows), Target("b", b.shape, lambda: b)], "row"))
+    with pytest.raises(ValueError, match="without sparsity"):
+        next(decide([Target("a", a.shape, lambda: a, k=k_rows)], "row", sparsity=0.5))
+    with pytest.raises(ValueError, match="not both"):
+        Target("a", a.shape, lambda: a, count=lambda: a, k=k_rows)

@@ -27,12 +27,20 @@ SCOPES = ("row", "layer", "global")
 @dataclass
 class Target:
     """A tensor to prune: ``score()`` gives the selection scores (shaped like the weight);
-    ``count()`` the scores whose N_eff sets how many are kept (``None``: the same)."""
+    ``count()`` the scores whose N_eff sets how many are kept (``None``: the same); or ``k``
+    says how many outright (one count per unit: per row with the row scope, one for the
+    tensor otherwise; with the global scope their sum is kept over all targets), e.g. to
+    match another run's counts exactly."""
 
     name: str
     shape: torch.Size
     score: Callable[[], Tensor]
     count: Callable[[], Tensor] | None = None
+    k: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.count is not None and self.k is not None:
+            raise ValueError(f"target {self.name}: give count scores or explicit counts k, not both")
 
 
 @dataclass
@@ -110,6 +118,9 @@ def decide(
 ) -> Iterator[Decision]:
     """Yield one :class:`Decision` per target, in order (masks made one at a time)."""
     check_options(scope, beta, sparsity, min_keep)
+    explicit = [t.k is not None for t in targets]
+    if any(explicit) and (sparsity is not None or not all(explicit)):
+        raise ValueError("explicit counts k must be given for every target, and without sparsity")
     if scope == "global":
         yield from _decide_global(targets, beta, sparsity, min_keep, negative)
         return
@@ -128,7 +139,9 @@ def _decide_local(t: Target, scope: str, beta: float, sparsity: float | None,
     if cnt.shape != s2d.shape:
         raise ValueError(f"count_by scores of {t.name} have shape {tuple(cnt.shape)}, expected {tuple(s2d.shape)}")
     neff = rule.effective_number(cnt, dim, negative=negative, where=t.name).reshape(units)
-    if sparsity is not None:
+    if t.k is not None:
+        k = _explicit_k(t, units, n)
+    elif sparsity is not None:
         k = torch.full((units,), fixed_count(sparsity, n), dtype=torch.int64)
     else:
         k = rule.keep_count_from_neff(neff, beta, n).reshape(units)
@@ -145,11 +158,29 @@ def _decide_local(t: Target, scope: str, beta: float, sparsity: float | None,
                     guaranteed, mask.reshape(sel.shape))
 
 
+def _explicit_k(t: Target, units: int | None, n: int) -> Tensor:
+    """A target's explicit counts as int64 ``[units]``, checked against its shape (``units``
+    None: any number, whose total must lie in ``[0, n]``; the global scope)."""
+    k = torch.as_tensor(t.k).reshape(-1)
+    if k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:
+        raise TypeError(f"explicit counts of {t.name} must be integers, got {k.dtype}")
+    k = k.to(device="cpu", dtype=torch.int64)
+    if units is not None and k.numel() != units:
+        raise ValueError(f"explicit counts of {t.name}: {k.numel()} given, expected {units} (one per unit)")
+    if bool((k < 0).any()) or bool((k > n).any()) or (units is None and int(k.sum()) > n):
+        raise ValueError(f"explicit counts of {t.name} must lie in [0, {n}]")
+    return k
+
+
 def _decide_global(targets: Sequence[Target], beta: float, sparsity: float | None,
                    min_keep: float | int | None, negative: rule.Negative) -> Iterator[Decision]:
     names = [t.name for t in targets]
     sel_src = [t.score for t in targets]
-    if any(t.count is not None for t in targets):  # count on other scores: one more pass
+    if targets and targets[0].k is not None:  # explicit counts: their total, over all targets
+        k = sum(int(_explicit_k(t, None, math.prod(t.shape)).sum()) for t in targets)
+        thr = rule.global_threshold(sel_src, k=k, negative=negative, names=names)
+        neff, n = thr.n_eff, thr.n
+    elif any(t.count is not None for t in targets):  # count on other scores: one more pass
         cnt_src = [t.count or t.score for t in targets]
         neff, n = rule.global_effective_number(cnt_src, negative=negative, names=names)
         k = fixed_count(sparsity, n) if sparsity is not None else int(rule.keep_count_from_neff(neff, beta, n))

