@@ -339,7 +339,7 @@ def test_long_rows_are_streamed_with_the_same_answers(monkeypatch):
             block = answers()
             with monkeypatch.context() as mp:  # (keeps the selection-path fixture's patch)
                 mp.setattr(_select, "_BLOCK_ELEMS", 256)
-                assert _select._long(3000)
+                assert _select._long(3000, torch.device("cpu"))
                 streamed = answers()
             assert torch.allclose(block[0], streamed[0], rtol=1e-12, atol=0)
             for a, b in zip(block[1:4] + block[6:], streamed[1:4] + streamed[6:]):

@@ -21,7 +21,8 @@ from torch import Tensor
 Negative = Literal["abs", "shift"]
 ScoreSource = Union[Tensor, Callable[[], Tensor]]
 
-_BLOCK_ELEMS = 1 << 20  # elements per working block: ~4 MB of float32, cache-sized
+_BLOCK_ELEMS = 1 << 20  # elements per working block on CPU: ~4 MB of float32, cache-sized
+_DEVICE_BLOCK_ELEMS = 1 << 24  # on accelerators: fewer, larger blocks (small ones are launch-bound)
 _SAMPLE = 64  # sampled columns per row used to bracket the threshold
 _BAND = 64  # entries per row left in the bracket before the final small sort
 _GLOBAL_BAND = 1 << 22  # entries left in the global bracket before the final sort
@@ -86,14 +87,19 @@ def _as_rows(scores: Tensor, dim: int | None) -> tuple[Tensor, Callable[[Tensor]
     return rows, back
 
 
-def _long(n_cols: int) -> bool:
+def _block_elems(device: torch.device) -> int:
+    """Elements per working block / streaming chunk on ``device``."""
+    return _BLOCK_ELEMS if device.type == "cpu" else _DEVICE_BLOCK_ELEMS
+
+
+def _long(n_cols: int, device: torch.device) -> bool:
     """Rows longer than a working block are streamed one at a time in chunks (the global
     engine), so that no scratch buffer of a row's size is allocated."""
-    return n_cols > _BLOCK_ELEMS
+    return n_cols > _block_elems(device)
 
 
-def _blocks(n_rows: int, n_cols: int) -> Iterator[slice]:
-    step = max(1, _BLOCK_ELEMS // max(1, n_cols))
+def _blocks(n_rows: int, n_cols: int, device: torch.device) -> Iterator[slice]:
+    step = max(1, _block_elems(device) // max(1, n_cols))
     for i in range(0, n_rows, step):
         yield slice(i, min(n_rows, i + step))
 
@@ -109,7 +115,7 @@ class _Work:
 
     @staticmethod
     def for_rows(rows: Tensor, negative: str) -> "_Work":
-        step = max(1, _BLOCK_ELEMS // max(1, rows.shape[1]))
+        step = max(1, _block_elems(rows.device) // max(1, rows.shape[1]))
         return _Work(min(step, rows.shape[0]), rows.shape[1], _work_dtype(rows.dtype, negative), rows.device)
 
 
@@ -334,7 +340,7 @@ class _Scratch:
         key = (name, dtype, device)
         b = self.bufs.get(key)
         if b is None or b.numel() < n:
-            b = self.bufs[key] = torch.empty(max(n, _BLOCK_ELEMS), dtype=dtype, device=device)
+            b = self.bufs[key] = torch.empty(max(n, _block_elems(torch.device(device))), dtype=dtype, device=device)
         return b[:n]
 
 
@@ -343,8 +349,9 @@ def _nonneg_chunks(t: Tensor, negative: Negative, shift: float, sc: _Scratch | N
     scratch, each chunk lives in a reused buffer: valid until the next one is yielded."""
     flat = t.reshape(-1)
     wd = _work_dtype(t.dtype, negative)
-    for i in range(0, flat.numel(), _BLOCK_ELEMS):
-        src = flat[i : i + _BLOCK_ELEMS]
+    step = _block_elems(t.device)
+    for i in range(0, flat.numel(), step):
+        src = flat[i : i + step]
         c = src.to(wd) if sc is None else sc.get("x", wd, src.numel(), t.device).copy_(src)
         if sc is None and c.data_ptr() == src.data_ptr():
             c = c.clone()  # never modify the caller's scores

@@ -119,13 +119,13 @@ def _stats(scores: Tensor, dim: int | None, negative: Negative, where: str | Non
             return s1.reshape(shape), s2.reshape(shape), n
     s1 = torch.empty(rows.shape[0], dtype=torch.float64, device=scores.device)
     s2 = torch.empty_like(s1)
-    if _long(n):  # streamed row by row
+    if _long(n, rows.device):  # streamed row by row
         names = None if where is None else [where]
         for r in range(rows.shape[0]):
             s1[r], s2[r] = _stream_sums([rows[r]], negative, names, _global_shift([rows[r]], negative))[:2]
         return s1.reshape(shape), s2.reshape(shape), n
     ws = _Work.for_rows(rows, negative)
-    for b in _blocks(*rows.shape):
+    for b in _blocks(*rows.shape, rows.device):
         s1[b], s2[b] = _block_sums(_prep_block(rows[b], negative, ws), where, ws)
     return s1.reshape(shape), s2.reshape(shape), n
 
@@ -185,7 +185,7 @@ def _select_rows(rows: Tensor, k: Tensor | None, beta: float, negative: Negative
     when ``k`` is None: the compiled kernel where usable, else the PyTorch engine, one
     cache-sized block at a time (each block summed and selected while in cache)."""
     n = rows.shape[1]
-    if _long(n):  # each long row streamed in chunks (no row-sized scratch, kernel or not)
+    if _long(n, rows.device):  # each long row streamed in chunks (no row-sized scratch, kernel or not)
         out = torch.empty(rows.shape, dtype=torch.bool, device=rows.device)
         names = None if where is None else [where]
         sc = _Scratch()
@@ -200,7 +200,7 @@ def _select_rows(rows: Tensor, k: Tensor | None, beta: float, negative: Negative
         _finite_or_raise(rows, where)  # NaN/Inf: a clear error; overflowing squares: below
     out = torch.empty(rows.shape, dtype=torch.bool, device=rows.device)
     ws = _Work.for_rows(rows, negative)
-    for blk in _blocks(*rows.shape):
+    for blk in _blocks(*rows.shape, rows.device):
         x = _prep_block(rows[blk], negative, ws)
         if k is None:
             s1, s2 = _block_sums(x, where, ws)
@@ -418,13 +418,13 @@ def retained_mass(scores: Tensor, mask: Tensor, dim: int | None = None, *, negat
     mrows, _ = _as_rows(mask, dim)
     kept = torch.empty(rows.shape[0], dtype=torch.float64, device=scores.device)
     total = torch.empty_like(kept)
-    if _long(rows.shape[1]):  # e.g. one whole tensor: streamed in chunks, row by row
+    if _long(rows.shape[1], rows.device):  # e.g. one whole tensor: streamed in chunks, row by row
         for r in range(rows.shape[0]):
             shift = _global_shift([rows[r]], negative)
             kept[r], total[r] = masked_mass(rows[r], mrows[r], negative=negative, shift=shift)
     else:
         ws = _Work.for_rows(rows, negative)
-        for b in _blocks(*rows.shape):
+        for b in _blocks(*rows.shape, rows.device):
             x = _prep_block(rows[b], negative, ws)  # exact in its work dtype; sums in float64
             total[b] = x.sum(-1, dtype=torch.float64)
             kept[b] = x.mul_(mrows[b]).sum(-1, dtype=torch.float64)  # x >= 0 finite: exact
