@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command in LLM_COMMANDS:
             return LLM_COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, NotImplementedError, OSError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, OSError) as e:
         print(f"emprune {args.command}: error: {e}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")  # pragma: no cover
