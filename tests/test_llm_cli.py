@@ -18,40 +18,16 @@ from emprune import rule  # noqa: E402
 from emprune.cli import main  # noqa: E402
 from emprune.llm import calibrate, compare, models  # noqa: E402
 from emprune.llm import prune as P  # noqa: E402
+from tiny_llama import TEXT, save_tiny  # noqa: E402
 
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Pruning removes weights from a network.\n"
-    "Effective model pruning keeps floor(beta * N_eff) components of every score vector.\n"
-    "A model that is pruned well keeps its perplexity close to the dense model's value.\n"
-) * 30
 TINY = ["--calib-samples", "3", "--seqlen", "16", "--quiet"]
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(tok_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(model folder, text file) for a 3-block random LLaMA saved to disk."""
-    torch.manual_seed(0)
-    tok = _tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
     root = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_tiny(root / "model")
     (root / "text.txt").write_text(TEXT)
     return root / "model", root / "text.txt"
 

@@ -14,44 +14,16 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: E402
 
 from emprune.llm import calibrate, data, eval as llm_eval, models  # noqa: E402
-
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Pruning removes weights from a network.\n"
-    "Effective model pruning keeps floor(beta * N_eff) components of every score vector.\n"
-) * 20
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(tok_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator([TEXT], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-
+from tiny_llama import TEXT, save_tiny  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(folder, model, tokenizer) for a 3-block random LLaMA saved to disk."""
-    torch.manual_seed(0)
-    tokenizer = _tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config).eval()
     folder = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    model, tokenizer = save_tiny(folder)
     return folder, model, tokenizer
 
 
