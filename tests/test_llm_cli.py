@@ -109,6 +109,16 @@ def test_fixed_sparsity_and_matched_counts(model, tiny):
         assert torch.equal(mod.weight != 0, rule.topk_mask(dense[name].abs(), ref.counts[name], dim=1)), name
     with pytest.raises(ValueError, match="either sparsity or counts"):
         P.prune_lm(model, calib, sparsity=0.5, counts=ref.counts, progress=False)
+    # layer and global scopes keep the totals of per-row counts (compare's uniform/matched runs)
+    for scope in ("layer", "global"):
+        for name, mod in P.target_modules(model, "mlp").items():
+            mod.weight.data.copy_(dense[name])
+        res = P.prune_lm(model, calib, criterion="magnitude", scope=scope, counts=ref.counts, progress=False)
+        kept = {n: int(torch.count_nonzero(m.weight)) for n, m in P.target_modules(model, "mlp").items()}
+        if scope == "layer":
+            assert kept == {n: int(k.sum()) for n, k in ref.counts.items()}
+        assert sum(kept.values()) == sum(int(k.sum()) for k in ref.counts.values())
+        assert res.report.kept == sum(kept.values())
 
 
 def test_spread_layer_count_over_rows():

@@ -289,6 +289,8 @@ def test_decide_with_explicit_counts():
     assert torch.allclose(d.neff, emprune.effective_number(a, dim=1))
     d = next(decide([Target("a", a.shape, lambda: a, k=torch.tensor([100]))], "layer"))
     assert int(d.mask.sum()) == 100 and torch.equal(d.mask, rule.topk_mask(a, 100))
+    d = next(decide([Target("a", a.shape, lambda: a, k=k_rows)], "layer"))  # per-row counts: their total
+    assert int(d.mask.sum()) == int(k_rows.sum()) and torch.equal(d.k, k_rows.sum().reshape(1))
     # global: the total is kept over all targets, by one threshold
     ds = list(decide([Target("a", a.shape, lambda: a, k=torch.tensor([100])),
                       Target("b", b.shape, lambda: b, k=torch.tensor([30]))], "global"))
@@ -301,6 +303,8 @@ def test_decide_with_explicit_counts():
         next(decide([Target("a", a.shape, lambda: a, k=torch.tensor([1, 2]))], "row"))
     with pytest.raises(ValueError, match=r"\[0, 40\]"):
         next(decide([Target("a", a.shape, lambda: a, k=torch.full((6,), 41))], "row"))
+    with pytest.raises(ValueError, match=r"\[0, 240\]"):
+        next(decide([Target("a", a.shape, lambda: a, k=torch.full((6,), 80))], "layer"))  # total 480
     with pytest.raises(TypeError, match="integers"):
         next(decide([Target("a", a.shape, lambda: a, k=torch.full((6,), 2.0))], "row"))
     with pytest.raises(ValueError, match="every target"):

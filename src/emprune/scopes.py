@@ -28,9 +28,10 @@ SCOPES = ("row", "layer", "global")
 class Target:
     """A tensor to prune: ``score()`` gives the selection scores (shaped like the weight);
     ``count()`` the scores whose N_eff sets how many are kept (``None``: the same); or ``k``
-    says how many outright (one count per unit: per row with the row scope, one for the
-    tensor otherwise; with the global scope their sum is kept over all targets), e.g. to
-    match another run's counts exactly."""
+    says how many outright, e.g. to match another run's counts exactly: one count per row
+    with the row scope; with the layer scope the tensor keeps the total of the counts given
+    (one, or e.g. per-row counts of another run), with the global scope all targets together
+    keep the total of all."""
 
     name: str
     shape: torch.Size
@@ -139,8 +140,8 @@ def _decide_local(t: Target, scope: str, beta: float, sparsity: float | None,
     if cnt.shape != s2d.shape:
         raise ValueError(f"count_by scores of {t.name} have shape {tuple(cnt.shape)}, expected {tuple(s2d.shape)}")
     neff = rule.effective_number(cnt, dim, negative=negative, where=t.name).reshape(units)
-    if t.k is not None:
-        k = _explicit_k(t, units, n)
+    if t.k is not None:  # per row: one each; per layer: the total of those given
+        k = _explicit_k(t, units, n) if unit == "row" else _explicit_k(t, None, n).sum().reshape(1)
     elif sparsity is not None:
         k = torch.full((units,), fixed_count(sparsity, n), dtype=torch.int64)
     else:
