@@ -72,6 +72,24 @@ def test_exact_counts_and_reference_agreement(w, beta):
     assert torch.equal(m, ref_topk_mask(x, k))  # including deterministic tie-breaking
 
 
+@given(matrices, st.floats(0.05, 5.0))
+def test_streamed_long_rows_agree_with_reference(w, beta):
+    """The same law when every row is longer than a working block (the streaming engine)."""
+    from emprune import _select
+    x = torch.from_numpy(w)
+    old, _select._BLOCK_ELEMS = _select._BLOCK_ELEMS, 16
+    try:
+        k = emprune.keep_count(x, beta, dim=1)
+        m = emprune.keep_mask(x, beta, dim=1)
+        mass = emprune.retained_mass(x, m, dim=1)
+    finally:
+        _select._BLOCK_ELEMS = old
+    n = x.shape[1]
+    assert torch.equal(k, torch.floor(ref_neff(x, 1) * beta * (1 + 2.0**-48)).clamp(1, n).long())
+    assert torch.equal(m, ref_topk_mask(x, k))
+    assert torch.allclose(mass, emprune.retained_mass(x, m, dim=1), rtol=1e-12, atol=0)
+
+
 @given(vectors)
 def test_mass_bound_holds(v):
     x = torch.from_numpy(v)

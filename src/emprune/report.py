@@ -13,7 +13,7 @@ from .scopes import Decision
 WARN_UNIT_SPARSITY = 0.95  # a unit pruned above this is reported as a warning
 
 
-def count_zeros(t: "torch.Tensor") -> int:
+def count_zeros(t: torch.Tensor) -> int:
     """Entries of ``t`` equal to zero (False for a mask), without temporaries: ``(t == 0).sum()``
     would allocate a bool copy and then an int64 one (8 bytes per weight)."""
     return t.numel() - int(torch.count_nonzero(t))
