@@ -252,39 +252,51 @@ def _met(r: dict) -> str:
     return "yes" if not missed else "no: " + ", ".join(missed)
 
 
+def _prune_mass(r: dict) -> str:
+    if r["mass"] is not None:
+        return f"{r['mass']:.4f} >= {r['bound']:.4f}"
+    return "True (every unit)" if r["bound_ok"] else "False"
+
+
+# one table per kind of case: (title, case-name prefix, [(column, cell of a result), ...])
+TABLES = [
+    ("Per-row keep_mask (11008 x 4096)", "row", [
+        ("case", lambda r: r["case"]), ("path", lambda r: r["path"]),
+        ("ours (ms)", lambda r: f"{1e3 * r['ours_s']:.1f}"), ("clone (ms)", lambda r: f"{1e3 * r['clone_s']:.1f}"),
+        ("sort ref (ms)", lambda r: f"{1e3 * r['reference_s']:.1f}"),
+        ("ours / clone (target <= 4)", lambda r: f"{r['ours_over_clone']:.2f}"),
+        ("ref / ours (target >= 10)", lambda r: f"{r['reference_over_ours']:.1f}"),
+        ("peak extra (MB)", lambda r: f"{r['peak_extra_mb']:.0f}"), ("input (MB)", lambda r: f"{r['input_mb']:.0f}"),
+        ("counts = float64", lambda r: r["counts_equal_float64"]), ("mask = ref", lambda r: r["mask_equal_reference"]),
+        ("rows with ties", lambda r: r["rows_with_ties"]), ("targets met", _met)]),
+    ("Global scope over many tensors", "global", [
+        ("case", lambda r: r["case"]), ("tensors", lambda r: r["tensors"]), ("scores", lambda r: f"{r['scores']:,}"),
+        ("ours (s)", lambda r: f"{r['ours_s']:.2f}"), ("clone pass (s)", lambda r: f"{r['clone_s']:.2f}"),
+        ("ours / clone (target <= 6)", lambda r: f"{r['ours_over_clone']:.2f}"),
+        ("peak extra (MB)", lambda r: f"{r['peak_extra_mb']:.0f}"),
+        ("largest tensor (MB)", lambda r: f"{r['largest_tensor_mb']:.0f}"),
+        ("peak / largest (target <= 2)", lambda r: f"{r['peak_over_largest']:.2f}"),
+        ("model (MB)", lambda r: f"{r['model_mb']:.0f}"), ("exact count", lambda r: r["exact_count"]),
+        ("targets met", _met)]),
+    ("emprune.prune(model, \"magnitude\", scope, permanent=True), end to end (LLaMA-7B MLP shapes)", "prune", [
+        ("case", lambda r: r["case"]), ("weights", lambda r: f"{r['weights']:,}"),
+        ("seconds", lambda r: f"{r['seconds']:.2f}"), ("clone pass (s)", lambda r: f"{r['clone_s']:.3f}"),
+        ("ours / clone", lambda r: f"{r['ours_over_clone']:.1f}"),
+        ("peak extra (MB)", lambda r: f"{r['peak_extra_mb']:.0f}"),
+        ("largest tensor (MB)", lambda r: f"{r['largest_tensor_mb']:.0f}"),
+        ("peak / largest", lambda r: f"{r['peak_over_largest']:.2f}"),
+        ("sparsity", lambda r: f"{100 * r['sparsity']:.2f}%"),
+        ("report = weights", lambda r: r["report_matches_weights"]), ("mass >= bound", _prune_mass)]),
+]
+
+
 def to_markdown(results: list[dict], cmd: str, env: dict) -> str:
     lines = ["# EMP rule: speed and memory", "", f"Command: `{cmd}`", "",
-             f"Machine: {env['machine']}; torch {env['torch']}; threads {env['threads']}; device {env['device']}", "",
-             "## Per-row keep_mask (11008 x 4096)", "",
-             "| case | path | ours (ms) | clone (ms) | sort ref (ms) | ours / clone (target <= 4) | ref / ours (target >= 10) "
-             "| peak extra (MB) | input (MB) | counts = float64 | mask = ref | rows with ties | targets met |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        if r["case"].startswith("row"):
-            lines.append(f"| {r['case']} | {r['path']} | {1e3 * r['ours_s']:.1f} | {1e3 * r['clone_s']:.1f} | {1e3 * r['reference_s']:.1f} "
-                         f"| {r['ours_over_clone']:.2f} | {r['reference_over_ours']:.1f} | {r['peak_extra_mb']:.0f} "
-                         f"| {r['input_mb']:.0f} | {r['counts_equal_float64']} | {r['mask_equal_reference']} | {r['rows_with_ties']} "
-                         f"| {_met(r)} |")
-    lines += ["", "## Global scope over many tensors", "",
-              "| case | tensors | scores | ours (s) | clone pass (s) | ours / clone (target <= 6) | peak extra (MB) "
-              "| largest tensor (MB) | peak / largest (target <= 2) | model (MB) | exact count | targets met |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        if r["case"].startswith("global"):
-            lines.append(f"| {r['case']} | {r['tensors']} | {r['scores']:,} | {r['ours_s']:.2f} | {r['clone_s']:.2f} "
-                         f"| {r['ours_over_clone']:.2f} | {r['peak_extra_mb']:.0f} | {r['largest_tensor_mb']:.0f} "
-                         f"| {r['peak_over_largest']:.2f} | {r['model_mb']:.0f} | {r['exact_count']} | {_met(r)} |")
-    lines += ["", "## emprune.prune(model, \"magnitude\", scope, permanent=True), end to end (LLaMA-7B MLP shapes)", "",
-              "| case | weights | seconds | clone pass (s) | ours / clone | peak extra (MB) | largest tensor (MB) "
-              "| peak / largest | sparsity | report = weights | mass >= bound |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        if r["case"].startswith("prune"):
-            mass = (f"{r['mass']:.4f} >= {r['bound']:.4f}" if r["mass"] is not None else
-                    ("True (every unit)" if r["bound_ok"] else "False"))
-            lines.append(f"| {r['case']} | {r['weights']:,} | {r['seconds']:.2f} | {r['clone_s']:.3f} | {r['ours_over_clone']:.1f} "
-                         f"| {r['peak_extra_mb']:.0f} | {r['largest_tensor_mb']:.0f} | {r['peak_over_largest']:.2f} "
-                         f"| {100 * r['sparsity']:.2f}% | {r['report_matches_weights']} | {mass} |")
+             f"Machine: {env['machine']}; torch {env['torch']}; threads {env['threads']}; device {env['device']}"]
+    for title, prefix, cols in TABLES:
+        lines += ["", f"## {title}", "", "| " + " | ".join(c for c, _ in cols) + " |", "|---" * len(cols) + "|"]
+        lines += ["| " + " | ".join(str(cell(r)) for _, cell in cols) + " |"
+                  for r in results if r["case"].startswith(prefix)]
     lines += ["", "Times are medians of repeated runs in one process; each case ran in its own process so that "
               "its peak memory is its own (CPU: resident-set high-water mark, reset before the call, above "
               "the resident set holding the inputs; the result itself, e.g. a bool mask, is included).", "",
