@@ -117,6 +117,14 @@ def test_min_keep_floor():
     emprune.restore(m)
     rep = emprune.prune(m, "magnitude", "layer", min_keep=7)
     assert rep.layers[0].kept >= 7
+    # global scope: a layer the global threshold would empty is raised to exactly the floor
+    net = nn.Sequential(nn.Linear(20, 20, bias=False), nn.Linear(20, 20, bias=False))
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[1].weight.fill_(1e-6)
+    rep = emprune.prune(net, "magnitude", "global", min_keep=5)
+    small = rep.layers[1]
+    assert small.raised_by_floor == 1 and small.kept == 5 == int(torch.count_nonzero(net[1].weight))
 
 
 def test_reversible_optimizer_step_permanent_restore():

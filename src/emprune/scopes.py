@@ -198,10 +198,10 @@ def _decide_global(targets: Sequence[Target], beta: float, sparsity: float | Non
         mask = rule.global_mask(s, thr, i, negative=negative)
         fl = floor_count(min_keep, s.numel())
         raised = 0
-        if int(torch.count_nonzero(mask)) < fl:  # the floor overrides the global threshold for this layer
-            mask = rule.topk_mask(s, fl, None, negative=negative, where=t.name)
-            raised = 1
         kept = int(torch.count_nonzero(mask))
+        if kept < fl:  # the floor overrides the global threshold for this layer: exactly fl kept
+            mask = rule.topk_mask(s, fl, None, negative=negative, where=t.name)
+            raised, kept = 1, fl
         kept_sum, total = rule.masked_mass(s, mask, negative=negative, shift=thr.shift)
         mass = torch.tensor([kept_sum / total if total > 0 else 1.0], dtype=torch.float64)
         shape = tuple(s.shape)
