@@ -206,7 +206,7 @@ def case_prune(scope: str, device: str, quick: bool, repeat: int) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter() - t0
-    zeros = sum(int(w.numel() - torch.count_nonzero(w)) for w in ws)
+    zeros = sum(emprune.report.count_zeros(w) for w in ws)
     return {"case": f"prune-{scope}-{n // 10**6}m", "scope": scope, "weights": n, "device": device,
             "seconds": t, "clone_s": t_clone, "ours_over_clone": t / t_clone,
             "peak_extra_mb": pk.mb, "largest_tensor_mb": largest_mb, "peak_over_largest": pk.mb / largest_mb,
