@@ -608,7 +608,7 @@ def slice_neff(scores: Tensor, dim: int | None, negative: Negative, where: str |
         return _neff_from_sums(s1, s2, n), n
     rows, _ = _as_rows(scores, dim)
     n = rows.shape[1]
-    _, s1, s2 = _rows_pass(rows, None, 1.0, negative, where, select=False)
+    _, s1, s2 = _rows_pass(rows, None, 1.0, negative, where, masks=False)
     shape = _as_rows_shape(scores, dim)
     return _neff_from_sums(s1.reshape(shape), s2.reshape(shape), n), n
 
@@ -627,7 +627,7 @@ def select(
         _, _, _, value, keep_equal, shift = global_cut(
             [scores], beta, None if kk is None else int(kk[0]), negative, None if where is None else [where])
         return next(threshold_masks([scores], value, keep_equal, shift, negative))
-    return back(_rows_pass(rows, kk, beta, negative, where, select=True)[0])
+    return back(_rows_pass(rows, kk, beta, negative, where, masks=True)[0])
 
 
 def _per_slice_k(k: int | Tensor, rows: Tensor, where: str | None) -> Tensor:
@@ -644,29 +644,29 @@ def _per_slice_k(k: int | Tensor, rows: Tensor, where: str | None) -> Tensor:
 
 
 def _rows_pass(
-    rows: Tensor, k: Tensor | None, beta: float, negative: Negative, where: str | None, select: bool
+    rows: Tensor, k: Tensor | None, beta: float, negative: Negative, where: str | None, masks: bool
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(mask, s1, s2)`` of ``rows`` ``[slices, N]``: the float64 sums per row and, with
-    ``select``, the mask keeping ``k[r]`` per row (EMP's count when ``k`` is None).  The one
+    ``masks``, the mask keeping ``k[r]`` per row (EMP's count when ``k`` is None).  The one
     place that picks the engine: rows longer than a working block are streamed one at a time
     (no row-sized scratch); else the compiled kernel where usable (same masks); else the
     PyTorch engine, one cache-sized block at a time.  Unused outputs may be None."""
     if _long(rows.shape[1], rows.device):
-        return _rows_streamed(rows, k, beta, negative, where, select)
+        return _rows_streamed(rows, k, beta, negative, where, masks)
     if _kernels.usable(rows):
-        mask, s1, s2 = _kernels.rows_keep(rows, k, beta, negative == "shift", select=select)
+        mask, s1, s2 = _kernels.rows_keep(rows, k, beta, negative == "shift", select=masks)
         if bool(torch.isfinite(s1).all() and (k is not None or torch.isfinite(s2).all())):
             return mask, s1, s2
         _finite_or_raise(rows, where)  # NaN/Inf: a clear error; overflowing squares: the blocks rescale
-    return _rows_blocks(rows, k, beta, negative, where, select)
+    return _rows_blocks(rows, k, beta, negative, where, masks)
 
 
 def _rows_streamed(
-    rows: Tensor, k: Tensor | None, beta: float, negative: Negative, where: str | None, select: bool
+    rows: Tensor, k: Tensor | None, beta: float, negative: Negative, where: str | None, masks: bool
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """:func:`_rows_pass` for long rows: each row is one source of the global engine."""
     names = None if where is None else [where]
-    if select:
+    if masks:
         out = torch.empty(rows.shape, dtype=torch.bool, device=rows.device)
         sc = _Scratch()
         for r in range(rows.shape[0]):
@@ -682,12 +682,12 @@ def _rows_streamed(
 
 
 def _rows_blocks(
-    rows: Tensor, k: Tensor | None, beta: float, negative: Negative, where: str | None, select: bool
+    rows: Tensor, k: Tensor | None, beta: float, negative: Negative, where: str | None, masks: bool
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """:func:`_rows_pass` in PyTorch: each cache-sized block of rows is made non-negative
     once, then summed (when the count is EMP's) and selected while in cache."""
     n = rows.shape[1]
-    out = torch.empty(rows.shape, dtype=torch.bool, device=rows.device) if select else None
+    out = torch.empty(rows.shape, dtype=torch.bool, device=rows.device) if masks else None
     s1 = s2 = None
     if k is None:
         s1 = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)
@@ -698,12 +698,12 @@ def _rows_blocks(
         if k is None:
             a, b = _block_sums(x, where, ws)
             s1[blk], s2[blk] = a, b
-            kb = keep_floor(_neff_from_sums(a, b, n), beta, n) if select else None
+            kb = keep_floor(_neff_from_sums(a, b, n), beta, n) if masks else None
         else:
             if not bool(torch.isfinite(x.amax(-1)).all()):  # NaN and Inf both reach the max
                 _raise_nonfinite(x, where)
             kb = k[blk]
-        if select:
+        if masks:
             out[blk] = _rows_topk(x, kb, _grid(rows.dtype, negative), ws)
     return out, s1, s2
 
