@@ -18,7 +18,7 @@ def selection_path(request, monkeypatch):
     from emprune import _kernels
     if request.param == "kernel":
         if not _kernels.AVAILABLE:
-            pytest.skip("numba not installed")
+            pytest.skip(f"the compiled kernel is off: {_kernels.WHY_NOT}")
     else:
         monkeypatch.setattr(_kernels, "AVAILABLE", False)
     return request.param
@@ -317,10 +317,11 @@ def test_float64_overflowing_squares():
     assert math.isclose(float(emprune.effective_number(x.reshape(1, -1), dim=1)), 36 / 14, rel_tol=1e-9)
 
 
-def test_kernel_and_torch_paths_agree(monkeypatch):
+@pytest.mark.parametrize("selection_path", ["both"])  # runs once: it switches paths itself
+def test_kernel_and_torch_paths_agree(monkeypatch, selection_path):
     from emprune import _kernels
     if not _kernels.AVAILABLE:
-        pytest.skip("numba not installed")
+        pytest.skip(f"the compiled kernel is off: {_kernels.WHY_NOT}")
     g = torch.Generator().manual_seed(5)
     xs = [torch.randn(50, 3000, generator=g), torch.randn(50, 3000, generator=g).bfloat16(),
           torch.randn(50, 3000, generator=g).half(), torch.randn(50, 3000, generator=g).double() * 1e-30,

@@ -10,7 +10,7 @@ sits in L1/L2 cache:
    row) and a quickselect finds the exact k-th value among them;
 3. the mask is written: ``s > v``, plus the first entries equal to ``v`` (lower index first).
 
-The PyTorch path in :mod:`emprune.rule` gives identical masks and is used wherever this
+The PyTorch path in :mod:`emprune._select` gives identical masks and is used wherever this
 kernel does not apply (other devices, numba missing, ``EMPRUNE_NO_NUMBA=1``).
 """
 from __future__ import annotations
@@ -22,13 +22,14 @@ import torch
 from torch import Tensor
 
 AVAILABLE = False
+WHY_NOT: str | None = "EMPRUNE_NO_NUMBA is set"  # why the kernel is off (None when on)
 if not os.environ.get("EMPRUNE_NO_NUMBA"):
     try:
         from numba import njit, prange
 
-        AVAILABLE = True
+        AVAILABLE, WHY_NOT = True, None
     except ImportError:  # the PyTorch path is used
-        pass
+        WHY_NOT = "numba is not installed"
 
 if AVAILABLE:  # pragma: no branch
 
@@ -63,10 +64,24 @@ if AVAILABLE:  # pragma: no branch
                 return a[want]
         return a[want]
 
+    # compiled copies of emprune._select._neff_from_sums and keep_floor (a numba kernel cannot
+    # call those); tests/test_engine.py checks that they agree, at and around integers
+
+    @njit(cache=True, nogil=True)
+    def _neff(a, b, n):  # N_eff from float64 sums, in [1, n]; an all-zero row has N
+        return float(n) if b == 0.0 else min(max(a * a / b, 1.0), float(n))
+
+    @njit(cache=True, nogil=True)
+    def _keep_floor(neff, beta, n):  # floor(beta * N_eff) clamped to [1, n], with _select._SLACK
+        return max(1, min(n, np.int64(np.floor(neff * beta * (1.0 + 2.0**-48)))))
+
     @njit(parallel=True, cache=True, nogil=True)
     def _rows(x, kin, beta, shift, select, out, s1o, s2o):
         """Per row: sums into s1o/s2o; then (if select) the mask keeping kin[r] entries
-        (kin[r] >= 0) or floor(beta N_eff), computed exactly as emprune.rule does."""
+        (kin[r] >= 0) or floor(beta N_eff), computed exactly as emprune._select does.
+
+        One function of ~80 lines on purpose: the row's three passes share its histogram,
+        min and candidate buffer while it sits in cache, inside one prange iteration."""
         rows, n = x.shape
         for r in prange(rows):
             m = 0.0
@@ -101,11 +116,7 @@ if AVAILABLE:  # pragma: no branch
             s2o[r] = b
             if not select:
                 continue
-            if kin[r] >= 0:
-                k = kin[r]
-            else:
-                neff = float(n) if b == 0.0 else min(max(a * a / b, 1.0), float(n))  # all zero: N
-                k = max(1, min(n, np.int64(np.floor(neff * beta * (1.0 + 2.0**-48)))))
+            k = kin[r] if kin[r] >= 0 else _keep_floor(_neff(a, b, n), beta, n)
             if k >= n:
                 out[r, :] = True
                 continue

@@ -9,6 +9,13 @@
   buffers; float64 sums plus a random sample in one pass, then a pass counting at two sample
   quantiles around the threshold's expected rank while gathering the entries between them,
   then an exact selection among those.  Nothing is ever concatenated.
+
+The engine's interface (all that :mod:`emprune.rule` calls): :func:`keep_floor` (the one
+``floor(beta * N_eff)``), :func:`slice_neff` / :func:`global_neff` (N_eff per slice / over
+many tensors), :func:`select` (exact per-slice masks), :func:`global_cut` +
+:func:`threshold_masks` (one threshold over many tensors, then their masks) and
+:func:`kept_mass`.  Which engine runs (compiled kernel, PyTorch blocks, streaming) is
+decided in one place, :func:`_rows_pass`.
 """
 from __future__ import annotations
 
@@ -17,6 +24,11 @@ from typing import Callable, Iterator, Literal, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from . import _kernels
+
+__all__ = ["Negative", "ScoreSource", "keep_floor", "slice_neff", "global_neff", "select",
+           "global_cut", "threshold_masks", "kept_mass"]
 
 Negative = Literal["abs", "shift"]
 ScoreSource = Union[Tensor, Callable[[], Tensor]]
@@ -27,8 +39,26 @@ _SAMPLE = 64  # sampled columns per row used to bracket the threshold
 _BAND = 64  # entries per row left in the bracket before the final small sort
 _GLOBAL_BAND = 1 << 22  # entries left in the global bracket before the final sort
 _GLOBAL_SAMPLE_EVERY = 1024  # global scope samples about one score in this many
+# floor(beta * N_eff) is taken of N_eff * beta * _SLACK: a few ulps of slack so that an N_eff
+# that is mathematically an integer (e.g. uniform scores) is not floored one below by rounding
+_SLACK = 1.0 + 2.0**-48
 
 
+# --------------------------------------------------------------------------- the count
+
+
+def keep_floor(neff: Tensor, beta: float, n: int) -> Tensor:
+    """``floor(beta * N_eff)`` clamped to ``[1, n]`` (int64), with the ``2**-48`` slack of
+    ``_SLACK``: the one place this rounding is written (``_kernels._keep_floor`` is its
+    compiled copy, tested equal)."""
+    return torch.floor(neff * beta * _SLACK).clamp(1, n).to(torch.int64)
+
+
+def _neff_from_sums(s1: Tensor, s2: Tensor, n: int) -> Tensor:
+    """N_eff from float64 sums; all-zero slices get N (no preference)."""
+    zero = s2 == 0
+    neff = torch.where(zero, torch.full_like(s1, float(n)), s1 * s1 / torch.where(zero, 1.0, s2))
+    return neff.clamp(1.0, float(n))  # rounding can leave it a hair outside [1, N]
 
 
 def _name(where: str | None) -> str:
@@ -206,11 +236,23 @@ def _rows_topk(x: Tensor, k: Tensor, grid: torch.dtype | None = None, ws: _Work 
     """Exact per-row top-k mask of a non-negative block ``x`` ``[B, N]``.
 
     Finds per row the k-th largest value ``v`` by bracketing ``[lo, hi)`` with
-    ``count(x >= lo) >= k > count(x >= hi)``: a sorted sample gives the first bracket,
-    counting passes narrow it (interpolation, falling back to bisection), and the few
-    entries left are sorted.  Then ``x > v`` plus the first entries equal to ``v``.
-    ``grid`` is the scores' own float dtype: candidate thresholds are rounded to it, so
-    half-precision scores (few distinct values, many ties) converge in few steps.
+    ``count(x >= lo) >= k > count(x >= hi)``: a sorted sample gives the first bracket
+    (:func:`_sample_ranks`), counting passes narrow it (:func:`_narrow_brackets`), the few
+    entries left are sorted (:func:`_kth_in_brackets`); then ``x > v`` plus the first
+    entries equal to ``v`` (:func:`_mask_from_value`).  ``grid`` is the scores' own float
+    dtype: candidate thresholds are rounded to it, so half-precision scores (few distinct
+    values, many ties) converge in few steps.
+
+    Worked example (one row, a band of 2 instead of ``_BAND`` for brevity):
+    ``x = [.1 .9 .4 .7 .3 .8 .2 .6]``, ``k = 3``, so ``v = .7``.  Start with ``lo = 0``
+    (``c_lo = count(x >= 0) = 8``) and ``hi`` = just above the max, ``.9+`` (``c_hi = 0``).
+    ``(c_lo - k) / (c_lo - c_hi) = 5/8``: the threshold lies about 5/8 of the way up the
+    bracket, so counts are taken a little below and above that estimate, say at ``.55``
+    (``count = 4 >= k``: ``lo = .55, c_lo = 4``) and ``.75`` (``count = 2 < k``:
+    ``hi = .75, c_hi = 2``).  Now ``c_lo - c_hi = 2`` entries lie in ``[.55, .75)``:
+    ``{.7, .6}``; sorted descending, the ``(k - c_hi) = 1``-st is ``.7 = v``.  The mask is
+    ``x >= .7``, which keeps exactly ``k = 3`` here (ties would be trimmed to ``k``, lowest
+    index first).
     """
     rows, n = x.shape
     grid = grid if grid is not None and grid.is_floating_point else x.dtype
@@ -225,51 +267,51 @@ def _rows_topk(x: Tensor, k: Tensor, grid: torch.dtype | None = None, ws: _Work 
     if n <= 2 * _SAMPLE:  # short rows: a full sort is cheaper than bracketing
         v = torch.sort(x, dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1)).squeeze(1)
         return _mask_from_value(x, v, k, full)
+    ext = _sample_ranks(x, grid)
+    lo, hi, c_lo, c_hi = _narrow_brackets(x, k, ext, grid, ws)
+    v, n_ge = _kth_in_brackets(x, k, lo, hi, c_lo, c_hi, grid)
+    return _mask_from_value(x, v, k, full, n_ge)
 
-    # 1. a deterministic pseudo-random sample of columns, sorted, between 0 and max+
+
+def _sample_ranks(x: Tensor, grid: torch.dtype) -> Tensor:
+    """Step 1: per row, a deterministic pseudo-random sample of ``_SAMPLE`` columns, sorted,
+    between 0 and just above the row's max (``count(x >= top) == 0``): ``[B, _SAMPLE + 2]``,
+    the map from sample rank to value that the first, coarse narrowing step interpolates."""
+    rows, n = x.shape
     g = torch.Generator(device="cpu").manual_seed(n)
     cols = torch.randperm(n, generator=g)[:_SAMPLE].to(x.device)
-    top = _next_up(x.amax(-1), grid)  # count(x >= top) == 0
+    top = _next_up(x.amax(-1), grid)
     zero = torch.zeros(rows, dtype=x.dtype, device=x.device)
-    ext = torch.cat([zero[:, None], torch.sort(x[:, cols], dim=-1).values, top[:, None]], 1)
-    m1 = ext.shape[1] - 1  # ranks run over [0, m1]
+    return torch.cat([zero[:, None], torch.sort(x[:, cols], dim=-1).values, top[:, None]], 1)
 
-    # 2. narrow the bracket [lo, hi), count(x >= lo) = c_lo >= k > c_hi = count(x >= hi):
-    #    estimate the threshold by interpolating the counts in sample-rank space (coarse) or
-    #    in value space (fine), count just below and just above the estimate so that both
-    #    ends move, and bisect the bit pattern every 4th step to guarantee termination.
-    lo, hi = zero.clone(), top.clone()
+
+def _narrow_brackets(
+    x: Tensor, k: Tensor, ext: Tensor, grid: torch.dtype, ws: _Work | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Step 2: narrow each row's bracket ``[lo, hi)``, ``count(x >= lo) = c_lo >= k > c_hi =
+    count(x >= hi)``, until at most ``_BAND`` entries lie in it or it holds one value.
+    Each step counts at two candidate thresholds (:func:`_candidates`) on the rows still
+    open; every 4th-ish step (when the last one shrank the bracket less than 2x) bisects the
+    bit pattern instead, which guarantees termination."""
+    rows, n = x.shape
+    lo, hi = ext[:, 0].clone(), ext[:, -1].clone()
     c_lo, c_hi = torch.full_like(k, n), torch.zeros_like(k)
     slow = torch.zeros_like(k, dtype=torch.bool)  # last step shrank the bracket < 2x
     for step in range(4 * 64 + 8):
         done = ((c_lo - c_hi) <= _BAND) | (_next_up(lo, grid) >= hi)
         if bool(done.all()):
-            break
+            return lo, hi, c_lo, c_hi
         sel = (~done).nonzero().squeeze(1)
         if 2 * sel.numel() > rows:  # most rows still open: count on all, copy nothing
             sel = torch.arange(rows, device=x.device)
             xs = x
         else:
             xs = x[sel]
-        ks, es = k[sel], ext[sel]
+        ks = k[sel]
         l, h, cl, ch = lo[sel], hi[sel], c_lo[sel], c_hi[sel]
-        f = ((cl - ks).double() / (cl - ch).double()).to(x.dtype)
-        r_l, r_h = _rank_in(es, l), _rank_in(es, h)
-        span = r_h - r_l
-        r = r_l + f * span
-        w = 1.5 * torch.sqrt(span * f * (1 - f)) + 0.5
-        coarse = torch.full_like(f, float(step == 0)).bool()
-        mid = _midpoint(l, h, grid)
         bis = slow[sel]
-
-        # fine steps: a linear CDF is off by ~1/8 of the relative density change across the
-        # bracket; +-2.5% of it covers smooth densities (a miss just costs another step)
-        cand = [
-            torch.where(bis, mid, torch.where(coarse, _value_at(es, (r - w).clamp(0, m1)), l + (h - l) * (f - 0.025).clamp(0, 1))),
-            torch.where(bis, mid, torch.where(coarse, _value_at(es, (r + w).clamp(0, m1)), l + (h - l) * (f + 0.025).clamp(0, 1))),
-        ]
         before = cl - ch
-        for t in cand:
+        for t in _candidates(ext[sel], ks, l, h, cl, ch, step == 0, bis, grid):
             t = t.to(grid).to(x.dtype)  # a representable threshold
             ok = (t > l) & (t < h)
             c_t = _count_ge(xs, t, ws)
@@ -279,32 +321,63 @@ def _rows_topk(x: Tensor, k: Tensor, grid: torch.dtype | None = None, ws: _Work 
             h, ch = torch.where(dn, t, h), torch.where(dn, c_t, ch)
         slow[sel] = ~bis & (2 * (cl - ch) > before)
         lo[sel], hi[sel], c_lo[sel], c_hi[sel] = l, h, cl, ch
-    else:  # unreachable: bit-pattern bisection converges in at most 64 halvings
-        raise RuntimeError("emprune: threshold search did not converge")
+    raise RuntimeError("emprune: threshold search did not converge")  # unreachable: <= 64 halvings
 
-    # 3. exact k-th value from the entries left in the bracket
-    v = lo.clone()  # rows whose bracket holds one value only: v = lo
+
+def _candidates(
+    es: Tensor, ks: Tensor, l: Tensor, h: Tensor, cl: Tensor, ch: Tensor, coarse: bool, bis: Tensor,
+    grid: torch.dtype,
+) -> list[Tensor]:
+    """The two thresholds one narrowing step counts at, per open row: where the k-th largest
+    is expected, ``f = (c_lo - k) / (c_lo - c_hi)`` of the way up the bracket, minus and plus
+    a margin, so that both ends move.  Coarse (first step): in sample-rank space, +-1.5
+    binomial standard deviations of the sample.  Fine: in value space; a linear CDF is off
+    by ~1/8 of the relative density change across the bracket, and +-2.5% of it covers
+    smooth densities (a miss just costs another step).  Rows in ``bis``: the bit-pattern
+    midpoint, twice."""
+    m1 = es.shape[1] - 1  # sample ranks run over [0, m1]
+    f = ((cl - ks).double() / (cl - ch).double()).to(l.dtype)
+    mid = _midpoint(l, h, grid)
+    if coarse:
+        r_l, r_h = _rank_in(es, l), _rank_in(es, h)
+        span = r_h - r_l
+        r = r_l + f * span
+        w = 1.5 * torch.sqrt(span * f * (1 - f)) + 0.5
+        below, above = _value_at(es, (r - w).clamp(0, m1)), _value_at(es, (r + w).clamp(0, m1))
+    else:
+        below, above = l + (h - l) * (f - 0.025).clamp(0, 1), l + (h - l) * (f + 0.025).clamp(0, 1)
+    return [torch.where(bis, mid, below), torch.where(bis, mid, above)]
+
+
+def _kth_in_brackets(
+    x: Tensor, k: Tensor, lo: Tensor, hi: Tensor, c_lo: Tensor, c_hi: Tensor, grid: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Step 3: the exact k-th largest value ``v`` per row and ``count(x >= v)``.  Rows whose
+    bracket holds one representable value have ``v = lo``; the others have at most ``_BAND``
+    entries in ``[lo, hi)``, which are packed into one small ``[rows, width]`` tensor
+    (padded with -1) and sorted: ``v`` is the ``(k - c_hi)``-th largest of them."""
+    v = lo.clone()
     n_ge = c_lo.clone()  # count(x >= v)
     small = ((c_lo - c_hi) <= _BAND) & (_next_up(lo, grid) < hi)
-    if bool(small.any()):
-        idx = small.nonzero().squeeze(1)
-        xs = x if idx.numel() == rows else x[idx]  # (all rows: no copy)
-        los, his = lo[idx], hi[idx]
-        inband = (xs >= los[:, None]) & (xs < his[:, None])
-        cnt = c_lo[idx] - c_hi[idx]  # = inband.sum(-1): the bracket's counts are exact
-        vals = xs[inband]  # row-major: grouped by row
-        width = int(cnt.max())
-        row_id = torch.repeat_interleave(torch.arange(idx.numel(), device=x.device), cnt)
-        start = torch.cumsum(cnt, 0) - cnt
-        pos = torch.arange(vals.numel(), device=x.device) - start[row_id]
-        packed = torch.full((idx.numel(), width), -1.0, dtype=x.dtype, device=x.device)
-        packed[row_id, pos] = vals
-        packed = torch.sort(packed, dim=-1, descending=True).values
-        r = (k[idx] - c_hi[idx] - 1).clamp(0, width - 1)
-        vi = packed.gather(1, r[:, None]).squeeze(1)
-        v[idx] = vi
-        n_ge[idx] = c_hi[idx] + (packed >= vi[:, None]).sum(-1)
-    return _mask_from_value(x, v, k, full, n_ge)
+    if not bool(small.any()):
+        return v, n_ge
+    idx = small.nonzero().squeeze(1)
+    xs = x if idx.numel() == x.shape[0] else x[idx]  # (all rows: no copy)
+    inband = (xs >= lo[idx][:, None]) & (xs < hi[idx][:, None])
+    cnt = c_lo[idx] - c_hi[idx]  # = inband.sum(-1): the bracket's counts are exact
+    vals = xs[inband]  # row-major: grouped by row
+    width = int(cnt.max())
+    row_id = torch.repeat_interleave(torch.arange(idx.numel(), device=x.device), cnt)
+    start = torch.cumsum(cnt, 0) - cnt
+    pos = torch.arange(vals.numel(), device=x.device) - start[row_id]
+    packed = torch.full((idx.numel(), width), -1.0, dtype=x.dtype, device=x.device)
+    packed[row_id, pos] = vals
+    packed = torch.sort(packed, dim=-1, descending=True).values
+    r = (k[idx] - c_hi[idx] - 1).clamp(0, width - 1)
+    vi = packed.gather(1, r[:, None]).squeeze(1)
+    v[idx] = vi
+    n_ge[idx] = c_hi[idx] + (packed >= vi[:, None]).sum(-1)
+    return v, n_ge
 
 
 def _mask_from_value(x: Tensor, v: Tensor, k: Tensor, full: Tensor, cnt: Tensor | None = None) -> Tensor:
@@ -519,3 +592,220 @@ def _select_global(
 
 def _next_up_f(x: float) -> float:
     return math.nextafter(x, math.inf)
+
+
+# ----------------------------------------------------------------- the interface
+
+
+def slice_neff(scores: Tensor, dim: int | None, negative: Negative, where: str | None) -> tuple[Tensor, int]:
+    """``(N_eff per slice along dim, N)``, float64, validated; ``dim=None``: one N_eff of
+    the whole tensor (0-d), streamed."""
+    _check_scores(scores, where)
+    _check_negative(negative)
+    if dim is None:
+        s1, s2, n, _ = _stream_sums([scores], negative, None if where is None else [where],
+                                    _global_shift([scores], negative))
+        return _neff_from_sums(s1, s2, n), n
+    rows, _ = _as_rows(scores, dim)
+    n = rows.shape[1]
+    _, s1, s2 = _rows_pass(rows, None, 1.0, negative, where, masks=False)
+    shape = _as_rows_shape(scores, dim)
+    return _neff_from_sums(s1.reshape(shape), s2.reshape(shape), n), n
+
+
+def select(
+    scores: Tensor, dim: int | None, k: int | Tensor | None, beta: float, negative: Negative, where: str | None
+) -> Tensor:
+    """Exact keep mask (same shape and device as ``scores``): per slice along ``dim`` (all
+    of it when None) the ``k`` largest (an int, or one count per slice), or EMP's
+    ``floor(beta * N_eff)`` when ``k`` is None; ties broken by lower index."""
+    _check_scores(scores, where)
+    _check_negative(negative)
+    rows, back = _as_rows(scores, dim)
+    kk = None if k is None else _per_slice_k(k, rows, where)
+    if dim is None:  # one vector: the streaming selector, without a float64 copy
+        _, _, _, value, keep_equal, shift = global_cut(
+            [scores], beta, None if kk is None else int(kk[0]), negative, None if where is None else [where])
+        return next(threshold_masks([scores], value, keep_equal, shift, negative))
+    return back(_rows_pass(rows, kk, beta, negative, where, masks=True)[0])
+
+
+def _per_slice_k(k: int | Tensor, rows: Tensor, where: str | None) -> Tensor:
+    """Explicit counts as int64, one per row of ``rows`` ``[slices, N]``, range-checked."""
+    n_rows, n = rows.shape
+    kk = torch.as_tensor(k, dtype=torch.int64, device=rows.device).reshape(-1)
+    if kk.numel() == 1:
+        kk = kk.expand(n_rows)
+    if kk.numel() != n_rows:
+        raise ValueError(f"k has {kk.numel()} counts for {n_rows} slices{_name(where)}")
+    if (kk < 0).any() or (kk > n).any():
+        raise ValueError(f"k must lie in [0, {n}]{_name(where)}")
+    return kk
+
+
+def _rows_pass(
+    rows: Tensor, k: Tensor | None, beta: float, negative: Negative, where: str | None, masks: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(mask, s1, s2)`` of ``rows`` ``[slices, N]``: the float64 sums per row and, with
+    ``masks``, the mask keeping ``k[r]`` per row (EMP's count when ``k`` is None).  The one
+    place that picks the engine: rows longer than a working block are streamed one at a time
+    (no row-sized scratch); else the compiled kernel where usable (same masks); else the
+    PyTorch engine, one cache-sized block at a time.  Unused outputs may be None."""
+    if _long(rows.shape[1], rows.device):
+        return _rows_streamed(rows, k, beta, negative, where, masks)
+    if _kernels.usable(rows):
+        mask, s1, s2 = _kernels.rows_keep(rows, k, beta, negative == "shift", select=masks)
+        if bool(torch.isfinite(s1).all() and (k is not None or torch.isfinite(s2).all())):
+            return mask, s1, s2
+        _finite_or_raise(rows, where)  # NaN/Inf: a clear error; overflowing squares: the blocks rescale
+    return _rows_blocks(rows, k, beta, negative, where, masks)
+
+
+def _rows_streamed(
+    rows: Tensor, k: Tensor | None, beta: float, negative: Negative, where: str | None, masks: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`_rows_pass` for long rows: each row is one source of the global engine."""
+    names = None if where is None else [where]
+    if masks:
+        out = torch.empty(rows.shape, dtype=torch.bool, device=rows.device)
+        sc = _Scratch()
+        for r in range(rows.shape[0]):
+            _, _, _, value, keep_equal, shift = global_cut(
+                [rows[r]], beta, None if k is None else int(k[r]), negative, names)
+            out[r] = _threshold_mask(rows[r], value, keep_equal[0] if keep_equal else 0, shift, negative, sc)
+        return out, None, None
+    s1 = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)
+    s2 = torch.empty_like(s1)
+    for r in range(rows.shape[0]):
+        s1[r], s2[r] = _stream_sums([rows[r]], negative, names, _global_shift([rows[r]], negative))[:2]
+    return None, s1, s2
+
+
+def _rows_blocks(
+    rows: Tensor, k: Tensor | None, beta: float, negative: Negative, where: str | None, masks: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`_rows_pass` in PyTorch: each cache-sized block of rows is made non-negative
+    once, then summed (when the count is EMP's) and selected while in cache."""
+    n = rows.shape[1]
+    out = torch.empty(rows.shape, dtype=torch.bool, device=rows.device) if masks else None
+    s1 = s2 = None
+    if k is None:
+        s1 = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)
+        s2 = torch.empty_like(s1)
+    ws = _Work.for_rows(rows, negative)
+    for blk in _blocks(*rows.shape, rows.device):
+        x = _prep_block(rows[blk], negative, ws)
+        if k is None:
+            a, b = _block_sums(x, where, ws)
+            s1[blk], s2[blk] = a, b
+            kb = keep_floor(_neff_from_sums(a, b, n), beta, n) if masks else None
+        else:
+            if not bool(torch.isfinite(x.amax(-1)).all()):  # NaN and Inf both reach the max
+                _raise_nonfinite(x, where)
+            kb = k[blk]
+        if masks:
+            out[blk] = _rows_topk(x, kb, _grid(rows.dtype, negative), ws)
+    return out, s1, s2
+
+
+def global_neff(
+    sources: Sequence[ScoreSource], negative: Negative, names: Sequence[str] | None, sample_every: int = 0
+) -> tuple[float, int, float, Tensor | None]:
+    """``(N_eff, N, shift, sample)`` of the union of ``sources``, streamed in float64
+    (``sample``: with ``sample_every``, a sorted sample of about one score in that many)."""
+    _check_negative(negative)
+    if not len(sources):
+        raise ValueError("global scope needs at least one score tensor")
+    shift = _global_shift(sources, negative)
+    s1, s2, n, sample = _stream_sums(sources, negative, names, shift, sample_every)
+    return float(_neff_from_sums(s1, s2, n)), n, shift, sample
+
+
+def global_cut(
+    sources: Sequence[ScoreSource], beta: float, k: int | None, negative: Negative, names: Sequence[str] | None
+) -> tuple[int, float, int, float, list[int], float]:
+    """One threshold over the union of ``sources``: ``(N, N_eff, k, value, keep_equal,
+    shift)``, keeping ``k`` entries (EMP's ``floor(beta * N_eff)`` when None): every score
+    ``> value`` and, among those ``== value``, the first ``keep_equal[i]`` of source ``i``."""
+    neff, n, shift, sample = global_neff(sources, negative, names, _GLOBAL_SAMPLE_EVERY)
+    if k is None:
+        kk = int(keep_floor(torch.tensor(neff, dtype=torch.float64), beta, n))
+    else:
+        kk = int(k)
+        if not 0 <= kk <= n:
+            raise ValueError(f"k must lie in [0, {n}], got {k}")
+    value, keep_equal = _select_global(sources, kk, n, negative, shift, sample)
+    return n, neff, kk, value, keep_equal, shift
+
+
+def threshold_masks(
+    sources: Sequence[ScoreSource], value: float, keep_equal: Sequence[int], shift: float, negative: Negative
+) -> Iterator[Tensor]:
+    """The keep mask of each source in turn (see :func:`global_cut`), built chunk by chunk
+    in reused scratch buffers: the only tensor-sized allocation is the mask itself."""
+    sc = _Scratch()
+    for i, src in enumerate(sources):
+        yield _threshold_mask(_materialise(src), value, keep_equal[i] if keep_equal else 0, shift, negative, sc)
+
+
+def _threshold_mask(scores: Tensor, value: float, budget: int, shift: float, negative: Negative,
+                    sc: _Scratch) -> Tensor:
+    """``scores > value`` plus the first ``budget`` entries equal to it (flat order)."""
+    mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    flat = mask.view(-1)
+    pos = 0
+    for c in _nonneg_chunks(scores, negative, shift, sc):
+        m = flat[pos : pos + c.numel()]
+        torch.gt(c, value, out=m)
+        if budget:  # ties at the threshold: the first ones in flat order
+            eq = (c == value).nonzero().squeeze(1)[:budget]
+            m[eq] = True
+            budget -= eq.numel()
+        pos += c.numel()
+    return mask
+
+
+def kept_mass(
+    scores: Tensor, mask: Tensor, dim: int | None, negative: Negative, shift: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """float64 ``(sum of kept scores, sum of all scores)`` per slice along ``dim`` (0-d when
+    None), scores made non-negative as the rule does (``|s|``, or ``s - min`` per slice;
+    ``shift`` given: ``s - shift`` over the whole flattened tensor, the global scope's)."""
+    _check_scores(scores)
+    _check_mask(mask, scores)
+    if shift is not None:
+        return _masked_sums(scores, mask.reshape(-1), negative, shift)
+    rows, _ = _as_rows(scores, dim)
+    mrows, _ = _as_rows(mask, dim)
+    kept = torch.empty(rows.shape[0], dtype=torch.float64, device=scores.device)
+    total = torch.empty_like(kept)
+    if _long(rows.shape[1], rows.device):  # e.g. one whole tensor: streamed in chunks, row by row
+        for r in range(rows.shape[0]):
+            kept[r], total[r] = _masked_sums(rows[r], mrows[r], negative, _global_shift([rows[r]], negative))
+    else:
+        ws = _Work.for_rows(rows, negative)
+        for b in _blocks(*rows.shape, rows.device):
+            x = _prep_block(rows[b], negative, ws)  # exact in its work dtype; sums in float64
+            total[b] = x.sum(-1, dtype=torch.float64)
+            kept[b] = x.mul_(mrows[b]).sum(-1, dtype=torch.float64)  # x >= 0 finite: exact
+    shape = () if dim is None else _as_rows_shape(scores, dim)
+    return kept.reshape(shape), total.reshape(shape)
+
+
+def _masked_sums(scores: Tensor, flat_mask: Tensor, negative: Negative, shift: float) -> tuple[Tensor, Tensor]:
+    """float64 (kept, total) of a flattened tensor, chunk by chunk (scores ``|s|`` or ``s - shift``)."""
+    kept = torch.zeros((), dtype=torch.float64, device=scores.device)
+    total = torch.zeros_like(kept)
+    pos = 0
+    for c in _nonneg_chunks(scores, negative, shift, _Scratch()):
+        total += c.sum(dtype=torch.float64)
+        kept += c.mul_(flat_mask[pos : pos + c.numel()]).sum(dtype=torch.float64)  # (c >= 0 finite: exact; 4x masked_fill_)
+        pos += c.numel()
+    return kept, total
+
+
+def _check_mask(mask: Tensor, scores: Tensor) -> None:
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.shape != scores.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != scores shape {tuple(scores.shape)}")

@@ -16,7 +16,8 @@ Numerics: sums are accumulated in float64, block by block; selection is exact (`
 kept, ties at the threshold broken by lower index) and never sorts whole rows.  The
 selection engines live in :mod:`emprune._select` (PyTorch, any device) and
 :mod:`emprune._kernels` (optional compiled per-row kernel on CPU); they give identical
-masks.
+masks.  This module validates the user's arguments and holds the math (the rule, the
+bound); the engine's few entry points (:mod:`emprune._select`'s ``__all__``) do the passes.
 """
 from __future__ import annotations
 
@@ -27,31 +28,16 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from . import _kernels
 from ._select import (
     Negative,
     ScoreSource,
-    _name,
-    _check_scores,
-    _raise_nonfinite,
-    _grid,
-    _check_negative,
-    _as_rows,
-    _blocks,
-    _long,
-    _Work,
-    _prep_block,
-    _block_sums,
-    _as_rows_shape,
-    _finite_or_raise,
-    _rows_topk,
-    _materialise,
-    _Scratch,
-    _nonneg_chunks,
-    _global_shift,
-    _stream_sums,
-    _select_global,
-    _GLOBAL_SAMPLE_EVERY,
+    global_cut,
+    global_neff,
+    keep_floor,
+    kept_mass,
+    select,
+    slice_neff,
+    threshold_masks,
 )
 
 __all__ = [
@@ -84,50 +70,9 @@ def _check_beta(beta: float) -> float:
     return b
 
 
-def _neff_from_sums(s1: Tensor, s2: Tensor, n: int) -> Tensor:
-    """N_eff from float64 sums; all-zero slices get N (no preference)."""
-    zero = s2 == 0
-    neff = torch.where(zero, torch.full_like(s1, float(n)), s1 * s1 / torch.where(zero, 1.0, s2))
-    return neff.clamp(1.0, float(n))  # rounding can leave it a hair outside [1, N]
-
-
 def keep_count_from_neff(neff: Tensor, beta: float, n: int) -> Tensor:
     """``floor(beta * N_eff)`` clamped to ``[1, n]`` for already computed N_eff values."""
-    return _counts_from_neff(torch.as_tensor(neff, dtype=torch.float64), _check_beta(beta), n)
-
-
-def _counts_from_neff(neff: Tensor, beta: float, n: int) -> Tensor:
-    """floor(beta * N_eff) clamped to [1, N]; a few ulps of slack so that an N_eff that is
-    mathematically an integer (e.g. uniform scores) is not floored one below by rounding."""
-    k = torch.floor(neff * beta * (1.0 + 2.0**-48))
-    return k.clamp(1, n).to(torch.int64)
-
-
-def _stats(scores: Tensor, dim: int | None, negative: Negative, where: str | None):
-    """Per-slice (s1, s2, N) with validation; block-wise, float64 accumulation."""
-    _check_scores(scores, where)
-    _check_negative(negative)
-    if dim is None:
-        shift = _global_shift([scores], negative)
-        return _stream_sums([scores], negative, None if where is None else [where], shift)[:3]
-    rows, _ = _as_rows(scores, dim)
-    n = rows.shape[1]
-    shape = _as_rows_shape(scores, dim)
-    if _kernels.usable(rows):
-        _, s1, s2 = _kernels.rows_keep(rows, None, 1.0, negative == "shift", select=False)
-        if bool(torch.isfinite(s1).all() and torch.isfinite(s2).all()):
-            return s1.reshape(shape), s2.reshape(shape), n
-    s1 = torch.empty(rows.shape[0], dtype=torch.float64, device=scores.device)
-    s2 = torch.empty_like(s1)
-    if _long(n, rows.device):  # streamed row by row
-        names = None if where is None else [where]
-        for r in range(rows.shape[0]):
-            s1[r], s2[r] = _stream_sums([rows[r]], negative, names, _global_shift([rows[r]], negative))[:2]
-        return s1.reshape(shape), s2.reshape(shape), n
-    ws = _Work.for_rows(rows, negative)
-    for b in _blocks(*rows.shape, rows.device):
-        s1[b], s2[b] = _block_sums(_prep_block(rows[b], negative, ws), where, ws)
-    return s1.reshape(shape), s2.reshape(shape), n
+    return keep_floor(torch.as_tensor(neff, dtype=torch.float64), _check_beta(beta), n)
 
 
 # ------------------------------------------------------------------- public rule
@@ -143,8 +88,7 @@ def effective_number(
     N_eff is ``N``.  ``negative="shift"`` scores ``s - min(s)`` per slice instead of ``|s|``
     (for signed scores whose sign carries meaning).  ``where`` names the tensor in errors.
     """
-    s1, s2, n = _stats(scores, dim, negative, where)
-    return _neff_from_sums(s1, s2, n)
+    return slice_neff(scores, dim, negative, where)[0]
 
 
 def keep_count(
@@ -154,8 +98,8 @@ def keep_count(
     """Number of entries EMP keeps per slice: ``floor(beta * N_eff)`` clamped to ``[1, N]``
     (int64).  A large ``beta`` simply keeps everything."""
     b = _check_beta(beta)
-    s1, s2, n = _stats(scores, dim, negative, where)
-    return _counts_from_neff(_neff_from_sums(s1, s2, n), b, n)
+    neff, n = slice_neff(scores, dim, negative, where)
+    return keep_floor(neff, b, n)
 
 
 def keep_mask(
@@ -169,48 +113,7 @@ def keep_mask(
     """Boolean mask (same shape and device as ``scores``) keeping, in every slice along
     ``dim``, exactly ``keep_count`` entries: those with the largest ``|s|`` (or ``s - min``),
     ties broken by lower index.  ``where`` names the tensor in error messages."""
-    b = _check_beta(beta)
-    if dim is None:  # one vector: the streaming selector
-        _check_scores(scores, where)
-        thr = global_threshold([scores], b, negative=negative, names=None if where is None else [where])
-        return _global_mask(scores, thr, 0, negative, _Scratch())
-    _check_scores(scores, where)
-    _check_negative(negative)
-    rows, back = _as_rows(scores, dim)
-    return back(_select_rows(rows, None, b, negative, where))
-
-
-def _select_rows(rows: Tensor, k: Tensor | None, beta: float, negative: Negative, where: str | None) -> Tensor:
-    """Mask of ``rows`` ``[slices, N]`` keeping ``k[r]`` per row, or EMP's ``floor(beta N_eff)``
-    when ``k`` is None: the compiled kernel where usable, else the PyTorch engine, one
-    cache-sized block at a time (each block summed and selected while in cache)."""
-    n = rows.shape[1]
-    if _long(n, rows.device):  # each long row streamed in chunks (no row-sized scratch, kernel or not)
-        out = torch.empty(rows.shape, dtype=torch.bool, device=rows.device)
-        names = None if where is None else [where]
-        sc = _Scratch()
-        for r in range(rows.shape[0]):
-            thr = global_threshold([rows[r]], beta, k=None if k is None else int(k[r]), negative=negative, names=names)
-            out[r] = _global_mask(rows[r], thr, 0, negative, sc)
-        return out
-    if _kernels.usable(rows):  # compiled path (CPU, numba installed): same masks
-        mask, s1, s2 = _kernels.rows_keep(rows, k, beta, negative == "shift")
-        if bool(torch.isfinite(s1).all() and (k is not None or torch.isfinite(s2).all())):
-            return mask
-        _finite_or_raise(rows, where)  # NaN/Inf: a clear error; overflowing squares: below
-    out = torch.empty(rows.shape, dtype=torch.bool, device=rows.device)
-    ws = _Work.for_rows(rows, negative)
-    for blk in _blocks(*rows.shape, rows.device):
-        x = _prep_block(rows[blk], negative, ws)
-        if k is None:
-            s1, s2 = _block_sums(x, where, ws)
-            kb = _counts_from_neff(_neff_from_sums(s1, s2, n), beta, n)
-        else:
-            if not bool(torch.isfinite(x.amax(-1)).all()):  # NaN and Inf both reach the max
-                _raise_nonfinite(x, where)
-            kb = k[blk]
-        out[blk] = _rows_topk(x, kb, _grid(rows.dtype, negative), ws)
-    return out
+    return select(scores, dim, None, _check_beta(beta), negative, where)
 
 
 def topk_mask(
@@ -226,22 +129,7 @@ def topk_mask(
 
     Cost is a few passes over cache-sized blocks; no slice is fully sorted.
     """
-    _check_scores(scores, where)
-    _check_negative(negative)
-    rows, back = _as_rows(scores, dim)
-    n_rows, n = rows.shape
-    kk = torch.as_tensor(k, dtype=torch.int64, device=scores.device).reshape(-1)
-    if kk.numel() == 1:
-        kk = kk.expand(n_rows)
-    if kk.numel() != n_rows:
-        raise ValueError(f"k has {kk.numel()} counts for {n_rows} slices{_name(where)}")
-    if (kk < 0).any() or (kk > n).any():
-        raise ValueError(f"k must lie in [0, {n}]{_name(where)}")
-    if dim is None:  # one vector: the streaming selector, without a float64 copy
-        thr = global_threshold([scores], k=int(kk[0]), negative=negative,
-                               names=None if where is None else [where])
-        return _global_mask(scores, thr, 0, negative, _Scratch())
-    return back(_select_rows(rows, kk, 1.0, negative, where))
+    return select(scores, dim, k, 1.0, negative, where)
 
 
 # ------------------------------------------------------------------ global scope
@@ -279,34 +167,14 @@ def global_threshold(
     sampled thresholds, then the entries of the final narrow bracket.  Peak extra memory is
     of the order of the largest tensor.  ``k`` overrides EMP's count (fixed-sparsity
     baselines); ``names`` label the tensors in error messages."""
-    b = _check_beta(beta)
-    neff, n, shift, sample = _global_neff(sources, negative, names, _GLOBAL_SAMPLE_EVERY)
-    if k is None:
-        kk = int(_counts_from_neff(torch.tensor(neff, dtype=torch.float64), b, n))
-    else:
-        kk = int(k)
-        if not 0 <= kk <= n:
-            raise ValueError(f"k must lie in [0, {n}], got {k}")
-    value, keep_equal = _select_global(sources, kk, n, negative, shift, sample)
-    return GlobalThreshold(n, neff, kk, value, keep_equal, shift)
-
-
-def _global_neff(
-    sources: Sequence[ScoreSource], negative: Negative, names: Sequence[str] | None, sample_every: int = 0
-) -> tuple[float, int, float, Tensor | None]:
-    _check_negative(negative)
-    if not len(sources):
-        raise ValueError("global scope needs at least one score tensor")
-    shift = _global_shift(sources, negative)
-    s1, s2, n, sample = _stream_sums(sources, negative, names, shift, sample_every)
-    return float(_neff_from_sums(s1, s2, n)), n, shift, sample
+    return GlobalThreshold(*global_cut(sources, _check_beta(beta), k, negative, names))
 
 
 def global_effective_number(
     sources: Sequence[ScoreSource], *, negative: Negative = "abs", names: Sequence[str] | None = None
 ) -> tuple[float, int]:
     """``(N_eff, N)`` of the union of several score tensors, streamed in float64."""
-    neff, n, _, _ = _global_neff(sources, negative, names)
+    neff, n, _, _ = global_neff(sources, negative, names)
     return neff, n
 
 
@@ -316,9 +184,7 @@ def global_masks(
     """Yield the boolean keep mask of each source in order, one at a time (so a caller can
     apply and drop each before the next is made); built chunk by chunk, so the only
     tensor-sized allocation is the mask itself."""
-    sc = _Scratch()
-    for i, src in enumerate(sources):
-        yield _global_mask(_materialise(src), thr, i, negative, sc)
+    return threshold_masks(sources, thr.value, thr.keep_equal, thr.shift, negative)
 
 
 def global_mask(scores: Tensor, thr: GlobalThreshold, index: int, *, negative: Negative = "abs") -> Tensor:
@@ -327,30 +193,7 @@ def global_mask(scores: Tensor, thr: GlobalThreshold, index: int, *, negative: N
     callers that need the scores again after the mask (one materialisation, not two)."""
     if not 0 <= index < max(1, len(thr.keep_equal)):
         raise IndexError(f"index {index} out of range for a threshold over {len(thr.keep_equal)} sources")
-    return _global_mask(scores, thr, index, negative, _Scratch())
-
-
-def _global_mask(scores: Tensor, thr: GlobalThreshold, index: int, negative: Negative, sc: _Scratch) -> Tensor:
-    mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
-    flat = mask.view(-1)
-    budget = thr.keep_equal[index] if thr.keep_equal else 0
-    pos = 0
-    for c in _nonneg_chunks(scores, negative, thr.shift, sc):
-        m = flat[pos : pos + c.numel()]
-        torch.gt(c, thr.value, out=m)
-        if budget:  # ties at the threshold: the first ones in flat order
-            eq = (c == thr.value).nonzero().squeeze(1)[:budget]
-            m[eq] = True
-            budget -= eq.numel()
-        pos += c.numel()
-    return mask
-
-
-def _check_mask(mask: Tensor, scores: Tensor) -> None:
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-    if mask.shape != scores.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} != scores shape {tuple(scores.shape)}")
+    return next(threshold_masks([scores], thr.value, thr.keep_equal[index:index + 1], thr.shift, negative))
 
 
 def masked_mass(
@@ -358,16 +201,7 @@ def masked_mass(
 ) -> tuple[float, float]:
     """``(sum of kept scores, sum of all scores)`` in float64, chunk by chunk (scores made
     non-negative as the rule does: ``|s|``, or ``s - shift``)."""
-    _check_mask(mask, scores)
-    kept = torch.zeros((), dtype=torch.float64, device=scores.device)
-    total = torch.zeros_like(kept)
-    flat = mask.reshape(-1)
-    pos = 0
-    sc = _Scratch()
-    for c in _nonneg_chunks(scores, negative, shift, sc):
-        total += c.sum(dtype=torch.float64)
-        kept += c.mul_(flat[pos : pos + c.numel()]).sum(dtype=torch.float64)  # (c >= 0 finite: exact; 4x masked_fill_)
-        pos += c.numel()
+    kept, total = kept_mass(scores, mask, None, negative, shift)
     return float(kept), float(total)
 
 
@@ -412,23 +246,5 @@ def retained_mass(scores: Tensor, mask: Tensor, dim: int | None = None, *, negat
     """Fraction of the score mass kept by ``mask``: ``sum_kept |s| / sum |s|`` per slice
     (float64; 1 for an all-zero slice).  This is the ``s_eff`` that :func:`mass_bound`
     bounds from below when ``mask`` is EMP's."""
-    _check_scores(scores)
-    _check_mask(mask, scores)
-    rows, back = _as_rows(scores, dim)
-    mrows, _ = _as_rows(mask, dim)
-    kept = torch.empty(rows.shape[0], dtype=torch.float64, device=scores.device)
-    total = torch.empty_like(kept)
-    if _long(rows.shape[1], rows.device):  # e.g. one whole tensor: streamed in chunks, row by row
-        for r in range(rows.shape[0]):
-            shift = _global_shift([rows[r]], negative)
-            kept[r], total[r] = masked_mass(rows[r], mrows[r], negative=negative, shift=shift)
-    else:
-        ws = _Work.for_rows(rows, negative)
-        for b in _blocks(*rows.shape, rows.device):
-            x = _prep_block(rows[b], negative, ws)  # exact in its work dtype; sums in float64
-            total[b] = x.sum(-1, dtype=torch.float64)
-            kept[b] = x.mul_(mrows[b]).sum(-1, dtype=torch.float64)  # x >= 0 finite: exact
-    frac = torch.where(total > 0, kept / torch.where(total > 0, total, 1.0), torch.ones_like(total))
-    if dim is None:
-        return frac.reshape(())
-    return frac.reshape(_as_rows_shape(scores, dim))
+    kept, total = kept_mass(scores, mask, dim, negative)
+    return torch.where(total > 0, kept / torch.where(total > 0, total, 1.0), torch.ones_like(total))

@@ -104,7 +104,7 @@ def fixed_count(sparsity: float, n: int) -> int:
 def _unit_view(t: Tensor, unit: str) -> tuple[Tensor, int | None]:
     """Scores as ``[units, N]`` with the reduction dim (rows) or flat (layer)."""
     if unit == "row" and t.dim() >= 2:
-        return t.reshape(t.shape[0], -1), 1
+        return t.flatten(1), 1  # (not reshape(rows, -1): ambiguous for 0 rows)
     return t.reshape(-1), None
 
 
@@ -153,7 +153,7 @@ def _decide_local(t: Target, scope: str, beta: float, sparsity: float | None,
                           negative=negative, where=t.name)
     mass = rule.retained_mass(s2d, mask, dim, negative=negative).reshape(units)
     sel_neff = neff if t.count is None else rule.effective_number(s2d, dim, negative=negative, where=t.name).reshape(units)
-    nu = torch.floor(sel_neff * (1 + 2.0**-48)).clamp(1, n).long()
+    nu = rule.keep_count_from_neff(sel_neff, 1.0, n)  # floor(N_eff)
     guaranteed = rule.guaranteed_mass(nu.cpu(), k.cpu(), n)
     return Decision(t.name, tuple(sel.shape), unit, n, neff.cpu(), k.cpu(), raised, mass.cpu(),
                     guaranteed, mask.reshape(sel.shape))
@@ -191,7 +191,7 @@ def _decide_global(targets: Sequence[Target], beta: float, sparsity: float | Non
         thr = rule.global_threshold(sel_src, beta, k=None if sparsity is None else fixed_count(sparsity, n),
                                     negative=negative, names=names)
         neff = thr.n_eff
-    nu = max(1, min(n, math.floor(thr.n_eff * (1 + 2.0**-48))))
+    nu = int(rule.keep_count_from_neff(thr.n_eff, 1.0, n))  # floor(N_eff)
     guaranteed = rule.guaranteed_mass(torch.tensor([nu]), torch.tensor([thr.k]), n)
     for i, t in enumerate(targets):
         s = t.score()  # materialised once per target: mask and mass both come from it
