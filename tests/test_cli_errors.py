@@ -160,6 +160,15 @@ def test_texts_are_checked_before_the_model(tiny, tmp_path, no_load, monkeypatch
 
     def missing(kind):
         raise FileNotFoundError(f"default {kind} text not found; pass {data._OPTION[kind]} PATH")
+    prefix = ["--out", str(tmp_path / "c" / "r"), "--eval-tokens", "32", "--quiet"]
+    good = tiny[1]
+    assert main(["compare", str(folder), "--calib-text", str(empty), "--eval-text", str(good), *prefix]) == 2
+    _one_error_line(capsys.readouterr().err, "--calib-text", "empty")
+    assert main(["compare", str(folder), "--calib-text", str(good), "--eval-text", str(good), "--other-text",
+                 str(tmp_path / "none.txt"), *prefix]) == 2
+    _one_error_line(capsys.readouterr().err, "--other-text")
+    assert main(["demo", "--model", str(folder), "--calib-text", str(good), "--eval-text", str(binary), *prefix]) == 2
+    _one_error_line(capsys.readouterr().err, "--eval-text", "UTF-8")
     monkeypatch.setattr(data, "default_text_path", missing)
     assert main(["prune", str(folder), "--out", str(tmp_path / "o"), *TINY]) == 2
     _one_error_line(capsys.readouterr().err, "default calib text")

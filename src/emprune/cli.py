@@ -127,10 +127,6 @@ class _SafeHelp(argparse.HelpFormatter):
             return self._get_help_string(action) or ""
 
 
-class _SafeHelpFormatter(_SafeHelp, argparse.HelpFormatter):
-    pass
-
-
 class _SafeRawFormatter(_SafeHelp, argparse.RawDescriptionHelpFormatter):
     pass
 
@@ -141,7 +137,7 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs) -> None:
         fc = kwargs.get("formatter_class", argparse.HelpFormatter)
-        kwargs["formatter_class"] = {argparse.HelpFormatter: _SafeHelpFormatter,
+        kwargs["formatter_class"] = {argparse.HelpFormatter: _SafeHelp,
                                      argparse.RawDescriptionHelpFormatter: _SafeRawFormatter}.get(fc, fc)
         super().__init__(*args, **kwargs)
 
@@ -482,9 +478,24 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _precheck_compare(args, other_text: str | None) -> None:
+    """compare/demo: fail on texts and the output prefix before the model is loaded."""
+    _read_text(args.calib_text, "calib")
+    _read_text(args.eval_text, "eval")
+    if other_text is not None and not Path(other_text).is_file():
+        from .llm.data import BUILTIN_NAMES, HUB_NAMES
+
+        if other_text not in BUILTIN_NAMES + HUB_NAMES:
+            raise FileNotFoundError(f"--other-text {other_text!r} is neither a file nor one of the text names "
+                                    f"{list(BUILTIN_NAMES + HUB_NAMES)} (or 'none')")
+    check_can_write(Path(args.out).with_suffix(".json"), "--out")
+
+
 def _cmd_compare(args) -> int:
     from .llm.compare import run_compare
 
+    _check_device(args.device)
+    _precheck_compare(args, None if args.other_text == "none" else args.other_text)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     doc = run_compare(
@@ -516,6 +527,7 @@ def _print_compare(doc: dict, out: str) -> None:
 def _cmd_demo(args) -> int:
     from .llm.compare import run_compare
 
+    _precheck_compare(args, "python-docs")
     print(f"emprune demo: compare on {args.model} (MLP targets, per row; calibration {args.calib_samples} x "
           f"{args.seqlen} tokens, perplexity on {args.eval_tokens} WikiText-2 + {args.other_tokens} python-docs "
           f"tokens). Results go to {args.out}.md/.json/.png", file=sys.stderr)
