@@ -418,9 +418,11 @@ def _cmd_prune(args) -> int:
     info["model"] = args.model
     info["command"] = _command_line(args)
     info["calibration"].update(text=calib_src, seed=args.seed)
+    save_dtype = _dtype(args.save_dtype or args.dtype)  # default: the dtype it was loaded in
+    info["saved_dtype"] = str(save_dtype).replace("torch.", "")
     info["total_seconds"] = time.perf_counter() - t0
-    saved = models.save_pruned(model, tok, out, info, overwrite=args.overwrite,
-                               dtype=_dtype(args.save_dtype) if args.save_dtype else None, progress=not args.quiet)
+    saved = models.save_pruned(model, tok, out, info, overwrite=args.overwrite, dtype=save_dtype,
+                               progress=not args.quiet)
     print(_short_table(res.report))
     print(summary_line(res))
     for w in res.report.warnings[:10]:

@@ -333,8 +333,7 @@ def save_pruned(
     ``out_dir`` goes through :func:`check_out_dir` (an existing non-empty folder is replaced only
     with ``overwrite=True`` and only if it is an earlier emprune output, and only once the new
     folder is complete) and leftovers of killed runs through :func:`clean_stale_temporaries`.
-    ``dtype`` casts the model in place before saving (``None``: as it is); the saved dtype is
-    recorded in the report as ``saved_dtype``. Files get the usual modes (umask), not the
+    ``dtype`` casts the model in place before saving (``None``: as it is). Files get the usual modes (umask), not the
     private ones of temporary files. Returns the folder written (symlinks resolved).
     """
     from ..io import usual_mode
@@ -350,9 +349,8 @@ def save_pruned(
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        report = dict(report_json, saved_dtype=str(_float_dtype(model)).replace("torch.", ""))
         # the report goes last: its presence marks a finished folder
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        (tmp / REPORT_NAME).write_text(json.dumps(report_json, indent=2, default=_json_default) + "\n")
         (tmp / WRITING_MARK).unlink()
         for path in [tmp, *tmp.rglob("*")]:  # mkdtemp (0700) and some writers (0600) are private
             if not path.is_symlink():
@@ -362,11 +360,6 @@ def save_pruned(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _float_dtype(model: nn.Module) -> torch.dtype | None:
-    """dtype of the model's first floating-point parameter."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
