@@ -295,10 +295,11 @@ def test_save_pruned_failure_leaves_nothing(tiny, tmp_path, monkeypatch):
     # with overwrite, a failure keeps the previous complete folder untouched
     out.mkdir()
     (out / "keep.txt").write_text("old")
+    (out / models.REPORT_NAME).write_text("{}")  # an earlier emprune output: the only kind replaced
     with pytest.raises(OSError, match="disk full"):
         models.save_pruned(model, tokenizer, out, {}, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
-    assert os.listdir(out) == ["keep.txt"]
+    assert sorted(os.listdir(out)) == sorted(["keep.txt", models.REPORT_NAME])
 
 
 # ---------------------------------------------------------------- real model

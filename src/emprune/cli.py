@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .io import load_state_dict
+from .io import check_can_write, load_state_dict
 from .report import PruneReport, count_zeros
 from .scopes import SCOPES, Target, decide
 
@@ -42,13 +43,111 @@ def inspect_checkpoint(path: str, beta: float = 1.0, scope: str = "row", *, spar
 
 
 def _min_keep(s: str | None) -> float | int | None:
+    """``--min-keep``: a fraction in (0, 1] (has a ``.`` or an exponent) or a count >= 1."""
     if s is None:
         return None
-    return float(s) if any(c in s for c in ".eE") else int(s)
+    try:
+        v: float | int = float(s) if any(c in s for c in ".eE") else int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] (0.3) or a count >= 1 (64), got {s!r}") \
+            from None
+    if isinstance(v, float) and not 0.0 < v <= 1.0:  # also nan, inf
+        raise argparse.ArgumentTypeError(f"a fraction must lie in (0, 1], got {s!r}")
+    if isinstance(v, int) and v < 1:
+        raise argparse.ArgumentTypeError(f"a count must be >= 1, got {s!r}")
+    return v
+
+
+# ------------------------------------------------------- option types: bad input ends at parse time
+
+
+def _float(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+
+
+def _beta(s: str) -> float:
+    """``--beta``: a positive finite number."""
+    v = _float(s)
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {s!r}")
+    return v
+
+
+def _sparsity(s: str) -> float:
+    """``--sparsity``: a fraction in [0, 1)."""
+    v = _float(s)
+    if not 0.0 <= v < 1.0:  # also nan
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {s!r}")
+    return v
+
+
+def _int_at_least(low: int):
+    """An option type for whole numbers >= ``low`` (counts, lengths, sizes)."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {s!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {s!r}")
+        return v
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
+_positive = _int_at_least(1)
+
+
+def _regex(s: str) -> str:
+    """``--include`` / ``--exclude``: a valid Python regular expression (kept as the string)."""
+    try:
+        re.compile(s)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a valid regular expression {s!r}: {e}") from None
+    return s
+
+
+def _esc(text: str) -> str:
+    """Escape ``%`` for argparse, which %-formats every help string: a help text built from
+    data (recipe summaries, ...) must not be read as format directives."""
+    return text.replace("%", "%%")
+
+
+class _SafeHelp(argparse.HelpFormatter):
+    """Shows a help string as it is where %-expansion fails, rather than crashing ``--help``
+    (a second line of defence behind :func:`_esc`)."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        try:
+            return super()._expand_help(action)
+        except (ValueError, TypeError, KeyError):
+            return self._get_help_string(action) or ""
+
+
+class _SafeRawFormatter(_SafeHelp, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block) and whose help never
+    crashes on a stray ``%``; sub-commands' parsers inherit both."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        fc = kwargs.get("formatter_class", argparse.HelpFormatter)
+        kwargs["formatter_class"] = {argparse.HelpFormatter: _SafeHelp,
+                                     argparse.RawDescriptionHelpFormatter: _SafeRawFormatter}.get(fc, fc)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    """The ``emprune`` argument parser (all sub-commands)."""
+    p = _Parser(
         prog="emprune",
         description="Effective Model Pruning: keep floor(beta * N_eff) of every group of scores, "
                     "N_eff = (sum|s|)^2 / sum s^2. Commands:\n"
@@ -67,13 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      "number EMP keeps, the sparsity and the retained magnitude mass with "
                                      "its lower bound. Needs no model class; writes nothing.")
     ins.add_argument("checkpoint", help=".safetensors file or PyTorch state dict (.pt/.pth/.bin)")
-    ins.add_argument("--beta", type=float, default=1.0, help="keep floor(beta * N_eff) per unit (default 1)")
+    ins.add_argument("--beta", type=_beta, default=1.0, help="keep floor(beta * N_eff) per unit (default 1)")
     ins.add_argument("--scope", choices=SCOPES, default="row",
                      help="row: per output row; layer: per tensor; global: one N_eff over all (default row)")
-    ins.add_argument("--sparsity", type=float, default=None, help="fixed sparsity instead of EMP's count")
-    ins.add_argument("--min-keep", default=None, help="per-unit floor: a fraction (0.05) or a count (8)")
-    ins.add_argument("--include", default=None, help="regex: only tensors whose name matches")
-    ins.add_argument("--exclude", default=None, help="regex: skip tensors whose name matches")
+    ins.add_argument("--sparsity", type=_sparsity, default=None,
+                     help="fixed sparsity in [0, 1) instead of EMP's count")
+    ins.add_argument("--min-keep", type=_min_keep, default=None,
+                     help="per-unit floor: a fraction (0.05) or a count (8)")
+    ins.add_argument("--include", type=_regex, default=None, help="regex: only tensors whose name matches")
+    ins.add_argument("--exclude", type=_regex, default=None, help="regex: skip tensors whose name matches")
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_llm_parsers(sub)
     return p
@@ -87,14 +188,15 @@ MODEL_HELP = ("causal LM: a transformers folder, a .gguf file, a hub id (online)
 
 def _add_calib_args(p: argparse.ArgumentParser, samples: int, seqlen: int) -> None:
     g = p.add_argument_group("calibration (Wanda scores and counts)")
-    g.add_argument("--calib-samples", type=int, default=samples,
+    g.add_argument("--calib-samples", type=_positive, default=samples,
                    help=f"random windows of calibration text (default {samples})")
-    g.add_argument("--seqlen", type=int, default=seqlen, help=f"tokens per calibration window (default {seqlen})")
+    g.add_argument("--seqlen", type=_positive, default=seqlen,
+                   help=f"tokens per calibration window, at most the model's positions (default {seqlen})")
     g.add_argument("--calib-text", default=None,
-                   help="text file (default: WikiText-2 validation from shared/data or $EMPRUNE_DATA), "
+                   help="text file (default: the WikiText-2 validation text; $EMPRUNE_DATA overrides), "
                         "'python-docs' (offline, ships with Python) or 'wikitext2'/'c4' (online)")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
-    g.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default 8)")
+    g.add_argument("--batch-size", type=_positive, default=8, help="samples per forward pass (default 8)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -103,7 +205,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "available GPUs and CPU); default: CPU")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="weights dtype (default float32; bfloat16 halves memory on GPU)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (also none while loading or saving the model)")
 
 
 def _add_llm_parsers(sub) -> None:
@@ -116,27 +219,32 @@ def _add_llm_parsers(sub) -> None:
                     "and save a folder that plain transformers loads (from_pretrained(DIR)) plus "
                     "DIR/emprune.json. Embeddings and lm_head are never pruned. Default recipe: "
                     f"{DEFAULT_RECIPE} ({RECIPES[DEFAULT_RECIPE].summary}); --recipe paper is the paper's "
-                    "exact rule.",
+                    "exact rule. Options and texts are checked before the model is loaded.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     pr.add_argument("model", help=MODEL_HELP)
-    pr.add_argument("--out", required=True, help="output folder (created; see --overwrite)")
-    pr.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    pr.add_argument("--out", required=True,
+                    help="output folder (created; never the current folder or one of its parents; a symlink "
+                         "is followed and kept)")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it is an earlier emprune output (holds emprune.json); any other "
+                         "non-empty folder is refused")
     pr.add_argument("--criterion", choices=CRITERIA, default="wanda",
                     help="which entries to keep: |W| or Wanda |W|*||X|| (default wanda)")
     pr.add_argument("--scope", choices=SCOPES, default="row",
                     help="row: per output row (paper); layer: per matrix; global: one decision over all "
                          "targeted weights (Wanda norms then come from one dense pass). Default row")
-    pr.add_argument("--beta", type=float, default=1.0, help="keep floor(beta * N_eff) per unit (default 1)")
-    pr.add_argument("--sparsity", type=float, default=None,
-                    help="fixed sparsity per unit instead of EMP (the magnitude/Wanda baselines)")
+    pr.add_argument("--beta", type=_beta, default=1.0, help="keep floor(beta * N_eff) per unit (default 1)")
+    pr.add_argument("--sparsity", type=_sparsity, default=None,
+                    help="fixed sparsity in [0, 1) per unit instead of EMP (the magnitude/Wanda baselines)")
     pr.add_argument("--targets", choices=("mlp", "linear"), default="mlp",
                     help="mlp: gate/up/down of every block (paper); linear: also q/k/v/o (default mlp)")
     pr.add_argument("--recipe", choices=RECIPE_CHOICES, default="default",
-                    help=f"where EMP's counts come from; default = {DEFAULT_RECIPE}; paper = the criterion's "
-                         "own scores per unit, no floor. " + "; ".join(f"{k}: {r.summary}" for k, r in RECIPES.items()))
+                    help=_esc(f"where EMP's counts come from; default = {DEFAULT_RECIPE}; paper = the "
+                              "criterion's own scores per unit, no floor. "
+                              + "; ".join(f"{k}: {r.summary}" for k, r in RECIPES.items())))
     pr.add_argument("--count-by", choices=COUNT_BY, default=None,
                     help="override the recipe: scores whose N_eff sets the count (same = the criterion's)")
-    pr.add_argument("--min-keep", default=None,
+    pr.add_argument("--min-keep", type=_min_keep, default=None,
                     help="override the recipe: per-unit floor, a fraction (0.3) or a count (64)")
     pr.add_argument("--count-unit", choices=("unit", "layer"), default=None,
                     help="override the recipe: one count per unit, or per layer spread over its rows")
@@ -145,19 +253,26 @@ def _add_llm_parsers(sub) -> None:
     pr.add_argument("--offload", action="store_true",
                     help="keep the model in CPU memory and move one decoder block at a time to --device "
                          "(for models larger than the GPU; see docs/llm.md)")
+    pr.add_argument("--save-dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                    help="dtype of the saved weights (default: the --dtype the model was loaded in); pruned "
+                         "zeros stay exact zeros. bfloat16 halves the folder of a float32 run")
 
     ev = sub.add_parser("eval", help="perplexity of a causal LM over non-overlapping windows",
                         description="Perplexity: exp of the mean next-token loss over non-overlapping "
                                     "windows of --seqlen tokens (each window starts without context; a trailing "
-                                    "partial window is dropped), as in the Wanda/SparseGPT WikiText-2 protocol.")
+                                    "partial window is dropped), as in the Wanda/SparseGPT WikiText-2 protocol. "
+                                    "The loss is computed in chunks of positions, so memory stays near the "
+                                    "model's size. A non-finite loss (NaN weights, overflow) is an error.")
     ev.add_argument("model", help=MODEL_HELP + ", or a folder written by emprune prune")
     ev.add_argument("--ppl", action="store_true", help="compute perplexity (the only metric for now)")
-    ev.add_argument("--eval-tokens", type=int, default=None, help="first T tokens of the text (default: all)")
-    ev.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
+    ev.add_argument("--eval-tokens", type=_positive, default=None, help="first T tokens of the text (default: all)")
+    ev.add_argument("--seqlen", type=_int_at_least(2), default=None,
+                    help="window length, at most the model's positions (default 2048, or the model's "
+                         "max_position_embeddings if smaller)")
     ev.add_argument("--eval-text", default=None,
-                    help="text file (default: WikiText-2 test from shared/data or $EMPRUNE_DATA), "
+                    help="text file (default: the WikiText-2 test text; $EMPRUNE_DATA overrides), "
                          "'python-docs' (offline), or 'wikitext2'/'c4' (online)")
-    ev.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    ev.add_argument("--batch-size", type=_positive, default=8, help="windows per forward pass (default 8)")
     ev.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON to OUT")
     _add_model_args(ev)
 
@@ -173,19 +288,19 @@ def _add_llm_parsers(sub) -> None:
     cp.add_argument("--targets", default="mlp",
                     help="comma-separated target sets: mlp, linear, or mlp,linear (default mlp)")
     cp.add_argument("--scope", choices=SCOPES, default="row", help="EMP scope (default row)")
-    cp.add_argument("--beta", type=float, default=1.0, help="EMP beta (default 1)")
-    cp.add_argument("--sparsity", type=float, default=0.5, help="fixed sparsity of the baselines (default 0.5)")
-    cp.add_argument("--recipes", default="", help="extra EMP-Wanda recipes, comma-separated: "
-                                                  + ", ".join(RECIPES))
+    cp.add_argument("--beta", type=_beta, default=1.0, help="EMP beta (default 1)")
+    cp.add_argument("--sparsity", type=_sparsity, default=0.5, help="fixed sparsity of the baselines (default 0.5)")
+    cp.add_argument("--recipes", default="", help=_esc("extra EMP-Wanda recipes, comma-separated: "
+                                                       + ", ".join(RECIPES)))
     cp.add_argument("--no-uniform", action="store_true", help="skip the uniform equal-sparsity baselines")
     cp.add_argument("--no-matched", action="store_true", help="skip the matched-count baselines")
-    cp.add_argument("--eval-tokens", type=int, default=32768, help="evaluation tokens (default 32768)")
-    cp.add_argument("--eval-seqlen", type=int, default=None, help="evaluation window (default: --seqlen)")
+    cp.add_argument("--eval-tokens", type=_positive, default=32768, help="evaluation tokens (default 32768)")
+    cp.add_argument("--eval-seqlen", type=_int_at_least(2), default=None, help="evaluation window (default: --seqlen)")
     cp.add_argument("--eval-text", default=None, help="evaluation text (default WikiText-2 test)")
     cp.add_argument("--other-text", default="python-docs",
                     help="second evaluation text, not WikiText (default python-docs: the Python Language "
                          "Reference shipped with Python); 'none' to skip")
-    cp.add_argument("--other-tokens", type=int, default=16384, help="tokens of the other text (default 16384)")
+    cp.add_argument("--other-tokens", type=_positive, default=16384, help="tokens of the other text (default 16384)")
     cp.add_argument("--other-for", choices=("all", "emp", "none"), default="all",
                     help="rows evaluated on the other text: all, emp (dense and the EMP rows), none (default all)")
     _add_calib_args(cp, 32, 512)
@@ -197,10 +312,10 @@ def _add_llm_parsers(sub) -> None:
                                     "recipe and the matched baselines. Writes OUT.md/.json/.png.")
     de.add_argument("--model", default="smollm2-135m", help="model to use (default smollm2-135m)")
     de.add_argument("--out", default="emprune-demo/demo", help="output prefix (default emprune-demo/demo)")
-    de.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
-    de.add_argument("--seqlen", type=int, default=256, help="calibration/evaluation window (default 256)")
-    de.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens (default 4096)")
-    de.add_argument("--other-tokens", type=int, default=4096, help="tokens of python-docs text (default 4096)")
+    de.add_argument("--calib-samples", type=_positive, default=16, help="calibration windows (default 16)")
+    de.add_argument("--seqlen", type=_int_at_least(2), default=256, help="calibration/evaluation window (default 256)")
+    de.add_argument("--eval-tokens", type=_positive, default=4096, help="evaluation tokens (default 4096)")
+    de.add_argument("--other-tokens", type=_positive, default=4096, help="tokens of python-docs text (default 4096)")
     de.add_argument("--calib-text", default=None, help="calibration text (default WikiText-2 validation)")
     de.add_argument("--eval-text", default=None, help="evaluation text (default WikiText-2 test)")
     de.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -218,31 +333,83 @@ def _device_map(dev: str | None):
     return dev
 
 
+def _check_device(dev: str | None) -> None:
+    """Refuse a --device that does not exist here before the model is loaded."""
+    if dev in (None, "auto"):
+        return
+    import torch
+
+    try:
+        d = torch.device(dev)
+    except RuntimeError:
+        raise ValueError(f"--device {dev!r}: expected cpu, cuda, cuda:N or auto") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {dev}: no CUDA device is available (torch.cuda.is_available() is False)")
+
+
+_TEXT_OPTION = {"calib": "--calib-text", "eval": "--eval-text"}
+
+
+def _read_text(src: str | None, kind: str) -> tuple[str, str]:
+    """``(source, text)`` of the calibration or evaluation text (``None``: the default file),
+    read and checked before the model is loaded; failures name the option."""
+    from .llm import data
+
+    src = src if src is not None else str(data.default_text_path(kind))  # type: ignore[arg-type]
+    opt = _TEXT_OPTION[kind]
+    try:
+        text = data.load_text(src, kind)  # type: ignore[arg-type]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{opt} {src}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (RuntimeError, ImportError) as e:  # a hub dataset while offline or without `datasets`
+        raise ValueError(f"{opt} {src}: {e}") from None
+    if not text.strip():
+        raise ValueError(f"{opt} {src}: the text is empty")
+    return src, text
+
+
+def _check_seqlen(model, seqlen: int, option: str = "--seqlen") -> None:
+    """Refuse windows longer than the model's position range (config.max_position_embeddings):
+    the model would run, slowly, and give meaningless numbers."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise ValueError(f"{option} {seqlen} is beyond this model's {limit} positions "
+                         f"(config.max_position_embeddings); use {option} {limit} or less")
+
+
 def _cmd_prune(args) -> int:
     import time
 
-    from .llm import data, models
+    from .llm import models
     from .llm.prune import get_recipe, needs_calibration, prune_lm, summary_line
+    from .scopes import check_options
 
     t0 = time.perf_counter()
-    mk = _min_keep(args.min_keep)
+    mk = args.min_keep
+    # everything that does not need the model is checked before the (slow) load
     if args.sparsity is not None and (args.count_by or mk is not None or args.count_unit):
         raise ValueError("--count-by/--min-keep/--count-unit shape EMP's counts; they have no meaning with --sparsity")
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
     if args.offload and args.device in (None, "cpu", "auto"):
         raise ValueError("--offload needs an execution device: --device cuda (or cuda:N)")
+    _check_device(args.device)
+    check_options(args.scope, args.beta, args.sparsity, mk)
+    recipe = get_recipe(args.recipe, count_by=args.count_by, min_keep=mk, count_unit=args.count_unit)
+    out = models.check_out_dir(args.out, args.overwrite)
+    for note in models.clean_stale_temporaries(out):
+        print(note, file=sys.stderr)
+    calib_src = calib_text = None
+    if needs_calibration(args.criterion, recipe, args.sparsity):
+        calib_src, calib_text = _read_text(args.calib_text, "calib")
     print(f"loading {args.model} ...", file=sys.stderr)
     model, tok = models.load_causal_lm(args.model, dtype=_dtype(args.dtype),
-                                       device_map=None if args.offload else _device_map(args.device))
+                                       device_map=None if args.offload else _device_map(args.device),
+                                       progress=not args.quiet)
     calib = None
-    calib_src = None
-    recipe = get_recipe(args.recipe, count_by=args.count_by, min_keep=mk, count_unit=args.count_unit)
-    if needs_calibration(args.criterion, recipe, args.sparsity):
-        calib_src = args.calib_text if args.calib_text is not None else str(data.default_text_path("calib"))
-        calib = data.calibration_batches(tok, data.load_text(calib_src, "calib"), args.calib_samples,
-                                         args.seqlen, args.seed)
+    if calib_text is not None:
+        from .llm import data
+
+        _check_seqlen(model, args.seqlen)
+        calib = data.calibration_batches(tok, calib_text, args.calib_samples, args.seqlen, args.seed)
     res = prune_lm(model, calib, criterion=args.criterion, scope=args.scope, beta=args.beta, sparsity=args.sparsity,
                    targets=args.targets, recipe=args.recipe, count_by=args.count_by, min_keep=mk,
                    count_unit=args.count_unit, progress=not args.quiet, batch_size=args.batch_size,
@@ -251,8 +418,11 @@ def _cmd_prune(args) -> int:
     info["model"] = args.model
     info["command"] = _command_line(args)
     info["calibration"].update(text=calib_src, seed=args.seed)
+    save_dtype = _dtype(args.save_dtype or args.dtype)  # default: the dtype it was loaded in
+    info["saved_dtype"] = str(save_dtype).replace("torch.", "")
     info["total_seconds"] = time.perf_counter() - t0
-    saved = models.save_pruned(model, tok, out, info, overwrite=args.overwrite)
+    saved = models.save_pruned(model, tok, out, info, overwrite=args.overwrite, dtype=save_dtype,
+                               progress=not args.quiet)
     print(_short_table(res.report))
     print(summary_line(res))
     for w in res.report.warnings[:10]:
@@ -279,15 +449,26 @@ def _cmd_eval(args) -> int:
 
     if not args.ppl:
         raise ValueError("nothing to evaluate: pass --ppl")
-    model, tok = models.load_causal_lm(args.model, dtype=_dtype(args.dtype), device_map=_device_map(args.device))
-    src = args.eval_text if args.eval_text is not None else str(data.default_text_path("eval"))
-    ids = data.eval_tokens(tok, data.load_text(src, "eval"), args.eval_tokens)
-    res = perplexity(model, ids, args.seqlen, batch_size=args.batch_size, progress=not args.quiet)
+    _check_device(args.device)
+    src, text = _read_text(args.eval_text, "eval")
+    if args.json:
+        check_can_write(args.json, "--json")
+    model, tok = models.load_causal_lm(args.model, dtype=_dtype(args.dtype), device_map=_device_map(args.device),
+                                       progress=not args.quiet)
+    seqlen = args.seqlen
+    if seqlen is None:
+        limit = getattr(model.config, "max_position_embeddings", None)
+        seqlen = min(2048, limit) if isinstance(limit, int) and limit >= 2 else 2048
+    _check_seqlen(model, seqlen)
+    ids = data.eval_tokens(tok, text, args.eval_tokens)
+    res = perplexity(model, ids, seqlen, batch_size=args.batch_size, progress=not args.quiet)
     res.update(model=args.model, text=src)
     report = Path(args.model) / models.REPORT_NAME
     if report.is_file():
-        s = json.loads(report.read_text()).get("summary", {})
-        res["pruned_fraction"] = s.get("pruned_fraction")
+        try:
+            res["pruned_fraction"] = json.loads(report.read_text()).get("summary", {}).get("pruned_fraction")
+        except (ValueError, AttributeError):  # a damaged report does not spoil the evaluation
+            res["pruned_fraction"] = None
     print(f"perplexity {res['ppl']:.4f} on {res['tokens_evaluated']:,} predicted tokens "
           f"({res['windows']} windows of {res['seqlen']}) of {src}; {res['seconds']:.1f} s")
     if args.json:
@@ -295,16 +476,28 @@ def _cmd_eval(args) -> int:
 
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(res, indent=2) + "\n")
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)  # mkstemp's files are private (0600)
         print(f"wrote {args.json}")
     return 0
+
+
+def _precheck_compare(args, other_text: str | None) -> None:
+    """compare/demo: fail on texts and the output prefix before the model is loaded."""
+    _read_text(args.calib_text, "calib")
+    _read_text(args.eval_text, "eval")
+    if other_text is not None and not Path(other_text).is_file():
+        from .llm.data import BUILTIN_NAMES, HUB_NAMES
+
+        if other_text not in BUILTIN_NAMES + HUB_NAMES:
+            raise FileNotFoundError(f"--other-text {other_text!r} is neither a file nor one of the text names "
+                                    f"{list(BUILTIN_NAMES + HUB_NAMES)} (or 'none')")
+    check_can_write(Path(args.out).with_suffix(".json"), "--out")
 
 
 def _cmd_compare(args) -> int:
     from .llm.compare import run_compare
 
+    _check_device(args.device)
+    _precheck_compare(args, None if args.other_text == "none" else args.other_text)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     doc = run_compare(
@@ -336,6 +529,7 @@ def _print_compare(doc: dict, out: str) -> None:
 def _cmd_demo(args) -> int:
     from .llm.compare import run_compare
 
+    _precheck_compare(args, "python-docs")
     print(f"emprune demo: compare on {args.model} (MLP targets, per row; calibration {args.calib_samples} x "
           f"{args.seqlen} tokens, perplexity on {args.eval_tokens} WikiText-2 + {args.other_tokens} python-docs "
           f"tokens). Results go to {args.out}.md/.json/.png", file=sys.stderr)
@@ -348,26 +542,74 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+#: what a careless user can cause: reported as one line, never a traceback (anything else is a
+#: bug and keeps its traceback)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, OSError, MemoryError)
+
+
+def _one_line(e: BaseException) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(e)).strip() or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args._argv = list(sys.argv[1:] if argv is None else argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+    """Run the ``emprune`` command line; returns the exit status.
+
+    Bad input ends with one line ``emprune CMD: error: ...`` and status 2; Ctrl-C with
+    ``emprune CMD: interrupted`` and status 130 (outputs are written atomically, so nothing
+    half-written is left); a closed stdout pipe (``... | head``) quietly with status 1."""
+    command = ""
     try:
-        if args.command == "inspect":
-            rep = inspect_checkpoint(args.checkpoint, args.beta, args.scope, sparsity=args.sparsity,
-                                     include=args.include, exclude=args.exclude, min_keep=_min_keep(args.min_keep))
-            print(rep.to_json() if args.json else rep.table())
-            return 0
-        if args.command in LLM_COMMANDS:
-            return LLM_COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, OSError) as e:
-        print(f"emprune {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    parser.error(f"unknown command {args.command}")  # pragma: no cover
-    return 2
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        args._argv = list(sys.argv[1:] if argv is None else argv)
+        command = args.command or ""
+        if args.command is None:
+            parser.print_help()
+            return 2
+        try:
+            rc = _run(args)
+        except USER_ERRORS as e:
+            if isinstance(e, BrokenPipeError):
+                raise
+            print(f"emprune {command}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except Exception as e:
+            import torch
+
+            if isinstance(e, torch.OutOfMemoryError):
+                print(f"emprune {command}: error: out of memory ({_one_line(e)[:200]}); lower --batch-size "
+                      "or the sizes", file=sys.stderr)
+                return 2
+            raise
+        sys.stdout.flush()  # a closed pipe is reported here, not as noise at interpreter exit
+        return rc
+    except KeyboardInterrupt:
+        print(f"emprune{' ' + command if command else ''}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return 1
+
+
+def _silence_stdout() -> None:
+    """After EPIPE on stdout, point it at devnull so that the interpreter's final flush does not
+    raise again (the recipe of the Python docs, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured)
+        pass
+
+
+def _run(args) -> int:
+    if args.command == "inspect":
+        rep = inspect_checkpoint(args.checkpoint, args.beta, args.scope, sparsity=args.sparsity,
+                                 include=args.include, exclude=args.exclude, min_keep=args.min_keep)
+        print(rep.to_json() if args.json else rep.table())
+        return 0
+    if args.command in LLM_COMMANDS:
+        return LLM_COMMANDS[args.command](args)
+    raise NotImplementedError(f"unknown command {args.command}")  # pragma: no cover
 
 
 LLM_COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "compare": _cmd_compare, "demo": _cmd_demo}

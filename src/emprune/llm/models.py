@@ -6,13 +6,16 @@ The saved folder is a plain transformers checkpoint (safetensors + config + toke
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import nn
@@ -27,6 +30,10 @@ SHORT_NAMES: dict[str, tuple[str, str, str]] = {
 }
 
 REPORT_NAME = "emprune.json"
+#: written into a temporary output folder while it is being filled (pid and host of the writer),
+#: removed just before the folder is renamed into place; lets a later run recognise the
+#: leftovers of a killed run as ours and dead
+WRITING_MARK = ".emprune-writing.json"
 
 
 def resolve_short_name(name: str) -> Path:
@@ -45,18 +52,63 @@ def resolve_short_name(name: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def quiet_progress(quiet: bool = True) -> Iterator[None]:
+    """Silence the progress bars of transformers and huggingface_hub ("Loading weights",
+    "Writing model shards", downloads) and the GGUF de-quantisation bar, restoring the previous
+    state afterwards. Does nothing for ``quiet=False``."""
+    if not quiet:
+        yield
+        return
+    from functools import partial
+
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # also huggingface_hub's bars
+    gguf_mod = None
+    try:  # the GGUF loader uses tqdm directly rather than transformers' switchable wrapper
+        import transformers.modeling_gguf_pytorch_utils as gguf_mod
+    except ImportError:  # pragma: no cover - without the gguf package
+        pass
+    saved_tqdm = getattr(gguf_mod, "tqdm", None)
+    if saved_tqdm is not None:
+        gguf_mod.tqdm = partial(saved_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if saved_tqdm is not None:
+            gguf_mod.tqdm = saved_tqdm
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_causal_lm(
     spec: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     device_map: str | dict | torch.device | None = None,
+    progress: bool = True,
 ) -> tuple[nn.Module, Any]:
     """Load ``(model, tokenizer)`` from a short name, a local folder, a ``.gguf`` file or a hub id.
 
     GGUF weights are de-quantised to ``dtype`` and the model is rebuilt as a plain float model,
     because transformers refuses to ``save_pretrained`` a model it loaded from GGUF. The model
-    is returned in eval mode.
+    is returned in eval mode. ``progress=False`` silences the loading bars. A local folder's
+    ``*.safetensors`` files are checked first, so a truncated file gives one clear
+    ``ValueError`` naming it.
     """
+    with quiet_progress(not progress):
+        return _load_causal_lm(spec, dtype, device_map)
+
+
+def _load_causal_lm(
+    spec: str | os.PathLike,
+    dtype: torch.dtype,
+    device_map: str | dict | torch.device | None,
+) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..io import check_safetensors
 
     spec_str = os.fspath(spec)
     if spec_str in SHORT_NAMES:
@@ -69,6 +121,8 @@ def load_causal_lm(
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a folder but holds no config.json (not a transformers model)")
+        for f in sorted(path.glob("*.safetensors")):
+            check_safetensors(f)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
         return model.eval(), AutoTokenizer.from_pretrained(path)
     if path.exists() or spec_str.startswith((".", "/", "~")) or spec_str.count("/") > 1:
@@ -173,36 +227,134 @@ def block_linears(block: nn.Module, targets: Literal["mlp", "linear"] = "mlp") -
     return found
 
 
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The folder :func:`save_pruned` will write for ``out_dir`` (symlinks resolved), after
+    checking, before any work is done, that writing it destroys nothing that is not ours.
+
+    Refused: an existing file; the current folder or one of its parents; a non-empty folder
+    without ``overwrite``; with ``overwrite``, a non-empty folder that is not an earlier emprune
+    output (it has no ``emprune.json``); a place that cannot be written. A symlinked
+    ``out_dir`` is followed: the folder it points to is written (or replaced) and the link
+    kept. Raises ``FileExistsError``, ``ValueError`` or ``PermissionError`` with one line."""
+    from ..io import check_can_write
+
+    given = Path(out_dir).expanduser()
+    out = given.resolve()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{given} exists and is not a folder")
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise ValueError(f"{given} is the current folder or one of its parents; choose a new folder to write to")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{given} exists and is not empty; pass overwrite=True (--overwrite) to "
+                                  "replace an earlier emprune output")
+        if not (out / REPORT_NAME).is_file():
+            raise FileExistsError(f"{given} is not an earlier emprune output (it holds no {REPORT_NAME}); "
+                                  "--overwrite replaces only those: choose another folder")
+    check_can_write(out, folder=True)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (assumed alive where that cannot be told)."""
+    if os.name != "posix":  # os.kill(pid, 0) would send CTRL_C_EVENT on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def clean_stale_temporaries(out_dir: str | os.PathLike) -> list[str]:
+    """Deal with the hidden leftovers of earlier runs that were killed while writing ``out_dir``
+    (``.NAME.tmp-PID-*``, ``.NAME.old-PID-*`` beside it); returns one line per leftover found.
+
+    A leftover is touched only when it is clearly ours and dead: it holds :data:`WRITING_MARK`
+    naming this host and a process that no longer exists. A dead temporary folder (an
+    incomplete new output) is removed. A dead ``.old-`` folder holds the previous output moved
+    aside during the final swap: it is put back where the new output never arrived, and removed
+    otherwise. Anything else (a live run, another host, no mark) is only reported."""
+    out = Path(out_dir).expanduser().resolve()
+    if not out.parent.is_dir():
+        return []
+    notes: list[str] = []
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(tmp|old)-")
+    for p in sorted(out.parent.iterdir()):
+        m = pattern.match(p.name)
+        if not m or p.is_symlink() or not p.is_dir():
+            continue
+        try:
+            mark = json.loads((p / WRITING_MARK).read_text())
+            pid, host = int(mark["pid"]), str(mark["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            notes.append(f"note: {p} looks like the leftover of an interrupted emprune run; remove it if no "
+                         "run is writing it")
+            continue
+        if host != socket.gethostname() or _alive(pid):
+            notes.append(f"note: {p} is being written by emprune process {pid} on {host} (or was; remove it if "
+                         "that run is gone)")
+            continue
+        if m.group(1) == "old" and (p / "dir").is_dir() and not out.exists():
+            os.replace(p / "dir", out)
+            notes.append(f"note: restored {out} from {p} (a run killed while replacing it)")
+        shutil.rmtree(p, ignore_errors=True)
+        notes.append(f"note: removed {p}, left by emprune process {pid} that was killed")
+    return notes
+
+
+def _mark_ours(folder: Path) -> None:
+    (folder / WRITING_MARK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+
+
+def _our_tmp_dir(out: Path, kind: str) -> Path:
+    """A hidden, marked folder beside ``out`` (``.NAME.KIND-PID-RANDOM``)."""
+    d = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
+    _mark_ours(d)
+    return d
+
+
 def save_pruned(
     model: nn.Module,
     tokenizer: Any,
     out_dir: str | os.PathLike,
     report_json: dict,
     overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
 ) -> Path:
     """Write model (safetensors), tokenizer and ``emprune.json`` to ``out_dir``, atomically.
 
     Everything is written into a hidden temporary folder next to ``out_dir`` and renamed into
-    place at the end, so an interrupted run never leaves a complete-looking ``out_dir``. An
-    existing non-empty ``out_dir`` is refused unless ``overwrite=True``; it is then replaced
-    only once the new folder is complete.
+    place at the end, so an interrupted run never leaves a complete-looking ``out_dir``.
+    ``out_dir`` goes through :func:`check_out_dir` (an existing non-empty folder is replaced only
+    with ``overwrite=True`` and only if it is an earlier emprune output, and only once the new
+    folder is complete) and leftovers of killed runs through :func:`clean_stale_temporaries`.
+    ``dtype`` casts the model in place before saving (``None``: as it is). Files get the usual modes (umask), not the
+    private ones of temporary files. Returns the folder written (symlinks resolved).
     """
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    from ..io import usual_mode
+
+    out = check_out_dir(out_dir, overwrite)
+    clean_stale_temporaries(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _our_tmp_dir(out, "tmp")
     try:
-        model.save_pretrained(tmp)
+        if dtype is not None:
+            model.to(dtype=dtype)
+        with quiet_progress(not progress):
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         # the report goes last: its presence marks a finished folder
         (tmp / REPORT_NAME).write_text(json.dumps(report_json, indent=2, default=_json_default) + "\n")
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes a private (0700) folder; the result is not private
+        (tmp / WRITING_MARK).unlink()
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp (0700) and some writers (0600) are private
+            if not path.is_symlink():
+                os.chmod(path, usual_mode(path.is_dir()))
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -211,13 +363,14 @@ def save_pruned(
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``, moving an existing ``out`` aside first."""
+    """Rename the finished ``tmp`` to ``out``, moving an existing ``out`` aside first (into a
+    marked ``.old-`` folder, so that a run killed between the two renames can be repaired)."""
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     if not out.exists():
         os.replace(tmp, out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = _our_tmp_dir(out, "old")
     os.replace(out, old / "dir")
     try:
         os.replace(tmp, out)
