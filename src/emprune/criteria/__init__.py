@@ -26,7 +26,7 @@ from .wanda import InputNorms, Wanda
 CriterionLike = Union[str, Criterion, Callable[[str, nn.Module], Tensor]]
 
 __all__ = ["Criterion", "Custom", "Magnitude", "Wanda", "InputNorms", "Taylor", "Gradient", "Random",
-           "Entry", "register", "get", "entry", "names", "CriterionLike", "run_model"]
+           "Entry", "register", "unregister", "get", "entry", "names", "CriterionLike", "run_model"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,12 @@ def register(name: str, factory: Callable[..., Criterion], *, summary: str = "",
     entry = Entry(key, factory, dict(options), summary)
     _REGISTRY[key] = entry
     return entry
+
+
+def unregister(name: str) -> None:
+    """Remove ``name`` from the registry (e.g. a criterion registered by a test)."""
+    entry(name)  # a clear error for an unknown name
+    del _REGISTRY[name.lower()]
 
 
 def entry(name: str) -> Entry:

@@ -565,9 +565,10 @@ def _plot_section(ax: Any, sec: dict[str, Any], doc: dict[str, Any], numbers: di
         if y > top:
             y = top
             off.append(f"  {sec['targets']}: {r['label']}: ppl {r['ppl']:.4g}")
-        ax.scatter(x, y, marker=_MARKER.get(r["kind"], "o"), s=170 if r["kind"] == "emp" else 45,
-                   color=color.get(r["criterion"], "k"), edgecolor="k", lw=0.5, zorder=3, clip_on=False)
-    xs = [100 * _pruned(r) for r in sec["rows"]] + [0.0]
+        emp = r["kind"] == "emp"  # big stars below, the smaller baseline markers drawn over them
+        ax.scatter(x, y, marker=_MARKER.get(r["kind"], "o"), s=190 if emp else 40, zorder=3 if emp else 4,
+                   color=color.get(r["criterion"], "k"), edgecolor="k", lw=0.5, clip_on=False)
+    xs = [100 * _pruned(r) for r in sec["rows"]] or [0.0]
     x0, x1 = min(xs) - 2, max(xs) + 2
     ax.set_xlim(x0, x1)
     _number_emp_runs(ax, sec, numbers, x0, x1)
