@@ -352,7 +352,8 @@ def prune_lm(
 
     ``criterion`` selects which entries to keep: a registered criterion usable layer-wise
     (:func:`criterion_choices`: ``magnitude`` |W|, ``wanda`` |W| * ||X_j||_2 over the
-    calibration tokens ``calib_tokens`` ``[n, seqlen]``, ...) or such a Criterion instance. How
+    calibration tokens ``calib_tokens`` ``[n, seqlen]``, ...) or such a Criterion instance
+    (whose statistics are then gathered afresh and released at the end). How
     many: ``sparsity`` (a fixed fraction per unit: the Wanda/magnitude baselines), ``counts``
     (exactly a reference run's per-unit counts, e.g. ``LMPruneResult.counts``; ``counts_from``
     names it in the report), or EMP ``floor(beta * N_eff)`` per the ``recipe`` (``default``,
@@ -377,6 +378,8 @@ def prune_lm(
     start = time.perf_counter()
     with PeakMemory(device if device is not None else next(model.parameters()).device) as mem:
         try:
+            for c in plan.observers:  # statistics are gathered afresh, on this model's blocks
+                c.release()
             mode, timing = _run(plan, model, mods, calib_tokens, targets, record, progress=progress,
                                 device=device, batch_size=batch_size)
         finally:
