@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from emprune import rule  # noqa: E402
+from emprune.criteria import InputNorms, Wanda  # noqa: E402
 from emprune.cli import main  # noqa: E402
 from emprune.llm import calibrate, compare, models  # noqa: E402
 from emprune.llm import prune as P  # noqa: E402
@@ -54,13 +55,10 @@ def test_paper_recipe_is_per_row_emp_on_wanda_scores(model):
     to Wanda scores computed from hand-collected input norms."""
     calib = _calib(model)
     dense = _mlp_weights(model)
-    seen = {}
-
-    def grab(i, stats):
-        if i == 0:
-            seen.update({n: sq.clone() for n, (_, sq, _) in stats.items()})
-
-    calibrate.prune_layerwise(models.load_causal_lm(model.name_or_path)[0], calib, "mlp", grab, progress=False)
+    norms = InputNorms()
+    calibrate.prune_layerwise(models.load_causal_lm(model.name_or_path)[0], calib, "mlp", lambda i, lin: None,
+                              [norms], progress=False)
+    seen = norms.sq
     res = P.prune_lm(model, calib, criterion="wanda", recipe="paper", progress=False)
     for rel in ("gate_proj", "up_proj", "down_proj"):
         name = f"model.layers.0.mlp.{rel}"
@@ -147,10 +145,10 @@ def test_global_scope_one_dense_pass(model, tiny):
     res = P.prune_lm(model, calib, criterion="wanda", scope="global", recipe="paper", progress=False)
     assert res.info["calibration"]["mode"].startswith("one dense pass")
     # one decision over all layers: the global N_eff of the dense-pass Wanda scores
-    norms = {}
-    calibrate.prune_layerwise(models.load_causal_lm(tiny[0])[0], calib, "mlp",
-                              lambda i, s: norms.update({n: sq for n, (_, sq, _) in s.items()}), progress=False)
-    scores = [dense[n].abs() * norms[n].sqrt().float() for n in dense]
+    norms = InputNorms()
+    calibrate.prune_layerwise(models.load_causal_lm(tiny[0])[0], calib, "mlp", lambda i, lin: None, [norms],
+                              progress=False)
+    scores = [dense[n].abs() * norms.sq[n].sqrt().float() for n in dense]
     neff, n = rule.global_effective_number(scores)
     assert res.report.kept == int(math.floor(neff * (1 + 2**-48)))
     assert res.info["summary"]["global_neff"] == pytest.approx(neff)
@@ -189,7 +187,7 @@ def test_units_pruned_above_95_percent_are_warned(model):
     """One massive input feature makes the Wanda scores of every down_proj row one spike:
     the paper recipe keeps ~1 entry per row; the report warns."""
     down = P.target_modules(model, "mlp")["model.layers.0.mlp.down_proj"]
-    wanda = P.Wanda()
+    wanda = Wanda()
     sq = torch.ones(down.in_features, dtype=torch.float64)
     sq[3] = 1e12
     wanda.set_norms("d", sq)
@@ -221,10 +219,9 @@ def test_calibration_batches_give_same_statistics():
         toks = torch.randint(0, 100, (5, 12))
         got = []
         for bs in (1, 2, 8):
-            stats = {}
-            calibrate.prune_layerwise(m, toks, "linear", lambda i, s: stats.update(
-                {n: sq.clone() for n, (_, sq, _) in s.items()}), progress=False, batch_size=bs)
-            got.append(stats)
+            norms = InputNorms()
+            calibrate.prune_layerwise(m, toks, "linear", lambda i, lin: None, [norms], progress=False, batch_size=bs)
+            got.append(norms.sq)
         for other in got[1:]:
             for n in got[0]:
                 torch.testing.assert_close(other[n], got[0][n], rtol=1e-5, atol=1e-8)
@@ -323,22 +320,30 @@ def test_cli_compare_and_matched_rows(tiny, tmp_path, capsys):
     for sec in doc["sections"]:
         rows = {r["key"]: r for r in sec["rows"]}
         labels = [r["label"] for r in sec["rows"]]
-        assert labels[:2] == ["magnitude 50%", "Wanda 50%"]
-        assert any("(paper)" in l and "Wanda" in l for l in labels)
-        assert any("default recipe" in l for l in labels) and any("recipe floor" in l for l in labels)
+        assert labels[:5] == ["magnitude 50%", "Wanda 50%", "EMP-magnitude (paper)", "EMP-Wanda (paper)",
+                              "EMP-Wanda (default)"]
+        assert "EMP-Wanda (floor)" in labels and "magnitude @EMP-Wanda (paper) counts" in labels
+        assert len(set(labels)) == len(labels)  # short and distinct
         for r in sec["rows"]:
-            for key in ("ppl", "ppl_other", "sparsity", "prune_seconds", "peak_memory"):
+            for key in ("ppl", "ppl_other", "pruned_fraction", "prune_seconds", "peak_memory"):
                 assert r[key] is not None, (r["label"], key)
+            # one vocabulary: pruned vs zeros fraction; the old key still written (same value)
+            assert r["sparsity"] == r["pruned_fraction"] and r["max_unit_sparsity"] == r["max_unit_pruned_fraction"]
+            assert r["zeros_fraction"] >= r["pruned_fraction"] - 1e-12
             if r["kind"] == "matched":  # exactly the reference's per-layer kept counts
                 ref = rows[r["ref"]]
-                assert r["per_layer_sparsity"] == pytest.approx(ref["per_layer_sparsity"])
+                assert r["per_layer_pruned_fraction"] == pytest.approx(ref["per_layer_pruned_fraction"])
             if r["kind"] == "uniform":
-                assert r["sparsity"] == pytest.approx(rows[r["ref"]]["sparsity"], abs=0.02)
+                assert r["pruned_fraction"] == pytest.approx(rows[r["ref"]]["pruned_fraction"], abs=0.02)
+                assert r["label"].startswith(f"{'Wanda' if r['criterion'] == 'wanda' else 'magnitude'} uniform "
+                                             f"@{100 * r['uniform_at']:.1f}%")
         # Wanda at EMP-magnitude's counts is the default recipe (count by |W|): not run twice
-        default = next(r for r in sec["rows"] if "default recipe" in r["label"])
-        assert default["same_as"] == ["Wanda, counts of EMP-magnitude (paper)"]
+        default = next(r for r in sec["rows"] if r["label"] == "EMP-Wanda (default)")
+        assert default["same_as"] == ["Wanda @EMP-magnitude (paper) counts"]
     md = prefix.with_suffix(".md").read_text()
     assert "emprune compare" in md and "| dense |" in md and "targets: linear" in md
+    assert "| EMP-Wanda (default) [b] |" in md and "[b] also stands for Wanda @EMP-magnitude (paper) counts" in md
+    assert "**matched**" in md and "**uniform**" in md  # the names are explained under the tables
     assert "results:" in capsys.readouterr().out
 
 

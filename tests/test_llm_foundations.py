@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: E402
 
+from emprune.criteria import InputNorms  # noqa: E402
 from emprune.llm import calibrate, data, eval as llm_eval, models  # noqa: E402
 from tiny_llama import TEXT, save_tiny  # noqa: E402
 
@@ -178,22 +179,22 @@ def test_calibration_calls_decide_per_block(tiny):
     model = _fresh(tiny)
     tokens = _calib(tiny)
     calls = []
+    norms = InputNorms()  # Wanda's input-norm hooks, the observer of the loop
 
-    def decide(i, stats):
-        calls.append((i, {n: (lin, sq.clone(), cnt) for n, (lin, sq, cnt) in stats.items()}))
+    def on_block(i, linears):
+        calls.append((i, {n: (lin, norms.sq[n].clone()) for n, lin in linears.items()}))
 
     model.config.use_cache = True
-    timing = calibrate.prune_layerwise(model, tokens, "linear", decide, progress=False)
+    timing = calibrate.prune_layerwise(model, tokens, "linear", on_block, [norms], progress=False)
     assert model.config.use_cache is True and not model.training
     assert [i for i, _ in calls] == [0, 1, 2]
     assert timing["blocks"] == 3 and len(timing["block_seconds"]) == 3 and timing["seconds"] > 0
     layers = models.decoder_layers(model)
     for i, stats in calls:
         assert set(stats) == {f"model.layers.{i}.{n}" for n in models.block_linears(layers[i], "linear")}
-        for name, (lin, sq, cnt) in stats.items():
+        for name, (lin, sq) in stats.items():
             assert lin is model.get_submodule(name)
-            assert sq.dtype == torch.float64 and sq.shape == (lin.in_features,)
-            assert cnt == tokens.numel()
+            assert sq.dtype == torch.float64 and sq.shape == (lin.in_features,) and bool((sq > 0).all())
     # block 0: hook statistics equal a hand computation from the embeddings
     with torch.no_grad():
         ref, _ = _reference_block_inputs(model, layers[0], model.model.embed_tokens(tokens))
@@ -204,7 +205,7 @@ def test_calibration_calls_decide_per_block(tiny):
 def test_calibration_mlp_targets_only(tiny):
     model = _fresh(tiny)
     seen = []
-    calibrate.prune_layerwise(model, _calib(tiny), "mlp", lambda i, s: seen.append(sorted(s)), progress=False)
+    calibrate.prune_layerwise(model, _calib(tiny), "mlp", lambda i, lin: seen.append(sorted(lin)), progress=False)
     assert seen[1] == [f"model.layers.1.mlp.{p}_proj" for p in ("down", "gate", "up")]
 
 
@@ -213,14 +214,15 @@ def test_next_block_sees_pruned_outputs(tiny):
     model = _fresh(tiny)
     tokens = _calib(tiny)
     seen = {}
+    norms = InputNorms()
 
-    def decide(i, stats):
-        seen[i] = {n: sq.clone() for n, (_, sq, _) in stats.items()}
+    def on_block(i, linears):
+        seen[i] = {n: norms.sq[n].clone() for n in linears}
         if i == 0:
-            for lin, _, _ in stats.values():
+            for lin in linears.values():
                 lin.weight.zero_()
 
-    calibrate.prune_layerwise(model, tokens, "linear", decide, progress=False)
+    calibrate.prune_layerwise(model, tokens, "linear", on_block, [norms], progress=False)
     layers = models.decoder_layers(model)
     assert all((lin.weight == 0).all() for lin in models.block_linears(layers[0], "linear").values())
     with torch.no_grad():
@@ -246,10 +248,9 @@ def test_accelerate_dispatched_model(tiny):
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
     stats = []
     for m in (plain, hooked):
-        got = {}
-        calibrate.prune_layerwise(m, tokens, "mlp", lambda i, s: got.update({n: v[1].clone() for n, v in s.items()}),
-                                  progress=False)
-        stats.append(got)
+        norms = InputNorms()
+        calibrate.prune_layerwise(m, tokens, "mlp", lambda i, lin: None, [norms], progress=False)
+        stats.append(norms.sq)
     assert stats[0].keys() == stats[1].keys() and len(stats[0]) == 9
     for name in stats[0]:
         torch.testing.assert_close(stats[0][name], stats[1][name])

@@ -93,8 +93,8 @@ def prune(
     mods = select_targets(model, targets)
     crit = C.get(criterion, loss_fn=loss_fn, seed=seed)
     cnt = None if count_by is None else C.get(count_by, loss_fn=loss_fn, seed=seed)
-    if cnt is not None and type(cnt) is type(crit) and not isinstance(cnt, (C.Custom, C.Random)):
-        cnt = None  # the same criterion: score once
+    if cnt is not None and cnt.same_as(crit):
+        cnt = None  # the same scores: score once
     calib = list(calibration) if calibration is not None else None  # may be iterated twice
     # prepare what needs data; a criterion the caller prepared already is used as it is
     ours = [c for c in (crit, cnt) if c is not None and (calib is not None or not c.prepared)]
@@ -102,9 +102,8 @@ def prune(
         c.prepare(model, mods, calib)
     tlist = [Target(n, m.weight.shape, _bind(crit, n, m), None if cnt is None else _bind(cnt, n, m))
              for n, m in mods.items()]
-    report = PruneReport(criterion=crit.name, count_by=(cnt or crit).name, scope=scope,
-                         beta=None if sparsity is not None else float(beta),
-                         target_sparsity=sparsity, min_keep=min_keep)
+    report = PruneReport.for_run(crit.name, (cnt or crit).name, scope, beta=beta, sparsity=sparsity,
+                                 min_keep=min_keep)
     try:
         decisions = decide(tlist, scope, beta, sparsity=sparsity, min_keep=min_keep, negative=negative)  # type: ignore[arg-type]
         for d in _progress(decisions, len(tlist), progress, f"emprune {scope}"):

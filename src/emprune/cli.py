@@ -210,7 +210,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_llm_parsers(sub) -> None:
-    from .llm.prune import COUNT_BY, CRITERIA, DEFAULT_RECIPE, RECIPE_CHOICES, RECIPES
+    from .llm.prune import DEFAULT_RECIPE, RECIPE_CHOICES, RECIPES, count_by_choices, criterion_choices
 
     pr = sub.add_parser(
         "prune", help="prune a causal LM with EMP and save it (transformers folder + emprune.json)",
@@ -228,7 +228,7 @@ def _add_llm_parsers(sub) -> None:
     pr.add_argument("--overwrite", action="store_true",
                     help="replace --out if it is an earlier emprune output (holds emprune.json); any other "
                          "non-empty folder is refused")
-    pr.add_argument("--criterion", choices=CRITERIA, default="wanda",
+    pr.add_argument("--criterion", choices=criterion_choices(), default="wanda",
                     help="which entries to keep: |W| or Wanda |W|*||X|| (default wanda)")
     pr.add_argument("--scope", choices=SCOPES, default="row",
                     help="row: per output row (paper); layer: per matrix; global: one decision over all "
@@ -242,7 +242,7 @@ def _add_llm_parsers(sub) -> None:
                     help=_esc(f"where EMP's counts come from; default = {DEFAULT_RECIPE}; paper = the "
                               "criterion's own scores per unit, no floor. "
                               + "; ".join(f"{k}: {r.summary}" for k, r in RECIPES.items())))
-    pr.add_argument("--count-by", choices=COUNT_BY, default=None,
+    pr.add_argument("--count-by", choices=count_by_choices(), default=None,
                     help="override the recipe: scores whose N_eff sets the count (same = the criterion's)")
     pr.add_argument("--min-keep", type=_min_keep, default=None,
                     help="override the recipe: per-unit floor, a fraction (0.3) or a count (64)")

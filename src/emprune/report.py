@@ -1,4 +1,15 @@
-"""What a pruning run did: per target and overall, printable as a table or JSON."""
+"""What a pruning run did: per target and overall, printable as a table or JSON.
+
+Two fractions, one vocabulary everywhere (reports, ``emprune.json``, compare JSON and tables):
+
+* **pruned fraction** = weights removed by pruning / targeted weights of the dense model
+  (``1 - kept/total``): the sparsity a run chose;
+* **zeros fraction** = targeted weights that are zero after pruning / targeted weights, which
+  also counts zeros already present in the dense weights (e.g. from quantisation).
+
+They differ only by pre-existing zeros. The JSON key ``sparsity`` (the zeros fraction here;
+the pruned fraction in compare rows) is still written, for one version, beside the new keys.
+"""
 from __future__ import annotations
 
 import json
@@ -32,8 +43,9 @@ class LayerReport:
     kept: int
     total: int
     zeros: int  # weights that are zero after pruning (pre-existing zeros included)
-    sparsity: float  # zeros / total
-    max_unit_sparsity: float
+    zeros_fraction: float  # zeros / total
+    pruned_fraction: float  # 1 - kept / total
+    max_unit_pruned_fraction: float  # the most-pruned unit's 1 - k / n
     raised_by_floor: int
     mass_mean: float
     mass_min: float
@@ -43,22 +55,37 @@ class LayerReport:
     @classmethod
     def from_decision(cls, d: Decision, zeros: int) -> "LayerReport":
         units = int(d.k.numel())
-        unit_sp = 1.0 - d.k.double() / d.n_per_unit
+        unit_pruned = 1.0 - d.k.double() / d.n_per_unit
         ok = bool((d.mass >= d.guaranteed - 1e-9).all()) if d.unit != "global" else True
         return cls(
             name=d.name, shape=list(d.shape), unit=d.unit, units=units, n_per_unit=d.n_per_unit,
             neff_mean=float(d.neff.mean()), neff_min=float(d.neff.min()), neff_max=float(d.neff.max()),
-            kept=d.kept, total=d.total, zeros=zeros, sparsity=zeros / d.total,
-            max_unit_sparsity=float(unit_sp.max()), raised_by_floor=d.raised,
-            mass_mean=float(d.mass.mean()), mass_min=float(d.mass.min()),
+            kept=d.kept, total=d.total, zeros=zeros, zeros_fraction=zeros / d.total,
+            pruned_fraction=1.0 - d.kept / d.total, max_unit_pruned_fraction=float(unit_pruned.max()),
+            raised_by_floor=d.raised, mass_mean=float(d.mass.mean()), mass_min=float(d.mass.min()),
             bound_min=float(d.guaranteed.min()), bound_ok=ok,
         )
+
+    @property
+    def sparsity(self) -> float:
+        """Old name of :attr:`zeros_fraction` (kept for one version)."""
+        return self.zeros_fraction
+
+    @property
+    def max_unit_sparsity(self) -> float:
+        """Old name of :attr:`max_unit_pruned_fraction` (kept for one version)."""
+        return self.max_unit_pruned_fraction
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, plus the old keys ``sparsity`` and ``max_unit_sparsity`` (one version)."""
+        return {**asdict(self), "sparsity": self.sparsity, "max_unit_sparsity": self.max_unit_sparsity}
 
 
 @dataclass
 class PruneReport:
-    """Summary of one pruning run.  ``sparsity`` is the fraction of targeted weights that
-    are zero after pruning (what a user measures on the model)."""
+    """Summary of one pruning run: :attr:`pruned_fraction` (what pruning removed) and
+    :attr:`zeros_fraction` (what a user measures on the model: zeros after pruning, dense
+    zeros included), per target in :attr:`layers` and overall."""
 
     criterion: str
     count_by: str
@@ -74,6 +101,15 @@ class PruneReport:
     extra: dict[str, Any] = field(default_factory=dict)
     _mass_kept: float = field(default=0.0, repr=False)
     _mass_total: float = field(default=0.0, repr=False)
+
+    @classmethod
+    def for_run(cls, criterion: str, count_by: str, scope: str, *, beta: float, sparsity: float | None = None,
+                min_keep: float | int | None = None, explicit_counts: bool = False) -> "PruneReport":
+        """An empty report for a run: ``beta`` is recorded only when EMP set the counts (not
+        with a fixed ``sparsity`` or explicit counts)."""
+        emp = sparsity is None and not explicit_counts
+        return cls(criterion=criterion, count_by=count_by, scope=scope, beta=float(beta) if emp else None,
+                   target_sparsity=sparsity, min_keep=min_keep)
 
     def add(self, d: Decision, zeros: int) -> LayerReport:
         """Record one target's decision (``zeros``: its weights that are zero now)."""
@@ -100,13 +136,19 @@ class PruneReport:
         return sum(l.zeros for l in self.layers)
 
     @property
-    def sparsity(self) -> float:
+    def zeros_fraction(self) -> float:
+        """Targeted weights that are zero now / targeted weights (dense zeros included)."""
         return self.zeros / self.total if self.total else 0.0
+
+    @property
+    def sparsity(self) -> float:
+        """Old name of :attr:`zeros_fraction` (kept for one version)."""
+        return self.zeros_fraction
 
     @property
     def pruned_fraction(self) -> float:
         """Share of the targeted weights the masks removed (``1 - kept/total``); differs from
-        :attr:`sparsity` by the weights that were already zero before pruning."""
+        :attr:`zeros_fraction` by the weights that were already zero before pruning."""
         return 1.0 - self.kept / self.total if self.total else 0.0
 
     @property
@@ -117,18 +159,22 @@ class PruneReport:
 
     @property
     def warnings(self) -> list[str]:
-        w = [f"{l.name}: a {l.unit if l.unit != 'global' else 'layer'} is pruned to "
-             f"{100 * l.max_unit_sparsity:.1f}% sparsity (above {100 * WARN_UNIT_SPARSITY:.0f}%); "
-             f"consider min_keep or count_by" for l in self.layers if l.max_unit_sparsity > WARN_UNIT_SPARSITY]
+        w = [f"{l.name}: a {l.unit if l.unit != 'global' else 'layer'} is "
+             f"{100 * l.max_unit_pruned_fraction:.1f}% pruned (above {100 * WARN_UNIT_SPARSITY:.0f}%); "
+             f"consider min_keep or count_by" for l in self.layers
+             if l.max_unit_pruned_fraction > WARN_UNIT_SPARSITY]
         if not self.bound_ok:  # cannot happen for EMP masks; would reveal a bug
             w.append("retained mass below the EMP bound for some unit")
         return w
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able: the settings, per-layer rows and totals (``sparsity``: the old name of
+        ``zeros_fraction``, written for one version)."""
         d = asdict(self)
         d.pop("_mass_kept"), d.pop("_mass_total")
-        d.update(total=self.total, kept=self.kept, zeros=self.zeros, sparsity=self.sparsity,
-                 pruned_fraction=self.pruned_fraction,
+        d["layers"] = [l.to_dict() for l in self.layers]
+        d.update(total=self.total, kept=self.kept, zeros=self.zeros, pruned_fraction=self.pruned_fraction,
+                 zeros_fraction=self.zeros_fraction, sparsity=self.sparsity,
                  bound_ok=self.bound_ok, warnings=self.warnings)
         return _finite(d)
 
@@ -138,7 +184,7 @@ class PruneReport:
     def table(self) -> str:
         """A fixed-width table: one line per target, then the totals."""
         head = f"{'target':<40} {'shape':>14} {'unit':>6} {'N':>8} {'N_eff mean [min,max]':>26} " \
-               f"{'kept':>11} {'sparsity':>8} {'mass':>6} {'bound':>6}"
+               f"{'kept':>11} {'pruned':>8} {'mass':>6} {'bound':>6}"
         lines = [head, "-" * len(head)]
         for l in self.layers:
             if l.unit == "global":  # one N_eff for the whole model: printed below the table
@@ -148,13 +194,15 @@ class PruneReport:
             else:
                 neff = f"{l.neff_mean:.1f}"
             lines.append(f"{_clip(l.name, 40):<40} {'x'.join(map(str, l.shape)):>14} {l.unit:>6} "
-                         f"{l.n_per_unit:>8} {neff:>26} {l.kept:>11} {100 * l.sparsity:>7.2f}% "
+                         f"{l.n_per_unit:>8} {neff:>26} {l.kept:>11} {100 * l.pruned_fraction:>7.2f}% "
                          f"{l.mass_mean:>6.3f} {l.bound_min:>6.3f}")
         lines.append("-" * len(head))
-        how = f"beta={self.beta:g}" if self.target_sparsity is None else f"sparsity={self.target_sparsity:g}"
+        how = (f"sparsity={self.target_sparsity:g}" if self.target_sparsity is not None
+               else f"beta={self.beta:g}" if self.beta is not None else "explicit counts")
         lines.append(f"criterion={self.criterion} count_by={self.count_by} scope={self.scope} {how} "
                      f"min_keep={self.min_keep}")
-        lines.append(f"kept {self.kept:,} of {self.total:,} targeted weights; sparsity {100 * self.sparsity:.2f}%"
+        lines.append(f"kept {self.kept:,} of {self.total:,} targeted weights; pruned {100 * self.pruned_fraction:.2f}%, "
+                     f"zeros {100 * self.zeros_fraction:.2f}%"
                      + (f"; global N_eff {self.global_neff:.1f}, mass {self.global_mass:.4f} >= bound "
                         f"{self.global_bound:.4f}" if self.global_neff is not None else "")
                      + f"; {self.seconds:.2f} s")

@@ -1,13 +1,24 @@
 """The criterion protocol: how the entries of a weight are scored.
 
-A criterion turns ``(name, module)`` into a score tensor shaped like ``module.weight``.
-Criteria that need data (Wanda, Taylor) collect it in :meth:`Criterion.prepare`, which the
-pruner calls once with the model, its targets and the calibration batches, and drop it in
-:meth:`Criterion.release`.  Scores are computed on demand (and may be asked for more than
-once, e.g. by the global scope's streaming passes), so ``__call__`` must be cheap and pure.
+A criterion turns ``(name, module)`` into a score tensor shaped like ``module.weight``. Its
+lifecycle, the same wherever it is used:
+
+1. collect: :meth:`Criterion.prepare` runs the calibration batches through the model once
+   (``emprune.prune``); criteria whose statistics come from forward hooks on the targets
+   (Wanda's input norms) expose those hooks as :meth:`Criterion.observe`, so the layer-wise LLM
+   loop can gather them block by block instead;
+2. score: ``criterion(name, module)``, on demand and possibly more than once (the global
+   scope streams over the targets twice), so ``__call__`` must be cheap and pure;
+3. release: :meth:`Criterion.release` drops the statistics of some targets, or of all.
+
+Capabilities are class attributes: ``needs_calibration`` (scores need data) and
+:attr:`Criterion.layerwise` (usable in the layer-wise LLM loop: data-free, or fed by
+:meth:`Criterion.observe`). A new criterion is one module plus one line in
+:mod:`emprune.criteria`'s registry (:func:`emprune.criteria.register`).
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Iterable, Mapping
 
 from torch import Tensor, nn
@@ -43,6 +54,17 @@ class Criterion:
         if self.needs_calibration and calibration is None:
             raise ValueError(f"criterion {self.name!r} needs calibration batches (calibration=...)")
 
+    def observe(self, targets: Mapping[str, nn.Module]) -> AbstractContextManager[None]:
+        """Forward hooks on ``targets`` gathering this criterion's statistics while the caller
+        runs data through them, removed on exit (default: none, nothing to gather)."""
+        return nullcontext()
+
+    @property
+    def layerwise(self) -> bool:
+        """Usable in the layer-wise LLM loop: data-free, or its statistics come from
+        :meth:`observe` hooks (not from a loss over the whole model, like Taylor's)."""
+        return not self.needs_calibration or type(self).observe is not Criterion.observe
+
     @property
     def prepared(self) -> bool:
         """Whether the statistics the scores need are there (always, for data-free criteria)."""
@@ -51,11 +73,21 @@ class Criterion:
     def __call__(self, name: str, module: nn.Module) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def release(self) -> None:
-        """Free collected statistics."""
+    def release(self, names: Iterable[str] | None = None) -> None:
+        """Free collected statistics: of the targets ``names``, or all of them (default)."""
+
+    def options(self) -> dict[str, Any]:
+        """The settings that shape the scores (two criteria of one type with equal options
+        score alike; see :meth:`same_as`)."""
+        return {}
+
+    def same_as(self, other: object) -> bool:
+        """Whether ``other`` gives the same scores from the same data (then it is scored once)."""
+        return type(other) is type(self) and other.options() == self.options()  # type: ignore[attr-defined]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
 
 
 class Custom(Criterion):
@@ -64,6 +96,9 @@ class Custom(Criterion):
     def __init__(self, fn: Callable[[str, nn.Module], Tensor], name: str | None = None) -> None:
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "custom")
+
+    def options(self) -> dict[str, Any]:
+        return {"fn": self.fn}
 
     def __call__(self, name: str, module: nn.Module) -> Tensor:
         s = self.fn(name, module)

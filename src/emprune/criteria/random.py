@@ -20,5 +20,5 @@ class Random(Criterion):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
         return torch.rand(w.shape, generator=g, dtype=torch.float32).to(w.device)
 
-    def __repr__(self) -> str:
-        return f"Random(seed={self.seed})"
+    def options(self) -> dict[str, int]:
+        return {"seed": self.seed}

