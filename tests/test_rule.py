@@ -317,10 +317,9 @@ def test_float64_overflowing_squares():
     assert math.isclose(float(emprune.effective_number(x.reshape(1, -1), dim=1)), 36 / 14, rel_tol=1e-9)
 
 
-def test_kernel_and_torch_paths_agree(monkeypatch):
+@pytest.mark.parametrize("selection_path", ["kernel"], indirect=True)  # compares both paths itself
+def test_kernel_and_torch_paths_agree(monkeypatch, selection_path):
     from emprune import _kernels
-    if not _kernels.AVAILABLE:
-        pytest.skip("numba not installed")
     g = torch.Generator().manual_seed(5)
     xs = [torch.randn(50, 3000, generator=g), torch.randn(50, 3000, generator=g).bfloat16(),
           torch.randn(50, 3000, generator=g).half(), torch.randn(50, 3000, generator=g).double() * 1e-30,
