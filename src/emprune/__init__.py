@@ -5,6 +5,7 @@ EMP keeps, in every group of scores, the ``floor(beta * N_eff)`` largest, where
 """
 from .apply import apply_mask, make_permanent, prune, restore, select_targets
 from .report import LayerReport, PruneReport
+from . import io  # noqa: F401  (emprune.io.save_pruned / load_state_dict right after `import emprune`)
 from .rule import (
     effective_number,
     global_effective_number,
