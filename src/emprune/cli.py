@@ -91,7 +91,7 @@ def _add_calib_args(p: argparse.ArgumentParser, samples: int, seqlen: int) -> No
                    help=f"random windows of calibration text (default {samples})")
     g.add_argument("--seqlen", type=int, default=seqlen, help=f"tokens per calibration window (default {seqlen})")
     g.add_argument("--calib-text", default=None,
-                   help="text file (default: WikiText-2 validation from shared/data or $EMPRUNE_DATA), "
+                   help="text file (default: WikiText-2 validation, shipped with emprune; $EMPRUNE_DATA overrides), "
                         "'python-docs' (offline, ships with Python) or 'wikitext2'/'c4' (online)")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
     g.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default 8)")
@@ -155,7 +155,7 @@ def _add_llm_parsers(sub) -> None:
     ev.add_argument("--eval-tokens", type=int, default=None, help="first T tokens of the text (default: all)")
     ev.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
     ev.add_argument("--eval-text", default=None,
-                    help="text file (default: WikiText-2 test from shared/data or $EMPRUNE_DATA), "
+                    help="text file (default: WikiText-2 test, shipped with emprune; $EMPRUNE_DATA overrides), "
                          "'python-docs' (offline), or 'wikitext2'/'c4' (online)")
     ev.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     ev.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON to OUT")
