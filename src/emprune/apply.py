@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from typing import Callable, Iterable, Sequence, Union
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune as tprune
 
 from . import criteria as C
+from .criteria.base import model_inputs
 from .report import PruneReport, count_zeros
 from .scopes import Target, check_options, decide
 
@@ -63,6 +65,7 @@ def prune(
     *,
     sparsity: float | None = None,
     calibration: Iterable | None = None,
+    inputs: Callable | None = None,
     targets: TargetSpec = None,
     count_by: C.CriterionLike | None = None,
     min_keep: float | int | None = None,
@@ -80,17 +83,34 @@ def prune(
     N_eff sets how many each unit keeps.  ``scope`` is ``"row"``, ``"layer"`` or ``"global"``.
     Each unit keeps ``floor(beta * N_eff)``, or ``N - floor(sparsity * N)`` when ``sparsity``
     is given (fixed-sparsity baselines), raised to ``min_keep`` (a fraction or a count).
-    ``calibration`` is an iterable of batches for data-driven criteria; ``loss_fn(model,
-    batch) -> loss`` is needed by Taylor/gradient unless the model returns ``.loss``; a
+    ``calibration`` is an iterable of batches for data-driven criteria; a batch reaches the
+    model as ``model(x)`` (tensor), ``model(*x)`` (tuple/list) or ``model(**x)`` (mapping),
+    after ``inputs(batch)`` when ``inputs`` is given (e.g. ``inputs=lambda b: b[0]`` for the
+    ``(x, y)`` batches of a ``DataLoader``).  ``loss_fn(model, batch) -> loss`` (it gets the
+    whole batch) is needed by Taylor/gradient unless the model returns ``.loss``; a
     criterion instance prepared beforehand is used as it is when no calibration is given.
+    Targets that carry a reversible mask already (an earlier ``prune`` without
+    :func:`restore` or :func:`make_permanent`) get the new mask stacked on the old one: a
+    warning says so and ``report.extra["already_masked"]`` lists them.
     Masks stay reversible (:func:`restore`) until :func:`make_permanent`, or are folded in
     at once with ``permanent=True`` (no extra memory).  ``progress`` shows a progress bar
     over the targets (with ``tqdm`` installed)."""
     check_options(scope, beta, sparsity, min_keep)
     if sparsity is not None and count_by is not None:
         raise ValueError("count_by sets EMP's counts; it has no meaning with a fixed sparsity")
+    if inputs is not None and not callable(inputs):
+        raise ValueError(f"inputs must be a function batch -> model inputs, got {type(inputs).__name__}")
+    if inputs is not None and calibration is None:
+        raise ValueError("inputs= picks the model inputs out of calibration batches: pass calibration= too")
     start = time.perf_counter()
     mods = select_targets(model, targets)
+    masked = _already_masked(model, mods)
+    if masked:
+        warnings.warn(
+            f"{len(masked)} target(s) already carry a reversible mask (e.g. {masked[0]}): the new mask "
+            "stacks on it (weights pruned before stay zero and score as zero). Call "
+            "emprune.restore(model) first to prune the dense weights again, or "
+            "emprune.make_permanent(model) to fold the old masks in.", UserWarning, stacklevel=2)
     crit = C.get(criterion, loss_fn=loss_fn, seed=seed)
     cnt = None if count_by is None else C.get(count_by, loss_fn=loss_fn, seed=seed)
     if cnt is not None and cnt.same_as(crit):
@@ -98,12 +118,15 @@ def prune(
     calib = list(calibration) if calibration is not None else None  # may be iterated twice
     # prepare what needs data; a criterion the caller prepared already is used as it is
     ours = [c for c in (crit, cnt) if c is not None and (calib is not None or not c.prepared)]
-    for c in ours:
-        c.prepare(model, mods, calib)
+    with model_inputs(inputs):
+        for c in ours:
+            c.prepare(model, mods, calib)
     tlist = [Target(n, m.weight.shape, _bind(crit, n, m), None if cnt is None else _bind(cnt, n, m))
              for n, m in mods.items()]
     report = PruneReport.for_run(crit.name, (cnt or crit).name, scope, beta=beta, sparsity=sparsity,
                                  min_keep=min_keep)
+    if masked:
+        report.extra["already_masked"] = masked
     try:
         decisions = decide(tlist, scope, beta, sparsity=sparsity, min_keep=min_keep, negative=negative)  # type: ignore[arg-type]
         for d in _progress(decisions, len(tlist), progress, f"emprune {scope}"):
@@ -115,6 +138,12 @@ def prune(
             c.release()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _already_masked(model: nn.Module, mods: dict[str, nn.Module]) -> list[str]:
+    """Names of the targets whose weight carries a reversible (``weight_mask``) mask."""
+    ids = {id(m) for m, name in _pruned(model) if name == "weight"}
+    return [n for n, m in mods.items() if id(m) in ids]
 
 
 def _progress(it: Iterable, total: int, enabled: bool, desc: str) -> Iterable:

@@ -193,7 +193,7 @@ def _add_calib_args(p: argparse.ArgumentParser, samples: int, seqlen: int) -> No
     g.add_argument("--seqlen", type=_positive, default=seqlen,
                    help=f"tokens per calibration window, at most the model's positions (default {seqlen})")
     g.add_argument("--calib-text", default=None,
-                   help="text file (default: the WikiText-2 validation text; $EMPRUNE_DATA overrides), "
+                   help="text file (default: WikiText-2 validation, shipped with emprune; $EMPRUNE_DATA overrides), "
                         "'python-docs' (offline, ships with Python) or 'wikitext2'/'c4' (online)")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
     g.add_argument("--batch-size", type=_positive, default=8, help="samples per forward pass (default 8)")
@@ -270,7 +270,7 @@ def _add_llm_parsers(sub) -> None:
                     help="window length, at most the model's positions (default 2048, or the model's "
                          "max_position_embeddings if smaller)")
     ev.add_argument("--eval-text", default=None,
-                    help="text file (default: the WikiText-2 test text; $EMPRUNE_DATA overrides), "
+                    help="text file (default: WikiText-2 test, shipped with emprune; $EMPRUNE_DATA overrides), "
                          "'python-docs' (offline), or 'wikitext2'/'c4' (online)")
     ev.add_argument("--batch-size", type=_positive, default=8, help="windows per forward pass (default 8)")
     ev.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON to OUT")

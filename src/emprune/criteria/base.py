@@ -18,21 +18,54 @@ Capabilities are class attributes: ``needs_calibration`` (scores need data) and
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from torch import Tensor, nn
 
 Batch = Any  # a Tensor (model(x)), a tuple/list (model(*x)) or a mapping (model(**x))
 
+#: ``emprune.prune(inputs=...)``: batch -> model inputs, applied by :func:`run_model` while set.
+#: A context variable rather than an argument so that every criterion (built-in or not) that
+#: calls ``run_model`` honours it without a change to its signature.
+_INPUTS: ContextVar[Callable[[Batch], Any] | None] = ContextVar("emprune_inputs", default=None)
+
+
+@contextmanager
+def model_inputs(fn: Callable[[Batch], Any] | None) -> Iterator[None]:
+    """Within the block, :func:`run_model` feeds the model ``fn(batch)`` instead of ``batch``."""
+    token = _INPUTS.set(fn)
+    try:
+        yield
+    finally:
+        _INPUTS.reset(token)
+
 
 def run_model(model: nn.Module, batch: Batch) -> Any:
-    """Call ``model`` on one calibration batch, whatever its container."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+    """Call ``model`` on one calibration batch, whatever its container.
+
+    The batch (or ``inputs(batch)`` inside :func:`model_inputs`) reaches the model as
+    ``model(x)`` for a tensor, ``model(*x)`` for a tuple or list, ``model(**x)`` for a mapping.
+    So ``(x, y)`` batches from a ``DataLoader`` call ``model(x, y)``: pass
+    ``inputs=lambda b: b[0]`` to :func:`emprune.prune` to feed ``x`` alone.
+    """
+    fn = _INPUTS.get()
+    if fn is not None:
+        batch = fn(batch)
+    try:
+        if isinstance(batch, Mapping):
+            return model(**batch)
+        if isinstance(batch, (tuple, list)):
+            return model(*batch)
+        return model(batch)
+    except TypeError as err:
+        if not isinstance(batch, (tuple, list)) or fn is not None:
+            raise
+        # the classic trap: a (x, y) batch unpacked into model(x, y)
+        raise TypeError(f"{err}. Calibration batches reach the model as model(*batch) for a "
+                        f"{type(batch).__name__} of {len(batch)}: if the batch holds targets too, "
+                        "pass inputs=lambda b: b[0] to emprune.prune") from err
 
 
 def weight_of(module: nn.Module, name: str = "") -> Tensor:

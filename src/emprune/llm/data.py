@@ -1,11 +1,16 @@
-"""Text for calibration and perplexity: local files (offline) or hub datasets (online).
+"""Text for calibration and perplexity: the texts shipped inside the package, local files, or
+hub datasets (online).
 
-Defaults are the WikiText-2 copies in the project's ``../shared/data`` folder: the tokenised
-*validation* split for calibration (disjoint from the test split) and the raw *test* split for
-perplexity, the standard LLM pruning benchmark text.
+The defaults ship with emprune (``emprune/llm/texts/``, xz-compressed, CC BY-SA 3.0: see the
+README there): the tokenised WikiText-2 *validation* split for calibration (disjoint from the
+test split) and the raw *test* split for perplexity, the standard LLM pruning benchmark text.
+So ``emprune prune``, ``eval``, ``compare`` and ``demo`` work from any folder after a plain
+install. ``$EMPRUNE_DATA`` (a folder holding ``wikitext-2/``) and ``--calib-text`` /
+``--eval-text`` override them.
 """
 from __future__ import annotations
 
+import lzma
 import os
 import random
 from pathlib import Path
@@ -13,10 +18,17 @@ from typing import Any, Literal
 
 import torch
 
-#: relative to a data root (``$EMPRUNE_DATA`` or ``../shared/data``)
+#: the default texts, relative to a data root such as ``$EMPRUNE_DATA``
 DEFAULT_FILES: dict[str, str] = {
     "calib": "wikitext-2/wiki.valid.tokens",
     "eval": "wikitext-2/wiki.test.raw",
+}
+#: the packaged copies of :data:`DEFAULT_FILES` (``<name>.xz``) and their licence note
+PACKAGED_DIR = Path(__file__).resolve().with_name("texts")
+#: SHA-256 of the uncompressed default files (the tests check the packaged copies against it)
+SHA256: dict[str, str] = {
+    "calib": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+    "eval": "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c",
 }
 _OPTION = {"calib": "--calib-text", "eval": "--eval-text"}
 #: hub datasets understood by ``load_text`` when online (Wanda's loaders)
@@ -27,53 +39,75 @@ HUB_NAMES = ("wikitext2", "c4")
 BUILTIN_NAMES = ("python-docs",)
 
 
-def data_roots() -> list[Path]:
-    """Folders searched for the default text files, in order.
+def packaged_text_path(kind: Literal["calib", "eval"]) -> Path:
+    """The xz-compressed copy of the default ``kind`` text inside the installed package.
 
-    ``$EMPRUNE_DATA``, then ``shared/data`` beside the repository (``../shared/data`` from the
-    repo root) and beside / under the current directory.
+    A ``FileNotFoundError`` here means a broken installation (the package data was left out).
     """
-    roots = []
-    if os.environ.get("EMPRUNE_DATA"):
-        roots.append(Path(os.environ["EMPRUNE_DATA"]).expanduser())
-    repo = Path(__file__).resolve().parents[3]  # src/emprune/llm/data.py -> repo root
-    cwd = Path.cwd()
-    for base in (repo, cwd):
-        roots += [base.parent / "shared" / "data", base / "shared" / "data"]
-    return list(dict.fromkeys(roots))
+    path = PACKAGED_DIR / (Path(DEFAULT_FILES[kind]).name + ".xz")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"emprune's default {kind} text {path} is missing: the installation is incomplete "
+            f"(reinstall emprune), or pass a text file with {_OPTION[kind]} PATH"
+        )
+    return path
 
 
 def default_text_path(kind: Literal["calib", "eval"]) -> Path:
-    """Path of the default calibration or evaluation text, or a ``FileNotFoundError`` saying how to supply one."""
-    rel = Path(DEFAULT_FILES[kind])
-    for root in data_roots():
-        for candidate in (root / rel, root / rel.name):
-            if candidate.is_file():
-                return candidate
-    searched = ", ".join(str(r) for r in data_roots())
+    """Path of the default calibration or evaluation text.
+
+    ``$EMPRUNE_DATA``, when set, must hold the file (as ``wikitext-2/<name>`` or ``<name>``,
+    optionally ``.xz``-compressed): an override that silently fell back to the packaged text
+    would measure something other than what the user asked for. Otherwise the packaged copy.
+    """
+    env = os.environ.get("EMPRUNE_DATA")
+    if not env:
+        return packaged_text_path(kind)
+    root, rel = Path(env).expanduser(), Path(DEFAULT_FILES[kind])
+    for candidate in (root / rel, root / rel.name):
+        for c in (candidate, candidate.with_name(candidate.name + ".xz")):
+            if c.is_file():
+                return c
     raise FileNotFoundError(
-        f"default {kind} text {rel} not found (searched {searched}). Pass a text file with "
-        f"{_OPTION[kind]} PATH (or a dataset name such as 'wikitext2' when online), "
-        "or set EMPRUNE_DATA to the folder holding wikitext-2/."
+        f"EMPRUNE_DATA={env} holds no {rel} (nor {rel.name}, plain or .xz). Unset EMPRUNE_DATA to "
+        f"use the texts shipped with emprune, or pass a text file with {_OPTION[kind]} PATH."
     )
+
+
+def read_text_file(path: str | os.PathLike, kind: Literal["calib", "eval"] = "eval") -> str:
+    """The UTF-8 text of a file, decompressed if it ends in ``.xz``, CRLF normalised to LF.
+
+    Errors name the option the file came from (``--calib-text`` / ``--eval-text``).
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if path.suffix == ".xz":
+        try:
+            raw = lzma.decompress(raw)
+        except lzma.LZMAError as err:
+            raise ValueError(f"{_OPTION[kind]}: {path} is not a valid .xz file ({err})") from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{_OPTION[kind]}: {path} is not UTF-8 text (byte {err.start}: {err.reason})") from err
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def load_text(
     path_or_name: str | os.PathLike | None = None,
     kind: Literal["calib", "eval"] = "eval",
 ) -> str:
-    """The text of a file (CRLF normalised to LF), or of a hub dataset by name where online.
+    """The text of a file (see :func:`read_text_file`), or of a hub dataset by name where online.
 
-    ``None`` picks the default file for ``kind``. Names: ``python-docs`` (offline, see
-    :func:`builtin_text`), ``wikitext2`` (train split for ``calib``, test split for ``eval``) and
-    ``c4`` (these two need the ``datasets`` package and internet).
+    ``None`` picks the default text for ``kind`` (:func:`default_text_path`). Names:
+    ``python-docs`` (offline, see :func:`builtin_text`), ``wikitext2`` (train split for
+    ``calib``, test split for ``eval``) and ``c4`` (these two need ``datasets`` and internet).
     """
     if path_or_name is None:
         path_or_name = default_text_path(kind)
     path = Path(path_or_name).expanduser()
     if path.is_file():
-        text = path.read_text(encoding="utf-8")
-        return text.replace("\r\n", "\n").replace("\r", "\n")
+        return read_text_file(path, kind)
     name = os.fspath(path_or_name)
     if name in BUILTIN_NAMES:
         return builtin_text(name)
