@@ -33,9 +33,7 @@ def inspect_checkpoint(path: str, beta: float = 1.0, scope: str = "row", *, spar
     if not tensors:
         raise ValueError(f"{path}: no floating-point tensors with 2 or more dims matched")
     targets = [Target(k, v.shape, (lambda v=v: v)) for k, v in tensors.items()]
-    report = PruneReport(criterion="magnitude", count_by="magnitude", scope=scope,
-                         beta=None if sparsity is not None else beta, target_sparsity=sparsity,
-                         min_keep=min_keep)
+    report = PruneReport.for_run("magnitude", "magnitude", scope, beta=beta, sparsity=sparsity, min_keep=min_keep)
     for d in decide(targets, scope, beta, sparsity=sparsity, min_keep=min_keep):  # type: ignore[arg-type]
         report.add(d, count_zeros(d.mask & (tensors[d.name] != 0)))
     report.seconds = time.perf_counter() - start
@@ -210,6 +208,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_llm_parsers(sub) -> None:
+    """The LLM sub-commands, one builder each."""
+    for add in (_add_prune_parser, _add_eval_parser, _add_compare_parser, _add_demo_parser):
+        add(sub)
+
+
+def _add_prune_parser(sub) -> None:
     from .llm.prune import DEFAULT_RECIPE, RECIPE_CHOICES, RECIPES, count_by_choices, criterion_choices
 
     pr = sub.add_parser(
@@ -257,6 +261,8 @@ def _add_llm_parsers(sub) -> None:
                     help="dtype of the saved weights (default: the --dtype the model was loaded in); pruned "
                          "zeros stay exact zeros. bfloat16 halves the folder of a float32 run")
 
+
+def _add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="perplexity of a causal LM over non-overlapping windows",
                         description="Perplexity: exp of the mean next-token loss over non-overlapping "
                                     "windows of --seqlen tokens (each window starts without context; a trailing "
@@ -275,6 +281,10 @@ def _add_llm_parsers(sub) -> None:
     ev.add_argument("--batch-size", type=_positive, default=8, help="windows per forward pass (default 8)")
     ev.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON to OUT")
     _add_model_args(ev)
+
+
+def _add_compare_parser(sub) -> None:
+    from .llm.prune import RECIPES
 
     cp = sub.add_parser(
         "compare", help="dense vs magnitude/Wanda vs EMP recipes (incl. matched sparsity): table + JSON + plot",
@@ -306,6 +316,8 @@ def _add_llm_parsers(sub) -> None:
     _add_calib_args(cp, 32, 512)
     _add_model_args(cp)
 
+
+def _add_demo_parser(sub) -> None:
     de = sub.add_parser("demo", help="a small but real compare on SmolLM2-135M (CPU, < ~15 min)",
                         description="emprune compare on smollm2-135m with small sizes (MLP targets, per row): "
                                     "dense, magnitude/Wanda 50%, EMP-magnitude, EMP-Wanda (paper), the default "
