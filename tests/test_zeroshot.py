@@ -253,3 +253,36 @@ def test_smollm2_agrees_with_naive_harness_scoring():
             naive_norm.append(float(np.argmax(np.array(lls) / [len(c) for c in d.choices]) == d.gold))
         assert abs(res["tasks"][task]["acc"] - np.mean(naive_acc)) <= 0.01
         assert abs(res["tasks"][task]["acc_norm"] - np.mean(naive_norm)) <= 0.01
+
+
+@needs_data
+def test_benchmark_quick_mode_on_tiny_model(tmp_path, monkeypatch):
+    """benchmarks/llm_zeroshot.py --quick runs every row on a tiny saved model and writes the
+    table, the JSON (paired differences included) and the plot."""
+    import importlib.util as iu
+
+    from emprune.llm import data
+    from tiny_llama import save_tiny
+
+    try:
+        data.default_text_path("calib"), data.default_text_path("eval")
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    save_tiny(tmp_path / "tiny")
+    spec = iu.spec_from_file_location("llm_zeroshot", Path(__file__).parents[1] / "benchmarks" / "llm_zeroshot.py")
+    bench = iu.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "res" / "zs"
+    assert bench.main(["--quick", "--quiet", "--models", str(tmp_path / "tiny"), "--tasks", "piqa,winogrande",
+                       "--out", str(out)]) == 0
+    doc = __import__("json").loads(out.with_suffix(".json").read_text())
+    rows = doc["models"][0]["rows"]
+    labels = [r["label"] for r in rows]
+    assert labels[:3] == ["dense", "magnitude 50%", "Wanda 50%"] and any("uniform" == r["kind"] for r in rows)
+    assert all(r["zeroshot"]["tasks"]["piqa"]["n"] == 3 for r in rows)
+    emp = next(r for r in rows if r["key"] == "emp-wanda-paper")
+    ref = next(r for r in rows if r["key"] == emp["matched"])
+    assert ref["sparsity"] == pytest.approx(emp["sparsity"], abs=1e-3)
+    ci = emp["vs_dense"]["acc"]
+    assert ci["lo"] <= ci["diff"] <= ci["hi"]
+    assert "| dense |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0

@@ -330,7 +330,10 @@ def loglikelihoods(
                 _score_full(model, batch, out, dev, max_batch_tokens, max_logits // max(vocab, 1))
                 stats["forwards"] += 1
                 stats["fallback_requests"] += sum(len(g.ids) for g in batch) if share_context else 0
-            stats["tokens"] += sum(len(g.ctx) + sum(map(len, g.conts)) - len(g.conts) for g in batch) \
+            # positions run through the model (padding not counted): shared, the context but its last
+            # token once plus [last context token] + continuation[:-1] per choice; unshared, each
+            # (context + continuation)[:-1]
+            stats["tokens"] += sum(len(g.ctx) - 1 + sum(map(len, g.conts)) for g in batch) \
                 if shared else sum(len(g.ctx) + len(t) - 1 for g in batch for t in g.conts)
             done = [i for g in batch for i in g.ids]
             bar.update(len(done))
