@@ -286,3 +286,20 @@ def test_benchmark_quick_mode_on_tiny_model(tmp_path, monkeypatch):
     ci = emp["vs_dense"]["acc"]
     assert ci["lo"] <= ci["diff"] <= ci["hi"]
     assert "| dense |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_gemma3_layout_sliding_window_and_shared_scoring_agree():
+    """A tiny random Gemma3 (one KV head, q/k norms, sliding-window and full layers): shared and
+    fallback paths both give the naive log-likelihoods; batches longer than the window fall back."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=24,
+                           max_position_embeddings=256,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+    model = Gemma3ForCausalLM(cfg).eval()
+    reqs = _random_requests(300, 20, seed=3)
+    got, stats = zs.loglikelihoods(model, reqs, batch_size=4)
+    np.testing.assert_allclose(got, [naive_loglikelihood(model, c, t) for c, t in reqs], atol=1e-4, rtol=0)
+    assert 0 < stats["fallback_requests"] < len(reqs)  # long batches fell back, short ones shared
