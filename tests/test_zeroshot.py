@@ -249,8 +249,12 @@ def test_smollm2_agrees_with_naive_harness_scoring():
         for d, it in zip(docs, items):
             lls = [naive_loglikelihood(model, *zs.encode_pair(tok, c, t)) for c, t in d.requests]
             np.testing.assert_allclose(it["ll"], lls, atol=1e-3, rtol=0)
+            it["naive"] = lls
             naive_acc.append(float(np.argmax(lls) == d.gold))
             naive_norm.append(float(np.argmax(np.array(lls) / [len(c) for c in d.choices]) == d.gold))
+        print(f"{task}: acc {res['tasks'][task]['acc']:.4f} naive {np.mean(naive_acc):.4f}; acc_norm "
+              f"{res['tasks'][task]['acc_norm']:.4f} naive {np.mean(naive_norm):.4f}; max |ll diff| "
+              f"{max(abs(a - b) for d, it in zip(docs, items) for a, b in zip(it['ll'], it['naive'])):.2e}")
         assert abs(res["tasks"][task]["acc"] - np.mean(naive_acc)) <= 0.01
         assert abs(res["tasks"][task]["acc_norm"] - np.mean(naive_norm)) <= 0.01
 
