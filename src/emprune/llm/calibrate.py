@@ -1,6 +1,7 @@
 """Layer-wise calibration and pruning of a decoder-only LM (the Wanda/SparseGPT loop).
 
-The inputs of decoder block 0 are captured once. Then, block by block:
+The inputs of decoder block 0 are captured once, with every block's own call arguments (masks
+and rotary tables may differ per block, as in Gemma-3). Then, block by block:
 
 1. the block runs over the calibration inputs with the observers' forward hooks on its target
    Linears (:meth:`emprune.criteria.Criterion.observe`: e.g. Wanda's input norms, the same hooks
@@ -59,8 +60,8 @@ def prune_layerwise(
     are (their hooks place inputs); blocks offloaded to ``meta`` are refused, since in-place
     pruning of offloaded weights would be lost.
 
-    ``batch_size``: calibration samples run through a block at once (the block's call kwargs,
-    captured for one sample, broadcast over the batch). Batches of several samples make much
+    ``batch_size``: calibration samples run through a block at once (each block's own call
+    kwargs, captured for one sample, broadcast over the batch). Batches of several samples make much
     larger matrix products, several times faster on CPU than one sample at a time; the
     statistics are the same sums (up to float rounding).
 
@@ -77,7 +78,7 @@ def prune_layerwise(
     dev = torch.device(device) if device is not None else None
     t0 = time.perf_counter()
     with _calibration_mode(model):
-        inps, kwargs = _capture_block0_inputs(model, layers[0], calib_tokens, dev)
+        inps, kwargs = _capture_inputs(model, layers, calib_tokens, dev)
         timings: dict[str, Any] = {"capture_seconds": time.perf_counter() - t0, "decide_seconds": 0.0}
         outs = torch.empty_like(inps)
         block_seconds = []
@@ -89,13 +90,13 @@ def prune_layerwise(
                     for obs in observers:
                         hooks.enter_context(obs.observe(linears))
                     called = hooks.enter_context(_calls(linears))
-                    _run_block(block, inps, kwargs, batch_size)
+                    _run_block(block, inps, kwargs[i], batch_size)
                 if len(called) < len(linears):
                     raise RuntimeError(f"target Linears never called by their block: {sorted(set(linears) - called)}")
                 td = time.perf_counter()
                 on_block(i, linears)
                 timings["decide_seconds"] += time.perf_counter() - td
-                _run_block(block, inps, kwargs, batch_size, outs)  # pruned outputs feed the next block
+                _run_block(block, inps, kwargs[i], batch_size, outs)  # pruned outputs feed the next block
             inps, outs = outs, inps
             block_seconds.append(time.perf_counter() - tb)
     timings.update(
@@ -166,43 +167,54 @@ def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any], bat
             outs[j : j + batch_size] = _hidden(y)
 
 
-def _capture_block0_inputs(
-    model: nn.Module, block0: nn.Module, calib_tokens: torch.Tensor, dev: torch.device | None
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run the model up to block 0 for each sample; return its hidden-state inputs and call kwargs.
+def _capture_inputs(
+    model: nn.Module, layers: nn.ModuleList, calib_tokens: torch.Tensor, dev: torch.device | None
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Block 0's hidden-state inputs for every sample, and every block's own call kwargs.
 
-    A forward pre-hook (not a replaced module, as in Wanda's ``Catcher``) stores the inputs and
-    aborts the pass, so accelerate hooks on block 0 stay untouched. The kwargs transformers
-    passes (attention_mask, position_ids, position_embeddings, cache, ...) are identical for
-    equal-length unpadded samples, so the first sample's are kept.
+    Forward pre-hooks (not a replaced module, as in Wanda's ``Catcher``) store the inputs, so
+    accelerate hooks stay untouched. The kwargs transformers passes (attention_mask,
+    position_ids, position_embeddings, ...) are identical for equal-length unpadded samples but
+    may differ from block to block: Gemma-3 gives its sliding-window layers another mask and
+    another rotary table (base 10k) than its full-attention layers (base 1M). So sample 0 runs
+    through the whole model once and each block's kwargs are kept; the other samples stop at
+    block 0 (the hook raises once it has their hidden states).
     """
-    store: dict[str, Any] = {}
+    kws: list[dict[str, Any] | None] = [None] * len(layers)
+    store: dict[str, Any] = {"stop": False}
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        store["hidden"] = hidden
-        store.setdefault("kwargs", {k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _Caught
+    def keep_kwargs(i: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if i == 0:
+                store["hidden"] = args[0] if args else kwargs["hidden_states"]
+            if kws[i] is None:
+                kws[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if i == 0 and store["stop"]:
+                raise _Caught
+        return hook
 
-    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(keep_kwargs(i), with_kwargs=True) for i, layer in enumerate(layers)]
     inps = None
     try:
         in_dev = input_device(model)
         for j in range(calib_tokens.shape[0]):
+            store["stop"] = j > 0  # sample 0 runs through every block: their kwargs
+            store.pop("hidden", None)
             try:
                 model(calib_tokens[j : j + 1].to(in_dev), use_cache=False)
             except _Caught:
                 pass
-            else:
-                raise RuntimeError("decoder block 0 was never called during the forward pass")
+            if "hidden" not in store or any(k is None for k in kws):
+                raise RuntimeError("a decoder block was never called during the forward pass")
             hidden = store["hidden"][0]
             if inps is None:  # allocated once: [n, seqlen, hidden] on the execution device
                 target = dev or hidden.device
                 inps = torch.empty((calib_tokens.shape[0], *hidden.shape), dtype=hidden.dtype, device=target)
             inps[j] = hidden
     finally:
-        handle.remove()
-    return inps, _to_device(store["kwargs"], inps.device)
+        for h in handles:
+            h.remove()
+    return inps, [_to_device(k, inps.device) for k in kws]  # type: ignore[arg-type]
 
 
 def _hidden(output: Any) -> torch.Tensor:
