@@ -229,6 +229,7 @@ def test_evaluate_tasks_with_limit_on_tiny_model(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.real_model
 @needs_data
 def test_smollm2_agrees_with_naive_harness_scoring():
     """Dense SmolLM2-135M on 40 PIQA + 40 ARC-easy items: the batched, context-sharing engine

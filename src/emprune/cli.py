@@ -263,14 +263,18 @@ def _add_prune_parser(sub) -> None:
 
 
 def _add_eval_parser(sub) -> None:
-    ev = sub.add_parser("eval", help="perplexity of a causal LM over non-overlapping windows",
+    from .llm import zeroshot
+
+    ev = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a causal LM",
                         description="Perplexity: exp of the mean next-token loss over non-overlapping "
                                     "windows of --seqlen tokens (each window starts without context; a trailing "
                                     "partial window is dropped), as in the Wanda/SparseGPT WikiText-2 protocol. "
                                     "The loss is computed in chunks of positions, so memory stays near the "
-                                    "model's size. A non-finite loss (NaN weights, overflow) is an error.")
+                                    "model's size. A non-finite loss (NaN weights, overflow) is an error. --tasks: zero-shot "
+                                    "multiple-choice accuracy (acc, acc_norm) with lm-evaluation-harness's prompts "
+                                    "and scoring on the seven tasks of the EMP paper.")
     ev.add_argument("model", help=MODEL_HELP + ", or a folder written by emprune prune")
-    ev.add_argument("--ppl", action="store_true", help="compute perplexity (the only metric for now)")
+    ev.add_argument("--ppl", action="store_true", help="compute perplexity")
     ev.add_argument("--eval-tokens", type=_positive, default=None, help="first T tokens of the text (default: all)")
     ev.add_argument("--seqlen", type=_int_at_least(2), default=None,
                     help="window length, at most the model's positions (default 2048, or the model's "
@@ -280,6 +284,7 @@ def _add_eval_parser(sub) -> None:
                          "'python-docs' (offline), or 'wikitext2'/'c4' (online)")
     ev.add_argument("--batch-size", type=_positive, default=8, help="windows per forward pass (default 8)")
     ev.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON to OUT")
+    zeroshot.add_arguments(ev)
     _add_model_args(ev)
 
 
@@ -459,12 +464,25 @@ def _cmd_eval(args) -> int:
     from .llm import data, models
     from .llm.eval import perplexity
 
-    if not args.ppl:
-        raise ValueError("nothing to evaluate: pass --ppl")
+    from .llm import zeroshot
+
+    if not args.ppl and not args.tasks:
+        raise ValueError("nothing to evaluate: pass --ppl and/or --tasks")
     _check_device(args.device)
-    src, text = _read_text(args.eval_text, "eval")
+    if args.tasks:  # task names, sizes and the task data, before the model is loaded
+        zeroshot.check_tasks(args.tasks)
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        zeroshot.data_root()
     if args.json:
         check_can_write(args.json, "--json")
+    if not args.ppl:
+        model, tok = models.load_causal_lm(args.model, dtype=_dtype(args.dtype),
+                                           device_map=_device_map(args.device), progress=not args.quiet)
+        res = {"model": args.model, "zeroshot": zeroshot.run_from_args(args, model, tok)}
+        _write_eval_json(args.json, res)
+        return 0
+    src, text = _read_text(args.eval_text, "eval")
     model, tok = models.load_causal_lm(args.model, dtype=_dtype(args.dtype), device_map=_device_map(args.device),
                                        progress=not args.quiet)
     seqlen = args.seqlen
@@ -483,13 +501,20 @@ def _cmd_eval(args) -> int:
             res["pruned_fraction"] = None
     print(f"perplexity {res['ppl']:.4f} on {res['tokens_evaluated']:,} predicted tokens "
           f"({res['windows']} windows of {res['seqlen']}) of {src}; {res['seconds']:.1f} s")
-    if args.json:
+    if args.tasks:
+        res["zeroshot"] = zeroshot.run_from_args(args, model, tok)
+    _write_eval_json(args.json, res)
+    return 0
+
+
+def _write_eval_json(path: str | None, res: dict) -> None:
+    """``eval --json OUT``: the results, written atomically."""
+    if path:
         from .io import atomic_path
 
-        with atomic_path(args.json) as tmp:
+        with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return 0
+        print(f"wrote {path}")
 
 
 def _precheck_compare(args, other_text: str | None) -> None:
