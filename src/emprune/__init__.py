@@ -5,6 +5,7 @@ EMP keeps, in every group of scores, the ``floor(beta * N_eff)`` largest, where
 """
 from .apply import apply_mask, make_permanent, prune, restore, select_targets
 from .report import LayerReport, PruneReport
+from .structured import ShrinkReport, shrink
 from .rule import (
     effective_number,
     global_effective_number,
@@ -24,5 +25,5 @@ __all__ = [
     "effective_number", "keep_count", "keep_mask", "topk_mask", "mass_bound", "retained_mass",
     "global_threshold", "global_masks", "global_mask", "global_effective_number",
     "prune", "make_permanent", "restore", "apply_mask", "select_targets",
-    "PruneReport", "LayerReport", "__version__",
+    "PruneReport", "LayerReport", "shrink", "ShrinkReport", "__version__",
 ]
