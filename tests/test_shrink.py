@@ -311,3 +311,60 @@ def test_kan_nodes_exact():
     find_groups(ref, "kan")[0].zero(keep)
     assert (small(x) - ref(x)).abs().max() < TOL
     assert small.layers[0].n_out == small.layers[1].n_in == int(keep.sum())
+
+
+# ------------------------------------------------------------------ save / load (LLM)
+
+
+@pytest.mark.parametrize("uniform", [False, True], ids=["per-layer", "uniform"])
+@pytest.mark.parametrize("units", ["mlp", "mlp,heads"])
+def test_round_trip(tmp_path, uniform, units):
+    """A shrunk folder reloads with identical logits; the uniform layout also with plain transformers."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_llama import save_tiny
+    from transformers import AutoModelForCausalLM
+
+    import emprune.llm
+    from emprune.llm.models import load_causal_lm
+    from emprune.llm.shrink import is_shrunk, save_shrunk, shrink_lm
+
+    save_tiny(tmp_path / "dense")
+    model, tok = load_causal_lm(tmp_path / "dense")
+    _perturb_norms(model)
+    calib = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    rep, info = shrink_lm(model, calib, units=units, uniform=uniform, progress=False,
+                          **({} if uniform else {"recipe": "paper", "criterion": "activation"}))
+    out = save_shrunk(model, tok, tmp_path / "small", info)
+    assert is_shrunk(out)
+    meta = json.loads((out / "emprune.json").read_text())
+    assert meta["layout"] == ("uniform" if uniform else "per-layer") and meta["kind"] == "shrunk"
+    x = torch.randint(0, 300, (2, 10))
+    back = emprune.llm.from_pretrained(out)
+    assert (_logits(model, x) - _logits(back, x)).abs().max() < TOL
+    assert sum(p.numel() for p in back.parameters()) == rep.params_after == sum(p.numel() for p in model.parameters())
+    assert rep.params_after < rep.params_before
+    assert [l.mlp.down_proj.in_features for l in back.model.layers] == [
+        l.mlp.down_proj.in_features for l in model.model.layers]
+    if uniform:
+        plain = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert (_logits(model, x) - _logits(plain, x)).abs().max() < TOL
+        assert len({l.mlp.down_proj.in_features for l in plain.model.layers}) == 1
+    out2 = back.generate(x[:1, :4], max_new_tokens=3, do_sample=False)
+    assert out2.shape == (1, 7)
+
+
+def test_save_refuses_foreign_folder(tmp_path):
+    from emprune.llm.shrink import save_shrunk
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    model = tiny_llama(layers=1)
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_shrunk(model, None, tmp_path / "x", {"kind": "shrunk"})
+    with pytest.raises(FileExistsError, match="not an emprune output"):
+        save_shrunk(model, None, tmp_path / "x", {"kind": "shrunk"}, overwrite=True)
+    assert (tmp_path / "x" / "notes.txt").read_text() == "mine"

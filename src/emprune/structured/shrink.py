@@ -420,6 +420,7 @@ def shrink(
     example_input: Tensor | None = None,
     macs_seqlen: int = 512,
     scored: tuple[list[UnitGroup], list[Tensor], UnitStats | None] | None = None,
+    dry_run: bool = False,
 ) -> ShrinkReport:
     """Score structural units, let EMP decide how many to keep, remove the rest physically.
 
@@ -435,7 +436,8 @@ def shrink(
     same number of query heads) or ``group`` (whole KV groups). ``compensate``: FLAP bias
     compensation (default: the recipe's for EMP counts, off for ``keep=`` baselines). ``calibration``: batches, or token ids
     ``[n, seqlen]`` for an LM. ``scored``: reuse :func:`score_units`'s output (same model, not
-    yet changed). The model is changed in place; returns a :class:`ShrinkReport`."""
+    yet changed). The model is changed in place (``dry_run=True``: only decided and reported,
+    with ``params_after`` computed, not measured); returns a :class:`ShrinkReport`."""
     t0 = time.perf_counter()
     rec = get_recipe(recipe)
     is_default = not isinstance(recipe, Recipe) and recipe == "default"
@@ -498,6 +500,12 @@ def shrink(
     for j, (g, s, m) in enumerate(zip(groups, scores, masks)):
         n_before, p_before = g.n, g.params()
         mass = float(rule.retained_mass(s.float(), m)) if s.numel() else None
+        if dry_run:
+            k = int(m.sum())
+            report.groups.append(GroupReport(g.name, g.kind, g.layer, n_before, k, p_before,
+                                             p_before - (n_before - k) * g.params_per_unit(), neffs[j], emp_k[j],
+                                             mass, None, None, m.nonzero().squeeze(1).tolist()))
+            continue
         if comp:
             g.compensate(m, stats.mean(g))
         g.remove(m)
@@ -509,13 +517,14 @@ def shrink(
                                          neffs[j], emp_k[j], mass, bound,
                                          g.n_kv if isinstance(g, HeadGroup) else None,
                                          m.nonzero().squeeze(1).tolist()))
-    if lm:
+    if lm and not dry_run:
         _sync_config(model, groups)
     report.params_before = params_before
-    report.params_after = sum(p.numel() for p in model.parameters())
+    report.params_after = (params_before - sum(g.params_before - g.params_after for g in report.groups) if dry_run
+                           else sum(p.numel() for p in model.parameters()))
     report.embedding_params = emb
     report.macs_before = macs_before
-    report.macs_after = macs_lm(model, macs_seqlen) if lm else (macs_plain(model, example_input) if example_input is not None else None)
+    report.macs_after = None if dry_run else macs_lm(model, macs_seqlen) if lm else (macs_plain(model, example_input) if example_input is not None else None)
     report.macs_note = (f"per token at context {macs_seqlen}: every Linear incl. the LM head, plus QK^T and AV"
                         if lm else "per example_input forward: Linear and Conv multiply-adds")
     report.global_neff = global_neff
