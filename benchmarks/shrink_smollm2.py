@@ -334,6 +334,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cnn-epochs", type=int, default=5)
     ap.add_argument("--no-cnn", action="store_true")
     ap.add_argument("--no-llm", action="store_true")
+    ap.add_argument("--cnn-from", default=None,
+                    help="take the CNN rows from this JSON (an earlier --no-llm run) instead of running them")
     ap.add_argument("--exploration", default=None, help="markdown file with the exploration table to include")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny LLaMA, tiny sizes")
     args = ap.parse_args(argv)
@@ -350,7 +352,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if not args.no_llm:
         run_llm(args, R)
-    if not args.no_cnn:
+    if args.cnn_from:
+        R["cnn"] = json.loads(Path(args.cnn_from).read_text())["cnn"]
+        R["cnn"]["from"] = args.cnn_from
+    elif not args.no_cnn:
         run_cnn(args, R)
     R["seconds"] = time.perf_counter() - t0
     write(args, R)

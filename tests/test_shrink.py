@@ -204,12 +204,13 @@ def test_default_removes_what_counts_say():
     """The default recipe (global allocation) removes about the parameters the per-layer EMP
     counts remove, just elsewhere."""
     model = tiny_llama()
-    paper = shrink(copy.deepcopy(model), units="mlp", criterion="fluctuation", recipe="paper", calibration=CALIB)
+    per_layer = shrink(copy.deepcopy(model), units="mlp", criterion="fluctuation", recipe="sqrt", scope="layer",
+                       calibration=CALIB)
     default = shrink(copy.deepcopy(model), units="mlp", calibration=CALIB)
     removed = lambda r: sum(g.params_before - g.params_after for g in r.groups)
     mlp_unit = 3 * 64
-    bias = 64 * 3  # compensation biases added to every down_proj
-    assert abs(removed(default) + bias - removed(paper)) <= mlp_unit
+    assert abs(removed(default) - removed(per_layer)) <= mlp_unit  # both carry the same compensation biases
+    assert removed(default) > 0
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -56,19 +56,19 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe("paper", summary="the paper's rule on the criterion's own scores; no floor, no compensation"),
-    "zscore": Recipe("zscore", "score", "zscore", None, False,
-                     "per-layer EMP counts set the total; removal across layers/kinds by per-layer z-scores"),
-    "zscore-comp": Recipe("zscore-comp", "score", "zscore", None, True,
-                          "zscore allocation plus FLAP bias compensation"),
-    "floor": Recipe("floor", "score", "threshold", 0.5, False, "paper rule with a 50 % per-layer floor"),
-    "floor-comp": Recipe("floor-comp", "score", "threshold", 0.5, True,
-                         "paper rule with a 50 % per-layer floor plus bias compensation"),
-    "mean-comp": Recipe("mean-comp", "score", "mean", None, True,
-                        "per-layer EMP counts set the total; removal across layers by score / layer mean; "
-                        "bias compensation"),
+    "zscore": Recipe("zscore", "sqrt", "zscore", None, True,
+                     "per-layer EMP counts from sqrt(score) (for fluctuation: std x ||W_out||, an amplitude) set "
+                     "the total; removal across layers and unit kinds by per-layer z-scores; bias compensation"),
+    "mean": Recipe("mean", "sqrt", "mean", None, True,
+                   "as zscore, but scores divided by their layer's mean instead of standardised"),
+    "sqrt": Recipe("sqrt", "sqrt", "threshold", None, True,
+                   "per-layer EMP counts from sqrt(score), used per layer with --scope layer; bias compensation"),
+    "floor": Recipe("floor", "score", "threshold", 0.5, True,
+                    "the paper's rule with a 50 % per-layer floor; bias compensation"),
 }
-#: the recipe used unless told otherwise, with its scope and criterion (chosen by measurement)
-DEFAULT_RECIPE = "zscore-comp"
+#: the recipe used unless told otherwise, with its scope and criterion (chosen by measurement on
+#: SmolLM2-135M, see benchmarks/results/shrink_smollm2.md)
+DEFAULT_RECIPE = "zscore"
 DEFAULT_SCOPE = "global"
 DEFAULT_CRITERION = "fluctuation"
 RECIPE_CHOICES = ("default", *RECIPES)
