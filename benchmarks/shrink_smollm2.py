@@ -156,7 +156,8 @@ def run_llm(args, R: dict) -> None:
                                 ("uniform activation @default", "activation", {}),
                                 ("magnitude @default", "magnitude", {})):
             R["llm"]["rows"].append(make(label, crit, keep={"params": p_def}, **kw)[0])
-        R["llm"]["rows"].append(make("uniform activation @paper", "activation", keep={"params": p_pap})[0])
+        if not args.lean:
+            R["llm"]["rows"].append(make("uniform activation @paper", "activation", keep={"params": p_pap})[0])
         write(args, R)
 
 
@@ -232,6 +233,8 @@ def uniform_like(model: nn.Module, units: str, target: int, ex: torch.Tensor):
 def write(args, R: dict) -> None:
     from emprune.io import atomic_path
 
+    if args.exploration and Path(args.exploration).is_file():  # read at every write: may be filled in meanwhile
+        R["exploration"] = Path(args.exploration).read_text()
     out = Path(args.out)
     with atomic_path(out.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(R, indent=1, default=str) + "\n")
@@ -337,6 +340,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cnn-from", default=None,
                     help="take the CNN rows from this JSON (an earlier --no-llm run) instead of running them")
     ap.add_argument("--exploration", default=None, help="markdown file with the exploration table to include")
+    ap.add_argument("--lean", action="store_true", help="skip the 'uniform activation @paper' rows")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny LLaMA, tiny sizes")
     args = ap.parse_args(argv)
     if args.quick:
@@ -348,13 +352,16 @@ def main(argv=None) -> int:
          "args": {**vars(args), "units": args.units},
          "env": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
          "llm": {"rows": []}, "cnn": {"rows": []},
-         "exploration": Path(args.exploration).read_text() if args.exploration else None}
+         "exploration": None}
     t0 = time.perf_counter()
     if not args.no_llm:
         run_llm(args, R)
     if args.cnn_from:
-        R["cnn"] = json.loads(Path(args.cnn_from).read_text())["cnn"]
-        R["cnn"]["from"] = args.cnn_from
+        if Path(args.cnn_from).is_file():
+            R["cnn"] = json.loads(Path(args.cnn_from).read_text())["cnn"]
+            R["cnn"]["from"] = args.cnn_from
+        else:
+            R["cnn"]["skipped"] = f"--cnn-from {args.cnn_from} not found (CNN run not finished)"
     elif not args.no_cnn:
         run_cnn(args, R)
     R["seconds"] = time.perf_counter() - t0
