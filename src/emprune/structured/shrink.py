@@ -38,9 +38,9 @@ class Recipe:
     ``sqrt`` / ``log1p`` = damped versions: ``sqrt(s)``, ``log1p(s / median)``).
     ``allocate`` (with ``scope="global"``): ``threshold`` = one N_eff and one threshold over the
     raw scores of every unit (the paper's global scope); ``zscore`` / ``mean`` = the total that the
-    per-group counts remove (in parameters) is removed again, across groups and unit kinds, in
-    the order of the scores standardised per group (``(s - mean) / std``) or divided by the
-    group mean. ``min_keep``: per-group floor (a fraction of the group). ``compensate``: fold
+    per-group counts of one unit kind remove (in parameters) is removed again across the layers,
+    separately for each kind, in the order of the scores standardised per group
+    (``(s - mean) / std``) or divided by the group mean. ``min_keep``: per-group floor (a fraction of the group). ``compensate``: fold
     removed units' mean contribution into the consumer's bias (FLAP; needs activations)."""
 
     name: str
@@ -489,8 +489,17 @@ def shrink(
             raw = [m | rule.topk_mask(s, f) if f > 1 else m for m, s, f in zip(raw, scores, floors)]
             masks = _consistent_heads(groups, scores, raw, head_mode)
         else:
-            removed = sum((g.n - _realised(g, k, head_mode)) * g.params_per_unit() for g, k in zip(groups, emp_k))
-            raw = _allocate_global(groups, scores, removed, rec.allocate, floors)
+            # one allocation per unit kind: standardised scores of heads and of neurons are not
+            # comparable (measured: mixing them removes the wrong heads, x3.8 vs x2.8 perplexity)
+            raw: list[Tensor | None] = [None] * len(groups)
+            for kind in dict.fromkeys(g.kind for g in groups):
+                idx = [j for j, g in enumerate(groups) if g.kind == kind]
+                removed = sum((groups[j].n - _realised(groups[j], emp_k[j], head_mode)) * groups[j].params_per_unit()
+                              for j in idx)
+                sub = _allocate_global([groups[j] for j in idx], [scores[j] for j in idx], removed, rec.allocate,
+                                       [floors[j] for j in idx])
+                for j, m in zip(idx, sub):
+                    raw[j] = m
             masks = _consistent_heads(groups, scores, raw, head_mode)
 
     report = ShrinkReport(criterion=criterion, scope=scope, beta=None if keep is not None else b,
