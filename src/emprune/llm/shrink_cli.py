@@ -19,7 +19,8 @@ HELP = "remove MLP neurons / attention heads physically with EMP and save a smal
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``shrink`` sub-command to ``subparsers`` (an ``argparse`` sub-parsers object)."""
     from ..structured.scores import UNIT_SCORES
-    from ..structured.shrink import DEFAULT_CRITERION, DEFAULT_RECIPE, DEFAULT_SCOPE, RECIPE_CHOICES, RECIPES
+    from ..structured.shrink import (DEFAULT_CRITERION, DEFAULT_RECIPE, DEFAULT_RECIPE_MIXED, DEFAULT_SCOPE,
+                                     RECIPE_CHOICES, RECIPES)
 
     p = subparsers.add_parser(
         "shrink", help=HELP,
@@ -28,13 +29,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "head_dim unchanged, GQA-consistent). Saves safetensors + config + tokenizer + emprune.json. "
                     "Per-layer widths load with emprune.llm.from_pretrained(DIR) (and emprune eval DIR); "
                     "--uniform gives one width per model that plain transformers loads. Default: "
-                    f"--criterion {DEFAULT_CRITERION} --scope {DEFAULT_SCOPE} --recipe {DEFAULT_RECIPE} "
-                    f"({RECIPES[DEFAULT_RECIPE].summary}); --recipe paper --scope layer is the paper's exact rule.")
+                    f"--units mlp,heads --criterion {DEFAULT_CRITERION} --scope {DEFAULT_SCOPE} --recipe "
+                    f"{DEFAULT_RECIPE_MIXED} for several unit kinds ({RECIPES[DEFAULT_RECIPE_MIXED].summary}), "
+                    f"{DEFAULT_RECIPE} for one ({RECIPES[DEFAULT_RECIPE].summary}); "
+                    "--recipe paper --scope layer is the paper's exact rule.")
     p.add_argument("model", help="causal LM: a transformers folder, a .gguf file, a hub id (online) or smollm2-135m")
     p.add_argument("--out", required=True, help="output folder (created; see --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is an earlier emprune output (holds emprune.json)")
-    p.add_argument("--units", default="mlp", help="mlp, heads or mlp,heads (default mlp)")
+    p.add_argument("--units", default="mlp,heads", help="mlp, heads or mlp,heads (default mlp,heads)")
     p.add_argument("--criterion", choices=tuple(UNIT_SCORES), default=None,
                    help=f"unit score (default {DEFAULT_CRITERION}): magnitude (weight norms), activation "
                         "(||X|| * ||W_out||), fluctuation (FLAP: Var(X) * ||W_out||^2), taylor (|dL/dX * X|)")

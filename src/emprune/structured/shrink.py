@@ -10,7 +10,7 @@ Recipes say where EMP's counts come from and how units are allocated:
   (``scope="layer"``) or one N_eff and one threshold over every unit (``scope="global"``); no
   floor, no bias compensation.
 * ``default``: chosen by measurement on SmolLM2-135M (``benchmarks/results/shrink_smollm2.md``):
-  see :data:`DEFAULT_RECIPE`.
+  :data:`DEFAULT_RECIPE` for one unit kind, :data:`DEFAULT_RECIPE_MIXED` for several.
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ class Recipe:
     raw scores of every unit (the paper's global scope); ``zscore`` / ``mean`` = the total that the
     per-group counts of one unit kind remove (in parameters) is removed again across the layers,
     separately for each kind, in the order of the scores standardised per group
-    (``(s - mean) / std``) or divided by the group mean. ``min_keep``: per-group floor (a fraction of the group). ``compensate``: fold
+    (``(s - mean) / std``) or divided by the group mean; ``joint=True``: one allocation over all
+    kinds at once (normalised scores of heads and neurons compared directly). ``min_keep``: per-group floor (a fraction of the group). ``compensate``: fold
     removed units' mean contribution into the consumer's bias (FLAP; needs activations)."""
 
     name: str
@@ -49,6 +50,7 @@ class Recipe:
     min_keep: float | None = None
     compensate: bool = False
     summary: str = ""
+    joint: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -65,20 +67,26 @@ RECIPES: dict[str, Recipe] = {
                    "per-layer EMP counts from sqrt(score), used per layer with --scope layer; bias compensation"),
     "floor": Recipe("floor", "score", "threshold", 0.5, True,
                     "the paper's rule with a 50 % per-layer floor; bias compensation"),
+    "mean-joint": Recipe("mean-joint", "sqrt", "mean", None, True,
+                         "as mean, with one allocation over heads and neurons together (score / layer mean)",
+                         joint=True),
 }
 #: the recipe used unless told otherwise, with its scope and criterion (chosen by measurement on
-#: SmolLM2-135M, see benchmarks/results/shrink_smollm2.md)
+#: SmolLM2-135M, see benchmarks/results/shrink_smollm2.md): ``zscore`` for one unit kind,
+#: ``mean-joint`` when several kinds are shrunk together (DEFAULT_RECIPE_MIXED)
 DEFAULT_RECIPE = "zscore"
+DEFAULT_RECIPE_MIXED = "mean-joint"
 DEFAULT_SCOPE = "global"
 DEFAULT_CRITERION = "fluctuation"
 RECIPE_CHOICES = ("default", *RECIPES)
 
 
-def get_recipe(recipe: str | Recipe = "default") -> Recipe:
-    """A named recipe (``default`` = :data:`DEFAULT_RECIPE`)."""
+def get_recipe(recipe: str | Recipe = "default", mixed: bool = False) -> Recipe:
+    """A named recipe (``default`` = :data:`DEFAULT_RECIPE`, or :data:`DEFAULT_RECIPE_MIXED` when
+    ``mixed``: several unit kinds at once)."""
     if isinstance(recipe, Recipe):
         return recipe
-    key = DEFAULT_RECIPE if recipe == "default" else recipe
+    key = (DEFAULT_RECIPE_MIXED if mixed else DEFAULT_RECIPE) if recipe == "default" else recipe
     if key not in RECIPES:
         raise ValueError(f"recipe must be one of {', '.join(RECIPE_CHOICES)}; got {recipe!r}")
     return RECIPES[key]
@@ -439,7 +447,7 @@ def shrink(
     yet changed). The model is changed in place (``dry_run=True``: only decided and reported,
     with ``params_after`` computed, not measured); returns a :class:`ShrinkReport`."""
     t0 = time.perf_counter()
-    rec = get_recipe(recipe)
+    rec = get_recipe(recipe)  # validated now; the default is resolved once the unit kinds are known
     is_default = not isinstance(recipe, Recipe) and recipe == "default"
     if criterion is None:
         criterion = DEFAULT_CRITERION if (calibration is not None or scored is not None) else "magnitude"
@@ -454,6 +462,10 @@ def shrink(
     if scored is None:
         scored = score_units(model, units, criterion, calibration, loss_fn, forward)
     groups, scores, stats = scored
+    if is_default and len({g.kind for g in groups}) > 1:
+        rec = get_recipe("default", mixed=True)
+        if compensate is None:
+            comp = rec.compensate and keep is None
     if comp and stats is None:
         raise ValueError("bias compensation needs calibration data (calibration=...)")
     count_scores = scores
@@ -492,8 +504,9 @@ def shrink(
             # one allocation per unit kind: standardised scores of heads and of neurons are not
             # comparable (measured: mixing them removes the wrong heads, x3.8 vs x2.8 perplexity)
             raw: list[Tensor | None] = [None] * len(groups)
-            for kind in dict.fromkeys(g.kind for g in groups):
-                idx = [j for j, g in enumerate(groups) if g.kind == kind]
+            parts = [list(range(len(groups)))] if rec.joint else [
+                [j for j, g in enumerate(groups) if g.kind == kind] for kind in dict.fromkeys(g.kind for g in groups)]
+            for idx in parts:
                 removed = sum((groups[j].n - _realised(groups[j], emp_k[j], head_mode)) * groups[j].params_per_unit()
                               for j in idx)
                 sub = _allocate_global([groups[j] for j in idx], [scores[j] for j in idx], removed, rec.allocate,
