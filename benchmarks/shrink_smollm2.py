@@ -150,6 +150,9 @@ def run_llm(args, R: dict) -> None:
 
         row, p_def = make("EMP default", DEFAULT_CRITERION)
         R["llm"]["rows"].append(row)
+        if args.only_default:
+            write(args, R)
+            continue
         row, p_pap = make("EMP paper (activation, layer)", "activation", recipe="paper", scope="layer")
         R["llm"]["rows"].append(row)
         for label, crit, kw in (("uniform fluct+comp @default", DEFAULT_CRITERION, {"compensate": True}),
@@ -233,6 +236,11 @@ def uniform_like(model: nn.Module, units: str, target: int, ex: torch.Tensor):
 def write(args, R: dict) -> None:
     from emprune.io import atomic_path
 
+    if getattr(args, "merge_rows", None) and Path(args.merge_rows).is_file():
+        new = {(r["units"], r["label"]): r for r in json.loads(Path(args.merge_rows).read_text())["llm"]["rows"][1:]}
+        for i, r in enumerate(R["llm"]["rows"]):
+            if (r["units"], r["label"]) in new:
+                R["llm"]["rows"][i] = {**new[(r["units"], r["label"])], "merged_from": args.merge_rows}
     if args.exploration and Path(args.exploration).is_file():  # read at every write: may be filled in meanwhile
         R["exploration"] = Path(args.exploration).read_text()
     out = Path(args.out)
@@ -340,6 +348,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cnn-from", default=None,
                     help="take the CNN rows from this JSON (an earlier --no-llm run) instead of running them")
     ap.add_argument("--exploration", default=None, help="markdown file with the exploration table to include")
+    ap.add_argument("--only-default", action="store_true", help="dense and the EMP default rows only")
+    ap.add_argument("--merge-rows", default=None,
+                    help="JSON of another run: its non-dense rows replace the rows with the same units and label")
     ap.add_argument("--lean", action="store_true", help="skip the 'uniform activation @paper' rows")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny LLaMA, tiny sizes")
     args = ap.parse_args(argv)

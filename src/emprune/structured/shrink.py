@@ -41,7 +41,9 @@ class Recipe:
     per-group counts of one unit kind remove (in parameters) is removed again across the layers,
     separately for each kind, in the order of the scores standardised per group
     (``(s - mean) / std``) or divided by the group mean; ``joint=True``: one allocation over all
-    kinds at once (normalised scores of heads and neurons compared directly). ``min_keep``: per-group floor (a fraction of the group). ``compensate``: fold
+    kinds at once (normalised scores of heads and neurons compared directly). ``allocate_on``:
+    ``score`` (the criterion's scores) or ``count`` (the count scores, e.g. ``sqrt(score)``) are
+    normalised for the allocation. ``min_keep``: per-group floor (a fraction of the group). ``compensate``: fold
     removed units' mean contribution into the consumer's bias (FLAP; needs activations)."""
 
     name: str
@@ -51,6 +53,7 @@ class Recipe:
     compensate: bool = False
     summary: str = ""
     joint: bool = False
+    allocate_on: str = "score"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -62,14 +65,15 @@ RECIPES: dict[str, Recipe] = {
                      "per-layer EMP counts from sqrt(score) (for fluctuation: std x ||W_out||, an amplitude) set "
                      "the total; removal across layers and unit kinds by per-layer z-scores; bias compensation"),
     "mean": Recipe("mean", "sqrt", "mean", None, True,
-                   "as zscore, but scores divided by their layer's mean instead of standardised"),
+                   "as zscore, but sqrt(score) divided by its layer's mean instead of standardised scores",
+                   allocate_on="count"),
     "sqrt": Recipe("sqrt", "sqrt", "threshold", None, True,
                    "per-layer EMP counts from sqrt(score), used per layer with --scope layer; bias compensation"),
     "floor": Recipe("floor", "score", "threshold", 0.5, True,
                     "the paper's rule with a 50 % per-layer floor; bias compensation"),
     "mean-joint": Recipe("mean-joint", "sqrt", "mean", None, True,
-                         "as mean, with one allocation over heads and neurons together (score / layer mean)",
-                         joint=True),
+                         "as mean, with one allocation over heads and neurons together (sqrt(score) / layer mean)",
+                         joint=True, allocate_on="count"),
 }
 #: the recipe used unless told otherwise, with its scope and criterion (chosen by measurement on
 #: SmolLM2-135M, see benchmarks/results/shrink_smollm2.md): ``zscore`` for one unit kind,
@@ -509,8 +513,9 @@ def shrink(
             for idx in parts:
                 removed = sum((groups[j].n - _realised(groups[j], emp_k[j], head_mode)) * groups[j].params_per_unit()
                               for j in idx)
-                sub = _allocate_global([groups[j] for j in idx], [scores[j] for j in idx], removed, rec.allocate,
-                                       [floors[j] for j in idx])
+                on = [scores[j] if rec.allocate_on == "score" else _count_scores(count_scores[j], rec.count)
+                      for j in idx]
+                sub = _allocate_global([groups[j] for j in idx], on, removed, rec.allocate, [floors[j] for j in idx])
                 for j, m in zip(idx, sub):
                     raw[j] = m
             masks = _consistent_heads(groups, scores, raw, head_mode)
