@@ -41,7 +41,8 @@ sys.path.insert(0, str(REPO / "benchmarks" / "small_models"))
 
 from emprune.structured import find_groups, score_units, shrink  # noqa: E402
 from emprune.structured.scores import activation, magnitude  # noqa: E402
-from emprune.structured.shrink import DEFAULT_CRITERION, DEFAULT_RECIPE, DEFAULT_SCOPE, macs_lm  # noqa: E402
+from emprune.structured.shrink import (DEFAULT_CRITERION, DEFAULT_RECIPE, DEFAULT_RECIPE_MIXED,  # noqa: E402
+                                       DEFAULT_SCOPE, macs_lm)
 
 
 def log(*a):
@@ -263,7 +264,8 @@ def markdown(R: dict) -> str:
          f"{a['eval_tokens']} tokens of WikiText-2 test and of python-docs (held out), windows of {a['eval_seqlen']}. "
          f"Latency: prefill {a['prefill_batch']} x {a['prefill_len']} tokens, batch-1 greedy decode of "
          f"{a['decode_tokens']} tokens, median of {a['latency_runs']}. MACs per token at context 512, LM head included. "
-         f"EMP default = recipe `{DEFAULT_RECIPE}`, criterion `{DEFAULT_CRITERION}`, scope `{DEFAULT_SCOPE}`.", ""]
+         f"EMP default = criterion `{DEFAULT_CRITERION}`, scope `{DEFAULT_SCOPE}`, recipe `{DEFAULT_RECIPE}` for one unit "
+         f"kind, `{DEFAULT_RECIPE_MIXED}` for mlp,heads.", ""]
     rows = R["llm"]["rows"]
     if rows:
         d = rows[0]
@@ -324,6 +326,9 @@ def plot(R: dict, path: Path) -> None:
         tmp = f.name
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # NamedTemporaryFile makes a private file
     os.replace(tmp, path)
 
 
