@@ -12,7 +12,7 @@ edge) and no biases.  Inputs: pixels scaled to [-1, 1].  Training: Adam lr 1e-3,
 EMP, as in the paper: node score of hidden node j = max(mean |C| over its incoming edges, mean |C|
 over its outgoing edges) (spline coefficients only); ``emprune.keep_mask(scores, beta)`` on the
 64 scores decides which nodes stay; the KAN is then physically shrunk into a [784, k, 10] KAN
-(rows of layer 1 and columns of layer 2 removed) - checked to give the same logits as zeroing
+(rows of layer 1 and columns of layer 2 removed, by ``emprune.structured``'s KAN node removal) - checked to give the same logits as zeroing
 the removed nodes in the original.  Baselines at the same node count k: random nodes, and the top-k
 nodes by a data-driven activation score (mean |node value| over the train digits).  No fine-tuning.
 
@@ -21,6 +21,7 @@ nodes by a data-driven activation score (mean |node value| over the train digits
 """
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import emprune
+from emprune.structured import find_groups
 from _common import (accuracy, base_parser, command_line, count_params, environment, md_table, mean_std,
                      mnist_info, mnist_split, pct, plt, start, train, train_cached, write_json)
 
@@ -100,31 +102,32 @@ class KAN(nn.Module):
 
 
 def node_scores(model: KAN) -> dict[str, torch.Tensor]:
-    """Paper's hidden-node importance: max of incoming / outgoing mean |spline coefficient|."""
+    """Paper's hidden-node importance: max of incoming / outgoing mean |spline coefficient|
+    (the score is the library's ``KANGroup.node_scores``; the two halves are kept for the plots)."""
     l1, l2 = model.layers
     incoming = l1.coef.detach().abs().mean(dim=(1, 2))  # [64]: edges i -> j
     outgoing = l2.coef.detach().abs().mean(dim=(0, 2))  # [64]: edges j -> k
-    return {"incoming": incoming, "outgoing": outgoing, "score": torch.maximum(incoming, outgoing)}
+    score = find_groups(model, "kan")[0].node_scores().to(incoming.dtype)
+    return {"incoming": incoming, "outgoing": outgoing, "score": score}
 
 
 def shrink(model: KAN, keep: torch.Tensor) -> KAN:
-    """A physically smaller KAN [784, k, 10] holding only the kept hidden nodes."""
-    l1, l2 = model.layers
-    idx = keep.nonzero().squeeze(1)
-    new = KAN([model.width[0], int(idx.numel()), model.width[2]])
-    new.layers[0] = KANLayer.from_parts(l1.base.detach()[idx], l1.coef.detach()[idx], l1.knots, l1.order)
-    new.layers[1] = KANLayer.from_parts(l2.base.detach()[:, idx], l2.coef.detach()[:, idx], l2.knots, l2.order)
+    """A physically smaller KAN [784, k, 10] holding only the kept hidden nodes (a copy; the
+    removal itself is the library's: ``emprune.structured.KANGroup``)."""
+    new = copy.deepcopy(model)
+    find_groups(new, "kan")[0].remove(keep)
+    new.width[1] = int(keep.sum())
     return new.eval()
 
 
 @torch.no_grad()
 def masked_logits(model: KAN, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The full-size KAN with the removed nodes' outgoing edges switched off (base and spline
-    coefficients zeroed).  Zeroing the node *values* would not do: an edge function at 0 is
-    not 0 (phi(0) = sum_c C_c B_c(0)), so a KAN node is removed by removing its edges."""
-    l2 = model.layers[1]
-    off = KANLayer.from_parts(l2.base.detach() * keep, l2.coef.detach() * keep[:, None], l2.knots, l2.order)
-    return off(model.layers[0](x))
+    coefficients zeroed; ``KANGroup.zero``).  Zeroing the node *values* would not do: an edge
+    function at 0 is not 0 (phi(0) = sum_c C_c B_c(0)), so a KAN node is removed by removing its edges."""
+    off = copy.deepcopy(model)
+    find_groups(off, "kan")[0].zero(keep)
+    return off(x)
 
 
 def main(argv=None) -> int:

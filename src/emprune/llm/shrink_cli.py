@@ -1,0 +1,171 @@
+"""The ``emprune shrink`` command: structured EMP on a causal LM, saved as a smaller model.
+
+``cli.py`` wires it in with :func:`add_parser` (on its sub-parsers) and :func:`run` (returns an
+exit code; bad input raises ``ValueError`` / ``FileExistsError`` / ``FileNotFoundError``, which the
+main entry point prints as one line). ``python -m emprune.llm.shrink_cli ...`` runs it alone.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+HELP = "remove MLP neurons / attention heads physically with EMP and save a smaller model"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``shrink`` sub-command to ``subparsers`` (an ``argparse`` sub-parsers object)."""
+    from ..structured.scores import UNIT_SCORES
+    from ..structured.shrink import (DEFAULT_CRITERION, DEFAULT_RECIPE, DEFAULT_RECIPE_MIXED, DEFAULT_SCOPE,
+                                     RECIPE_CHOICES, RECIPES)
+
+    p = subparsers.add_parser(
+        "shrink", help=HELP,
+        description="Score the MLP neurons and/or attention heads of every decoder block, let EMP decide how "
+                    "many to keep, and remove the rest physically (smaller Linear layers, fewer heads; "
+                    "head_dim unchanged, GQA-consistent). Saves safetensors + config + tokenizer + emprune.json. "
+                    "Per-layer widths load with emprune.llm.from_pretrained(DIR) (and emprune eval DIR); "
+                    "--uniform gives one width per model that plain transformers loads. Default: "
+                    f"--units mlp,heads --criterion {DEFAULT_CRITERION} --scope {DEFAULT_SCOPE} --recipe "
+                    f"{DEFAULT_RECIPE_MIXED} for several unit kinds ({RECIPES[DEFAULT_RECIPE_MIXED].summary}), "
+                    f"{DEFAULT_RECIPE} for one ({RECIPES[DEFAULT_RECIPE].summary}); "
+                    "--recipe paper --scope layer is the paper's exact rule.")
+    p.add_argument("model", help="causal LM: a transformers folder, a .gguf file, a hub id (online) or smollm2-135m")
+    p.add_argument("--out", required=True, help="output folder (created; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an earlier emprune output (holds emprune.json)")
+    p.add_argument("--units", default="mlp,heads", help="mlp, heads or mlp,heads (default mlp,heads)")
+    p.add_argument("--criterion", choices=tuple(UNIT_SCORES), default=None,
+                   help=f"unit score (default {DEFAULT_CRITERION}): magnitude (weight norms), activation "
+                        "(||X|| * ||W_out||), fluctuation (FLAP: Var(X) * ||W_out||^2), taylor (|dL/dX * X|)")
+    p.add_argument("--scope", choices=("layer", "global"), default=None,
+                   help=f"layer: EMP per layer; global: one decision over all layers and unit kinds "
+                        f"(default {DEFAULT_SCOPE} with the default recipe, layer otherwise)")
+    p.add_argument("--recipe", choices=RECIPE_CHOICES, default="default",
+                   help="; ".join(f"{k}: {r.summary}" for k, r in RECIPES.items()))
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--beta", type=float, default=None, help="keep floor(beta * N_eff) (default 1)")
+    size.add_argument("--keep", default=None,
+                      help="fixed size instead of EMP: a fraction (0.75) or a count (1024) of units per layer")
+    p.add_argument("--uniform", action="store_true",
+                   help="one width per model (intermediate size a multiple of 64, heads a multiple of the "
+                        "KV-group count) so that plain AutoModelForCausalLM.from_pretrained loads the folder")
+    p.add_argument("--head-mode", choices=("query", "group"), default="query",
+                   help="query: every KV group keeps the same number of query heads; group: whole KV groups")
+    comp = p.add_mutually_exclusive_group()
+    comp.add_argument("--compensate", dest="compensate", action="store_true", default=None,
+                      help="fold removed units' mean output into a bias (FLAP; default: the recipe's)")
+    comp.add_argument("--no-compensate", dest="compensate", action="store_false", help="no bias compensation")
+    g = p.add_argument_group("calibration (activation, fluctuation and Taylor scores)")
+    g.add_argument("--calib-samples", type=int, default=32, help="random windows of calibration text (default 32)")
+    g.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    g.add_argument("--calib-text", default=None,
+                   help="text file (default: WikiText-2 validation from shared/data or $EMPRUNE_DATA), "
+                        "'python-docs' or 'wikitext2'/'c4' (online)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+    g.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default 8)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weights dtype (default float32)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(_shrink_run=run)
+    return p
+
+
+def _keep(s: str | None) -> float | int | None:
+    if s is None:
+        return None
+    try:
+        v = float(s)
+    except ValueError:
+        raise ValueError(f"--keep must be a fraction in (0, 1] or a count >= 1, got {s!r}") from None
+    if any(c in s for c in ".eE"):
+        if not 0 < v <= 1:
+            raise ValueError(f"--keep as a fraction must lie in (0, 1], got {s}")
+        return v
+    if v < 1 or v != int(v):
+        raise ValueError(f"--keep as a count must be an integer >= 1, got {s}")
+    return int(v)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``emprune shrink`` for parsed ``args``; returns 0 on success."""
+    import torch
+
+    from ..structured.shrink import NEEDS, get_recipe
+    from . import data, models
+    from .shrink import save_shrunk, shrink_lm
+
+    t0 = time.perf_counter()
+    units = ",".join(u.strip() for u in args.units.split(",") if u.strip())
+    if not units or any(u not in ("mlp", "heads") for u in units.split(",")):
+        raise ValueError(f"--units must be mlp, heads or mlp,heads; got {args.units!r}")
+    if args.beta is not None and (args.beta <= 0 or args.beta != args.beta or args.beta == float("inf")):
+        raise ValueError(f"--beta must be a positive finite number, got {args.beta}")
+    if args.calib_samples < 1 or args.seqlen < 2:
+        raise ValueError("--calib-samples must be >= 1 and --seqlen >= 2")
+    keep = _keep(args.keep)
+    rec = get_recipe(args.recipe)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
+            raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+        if not (out / models.REPORT_NAME).is_file():
+            raise FileExistsError(f"--out {out} is not an emprune output (no {models.REPORT_NAME}); refusing to overwrite it")
+    from ..structured.shrink import DEFAULT_CRITERION
+
+    criterion = args.criterion or DEFAULT_CRITERION
+    comp = args.compensate if args.compensate is not None else (rec.compensate and keep is None)
+    needs_data = NEEDS[criterion] is not None or comp
+    print(f"loading {args.model} ...", file=sys.stderr)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model, tok = models.load_causal_lm(args.model, dtype=dtype)
+    calib, src = None, None
+    if needs_data:
+        src = args.calib_text if args.calib_text is not None else str(data.default_text_path("calib"))
+        calib = data.calibration_batches(tok, data.load_text(src, "calib"), args.calib_samples, args.seqlen, args.seed)
+    report, info = shrink_lm(model, calib, units=units, criterion=criterion, scope=args.scope,
+                             beta=1.0 if args.beta is None else args.beta, keep=keep, recipe=args.recipe,
+                             head_mode=args.head_mode, compensate=args.compensate, uniform=args.uniform,
+                             batch_size=args.batch_size, progress=not args.quiet)
+    info["model"] = args.model
+    info["command"] = "emprune " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", []))
+    info["calibration"].update(text=src, seed=args.seed)
+    info["total_seconds"] = time.perf_counter() - t0
+    saved = save_shrunk(model, tok, out, info, overwrite=args.overwrite)
+    lines = str(report).split("\n")
+    if len(lines) > 40:
+        lines = lines[:20] + [f"... ({len(lines) - 36} more rows in emprune.json) ..."] + lines[-16:]
+    print("\n".join(lines))
+    how = ("AutoModelForCausalLM.from_pretrained(DIR) or emprune.llm.from_pretrained(DIR)"
+           if info["layout"] == "uniform" else "emprune.llm.from_pretrained(DIR) (per-layer widths)")
+    if args.uniform and info["layout"] != "uniform":
+        print("WARNING: --uniform could not give a stock config for this model (see emprune.json); "
+              "load it with emprune.llm.from_pretrained(DIR)")
+    print(f"saved to {saved}; load with {how}; report: {saved / models.REPORT_NAME}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m emprune.llm.shrink_cli MODEL --out DIR ...``)."""
+    parser = argparse.ArgumentParser(prog="emprune")
+    sub = parser.add_subparsers(dest="command")
+    add_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "shrink":
+        argv = ["shrink", *argv]
+    args = parser.parse_args(argv)
+    args._argv = argv
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, OSError) as e:
+        print(f"emprune shrink: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""``emprune shrink`` (the command module; cli.py wiring is the lead's): output folders, errors."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from emprune.llm.shrink_cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    from tiny_llama import save_tiny
+
+    d = tmp_path_factory.mktemp("dense") / "m"
+    save_tiny(d)
+    text = d.parent / "calib.txt"
+    from tiny_llama import TEXT
+
+    text.write_text(TEXT)
+    return d, text
+
+
+def _run(dense, out, *extra):
+    d, text = dense
+    return main([str(d), "--out", str(out), "--calib-text", str(text), "--calib-samples", "4", "--seqlen", "16",
+                 "--quiet", *extra])
+
+
+def test_shrink_writes_loadable_folder(dense, tmp_path, capsys):
+    import emprune.llm
+
+    out = tmp_path / "small"
+    assert _run(dense, out, "--units", "mlp,heads", "--keep", "0.5") == 0
+    meta = json.loads((out / "emprune.json").read_text())
+    assert meta["kind"] == "shrunk" and meta["summary"]["params_after"] < meta["summary"]["params_before"]
+    assert meta["command"].startswith("emprune ")
+    model = emprune.llm.from_pretrained(out)
+    assert [l.mlp.down_proj.in_features for l in model.model.layers] == [48, 48, 48]
+    assert "saved to" in capsys.readouterr().out
+    # --overwrite replaces an emprune output
+    assert _run(dense, out, "--units", "mlp", "--recipe", "paper", "--criterion", "magnitude", "--overwrite") == 0
+    assert json.loads((out / "emprune.json").read_text())["recipe"]["name"] == "paper"
+
+
+def test_uniform_folder_is_stock(dense, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "u"
+    assert _run(dense, out, "--uniform") == 0
+    assert json.loads((out / "emprune.json").read_text())["layout"] == "uniform"
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert m.config.intermediate_size % 64 == 0 or m.config.intermediate_size == 96
+    assert m(torch.randint(0, 100, (1, 5))).logits.shape[-1] == m.config.vocab_size
+
+
+@pytest.mark.parametrize("extra, match", [
+    (("--units", "attn"), "--units must be"), (("--keep", "1.5"), "--keep as a fraction"),
+    (("--keep", "abc"), "--keep must be"), (("--keep", "0"), "--keep as a count"), (("--beta", "-1"), "--beta must be"),
+])
+def test_bad_options_one_line(dense, tmp_path, capsys, extra, match):
+    assert _run(dense, tmp_path / "o", *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and match in err[-1] and err[-1].startswith("emprune shrink: error:")
+
+
+def test_refuses_foreign_and_non_empty(dense, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert _run(dense, out) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert _run(dense, out, "--overwrite") == 2
+    assert "not an emprune output" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "x"
