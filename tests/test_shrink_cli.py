@@ -79,3 +79,23 @@ def test_refuses_foreign_and_non_empty(dense, tmp_path, capsys):
     assert _run(dense, out, "--overwrite") == 2
     assert "not an emprune output" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "x"
+
+
+def test_emprune_command_shrinks_and_evaluates_the_folder(dense, tmp_path, capsys):
+    """Through the `emprune` entry point: `emprune shrink` writes a per-layer folder and
+    `emprune eval` loads it (models.load_causal_lm's shrunk hook) with the shrunk shapes."""
+    from emprune.cli import main as emprune_main
+
+    d, text = dense
+    out = tmp_path / "small"
+    assert emprune_main(["shrink", str(d), "--out", str(out), "--calib-text", str(text), "--calib-samples", "4",
+                         "--seqlen", "16", "--units", "mlp", "--keep", "0.5", "--quiet"]) == 0
+    res = tmp_path / "ppl.json"
+    assert emprune_main(["eval", str(out), "--ppl", "--eval-text", str(text), "--eval-tokens", "256",
+                         "--seqlen", "32", "--quiet", "--json", str(res)]) == 0
+    ppl = json.loads(res.read_text())["ppl"]
+    assert torch.isfinite(torch.tensor(ppl)) and ppl > 1
+    from emprune.llm import models
+
+    model, _ = models.load_causal_lm(out)
+    assert model.model.layers[0].mlp.down_proj.weight.shape[1] == 48  # 96 neurons -> 48 kept

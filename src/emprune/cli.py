@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "N_eff = (sum|s|)^2 / sum s^2. Commands:\n"
                     "  inspect   what EMP would keep in a checkpoint (magnitude scores)\n"
                     "  prune     prune a causal LM (Wanda-style layer-wise calibration) and save it\n"
+                    "  shrink    remove MLP neurons / attention heads physically (structured EMP): smaller, faster\n"
                     "  eval      perplexity of a causal LM (a saved pruned folder, a GGUF file, ...)\n"
                     "  compare   dense vs magnitude/Wanda vs EMP recipes: markdown + JSON + plot\n"
                     "  demo      a small real compare on SmolLM2-135M (CPU, under ~15 minutes)\n",
@@ -209,7 +210,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_llm_parsers(sub) -> None:
     """The LLM sub-commands, one builder each."""
-    for add in (_add_prune_parser, _add_eval_parser, _add_compare_parser, _add_demo_parser):
+    from .llm import shrink_cli
+
+    for add in (_add_prune_parser, shrink_cli.add_parser, _add_eval_parser, _add_compare_parser,
+                _add_demo_parser):
         add(sub)
 
 
@@ -649,7 +653,14 @@ def _run(args) -> int:
     raise NotImplementedError(f"unknown command {args.command}")  # pragma: no cover
 
 
-LLM_COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "compare": _cmd_compare, "demo": _cmd_demo}
+def _cmd_shrink(args) -> int:
+    from .llm import shrink_cli
+
+    return shrink_cli.run(args)
+
+
+LLM_COMMANDS = {"prune": _cmd_prune, "shrink": _cmd_shrink, "eval": _cmd_eval, "compare": _cmd_compare,
+                "demo": _cmd_demo}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -165,6 +165,10 @@ def _load_causal_lm(
             raise FileNotFoundError(f"{path} is a folder but holds no config.json (not a transformers model)")
         for f in sorted(path.glob("*.safetensors")):
             check_safetensors(f)
+        from .shrink import is_shrunk, load_shrunk
+
+        if is_shrunk(path):  # per-layer widths (emprune shrink): not expressible in a stock config
+            return load_shrunk(path, dtype, device_map)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
         return model.eval(), AutoTokenizer.from_pretrained(path)
     if path.exists() or spec_str.startswith((".", "/", "~")) or spec_str.count("/") > 1:
