@@ -77,8 +77,19 @@ def test_refuses_foreign_and_non_empty(dense, tmp_path, capsys):
     assert _run(dense, out) == 2
     assert "not empty" in capsys.readouterr().err
     assert _run(dense, out, "--overwrite") == 2
-    assert "not an emprune output" in capsys.readouterr().err
+    assert "not an earlier emprune output" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "x"
+
+
+def test_refuses_the_current_folder(dense, tmp_path, capsys, monkeypatch):
+    """The same output rules as `emprune prune`: never the current folder or a parent."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "thesis.txt").write_text("x")
+    monkeypatch.chdir(work)
+    assert _run(dense, ".", "--overwrite") == 2
+    assert "current folder" in capsys.readouterr().err
+    assert (work / "thesis.txt").read_text() == "x"
 
 
 def test_emprune_command_shrinks_and_evaluates_the_folder(dense, tmp_path, capsys):

@@ -29,7 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "head_dim unchanged, GQA-consistent). Saves safetensors + config + tokenizer + emprune.json. "
                     "Per-layer widths load with emprune.llm.from_pretrained(DIR) (and emprune eval DIR); "
                     "--uniform gives one width per model that plain transformers loads. Default: "
-                    f"--units mlp,heads --criterion {DEFAULT_CRITERION} --scope {DEFAULT_SCOPE} --recipe "
+                    f"--units mlp --criterion {DEFAULT_CRITERION} --scope {DEFAULT_SCOPE} --recipe "
                     f"{DEFAULT_RECIPE_MIXED} for several unit kinds ({RECIPES[DEFAULT_RECIPE_MIXED].summary}), "
                     f"{DEFAULT_RECIPE} for one ({RECIPES[DEFAULT_RECIPE].summary}); "
                     "--recipe paper --scope layer is the paper's exact rule.")
@@ -37,7 +37,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (created; see --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is an earlier emprune output (holds emprune.json)")
-    p.add_argument("--units", default="mlp,heads", help="mlp, heads or mlp,heads (default mlp,heads)")
+    p.add_argument("--units", default="mlp", help="mlp, heads or mlp,heads (default mlp: at equal size it kept "
+                   "lower perplexity than mlp,heads on SmolLM2-135M, see benchmarks/results/shrink_smollm2.md)")
     p.add_argument("--criterion", choices=tuple(UNIT_SCORES), default=None,
                    help=f"unit score (default {DEFAULT_CRITERION}): magnitude (weight norms), activation "
                         "(||X|| * ||W_out||), fluctuation (FLAP: Var(X) * ||W_out||^2), taylor (|dL/dX * X|)")
@@ -108,26 +109,26 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--calib-samples must be >= 1 and --seqlen >= 2")
     keep = _keep(args.keep)
     rec = get_recipe(args.recipe)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not args.overwrite:
-            raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
-        if not (out / models.REPORT_NAME).is_file():
-            raise FileExistsError(f"--out {out} is not an emprune output (no {models.REPORT_NAME}); refusing to overwrite it")
+    # the same output-folder rules as `emprune prune` (never the current folder or a parent, only
+    # an earlier emprune output is replaced, symlinks followed, writability probed), before loading
+    out = models.check_out_dir(args.out, args.overwrite)
+    for note in models.clean_stale_temporaries(out):
+        print(note, file=sys.stderr)
     from ..structured.shrink import DEFAULT_CRITERION
 
     criterion = args.criterion or DEFAULT_CRITERION
     comp = args.compensate if args.compensate is not None else (rec.compensate and keep is None)
     needs_data = NEEDS[criterion] is not None or comp
+    src = text = None
+    if needs_data:  # the text is read before the (slow) model load
+        src = args.calib_text if args.calib_text is not None else str(data.default_text_path("calib"))
+        text = data.load_text(src, "calib")
     print(f"loading {args.model} ...", file=sys.stderr)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model, tok = models.load_causal_lm(args.model, dtype=dtype)
-    calib, src = None, None
-    if needs_data:
-        src = args.calib_text if args.calib_text is not None else str(data.default_text_path("calib"))
-        calib = data.calibration_batches(tok, data.load_text(src, "calib"), args.calib_samples, args.seqlen, args.seed)
+    model, tok = models.load_causal_lm(args.model, dtype=dtype, progress=not args.quiet)
+    calib = None
+    if text is not None:
+        calib = data.calibration_batches(tok, text, args.calib_samples, args.seqlen, args.seed)
     report, info = shrink_lm(model, calib, units=units, criterion=criterion, scope=args.scope,
                              beta=1.0 if args.beta is None else args.beta, keep=keep, recipe=args.recipe,
                              head_mode=args.head_mode, compensate=args.compensate, uniform=args.uniform,
