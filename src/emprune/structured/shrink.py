@@ -481,6 +481,35 @@ def shrink(
     lm = _is_lm(model)
     macs_before = macs_lm(model, macs_seqlen) if lm else (macs_plain(model, example_input) if example_input is not None else None)
 
+    masks, neffs, emp_k, global_neff = _decide(groups, scores, count_scores, rec, b, scope, keep, head_mode)
+
+    report = ShrinkReport(criterion=criterion, scope=scope, beta=None if keep is not None else b,
+                          recipe={**rec.to_dict(), "compensate": comp, "count_by": count_by or criterion,
+                                  "head_mode": head_mode},
+                          keep=keep)
+    _remove_and_report(report, groups, scores, masks, neffs, emp_k, dry_run=dry_run, comp=comp, stats=stats,
+                       exact_bound=scope == "layer" and count_by in (None, criterion) and rec.count == "score")
+    if lm and not dry_run:
+        _sync_config(model, groups)
+    report.params_before = params_before
+    report.params_after = (params_before - sum(g.params_before - g.params_after for g in report.groups) if dry_run
+                           else sum(p.numel() for p in model.parameters()))
+    report.embedding_params = emb
+    report.macs_before = macs_before
+    report.macs_after = None if dry_run else macs_lm(model, macs_seqlen) if lm else (macs_plain(model, example_input) if example_input is not None else None)
+    report.macs_note = (f"per token at context {macs_seqlen}: every Linear incl. the LM head, plus QK^T and AV"
+                        if lm else "per example_input forward: Linear and Conv multiply-adds")
+    report.global_neff = global_neff
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _decide(groups: list[UnitGroup], scores: list[Tensor], count_scores: list[Tensor], rec: Recipe,
+            b: float | None, scope: str, keep: float | int | dict | None, head_mode: str
+            ) -> tuple[list[Tensor], list[float | None], list[int | None], float | None]:
+    """The keep mask of every group: fixed sizes (``keep``), per-layer EMP counts (``scope``
+    layer), or one global decision (threshold, or per-kind allocation of EMP's total).
+    Returns ``(masks, N_eff per group, EMP count per group, global N_eff)``."""
     neffs: list[float | None] = [None] * len(groups)
     emp_k: list[int | None] = [None] * len(groups)
     global_neff = None
@@ -520,10 +549,15 @@ def shrink(
                     raw[j] = m
             masks = _consistent_heads(groups, scores, raw, head_mode)
 
-    report = ShrinkReport(criterion=criterion, scope=scope, beta=None if keep is not None else b,
-                          recipe={**rec.to_dict(), "compensate": comp, "count_by": count_by or criterion,
-                                  "head_mode": head_mode},
-                          keep=keep)
+    return masks, neffs, emp_k, global_neff
+
+
+def _remove_and_report(report: "ShrinkReport", groups: list[UnitGroup], scores: list[Tensor], masks: list[Tensor],
+                       neffs: list[float | None], emp_k: list[int | None], *, dry_run: bool, comp: bool,
+                       stats: UnitStats | None, exact_bound: bool) -> None:
+    """Remove the unkept units of every group (after folding their mean output into a bias if
+    ``comp``) and record each group in ``report`` (``dry_run``: record only). ``exact_bound``:
+    the counts are the paper's per-layer rule on the selection scores, so the mass bound holds."""
     for j, (g, s, m) in enumerate(zip(groups, scores, masks)):
         n_before, p_before = g.n, g.params()
         mass = float(rule.retained_mass(s.float(), m)) if s.numel() else None
@@ -537,26 +571,13 @@ def shrink(
             g.compensate(m, stats.mean(g))
         g.remove(m)
         bound = None
-        if neffs[j] is not None and scope == "layer" and count_by in (None, criterion) and rec.count == "score":
+        if neffs[j] is not None and exact_bound:
             nu = max(1, min(int(math.floor(neffs[j])), n_before))
             bound = float(rule.guaranteed_mass(torch.tensor([float(nu)]), torch.tensor([int(m.sum())]), n_before)[0])
         report.groups.append(GroupReport(g.name, g.kind, g.layer, n_before, g.n, p_before, g.params(),
                                          neffs[j], emp_k[j], mass, bound,
                                          g.n_kv if isinstance(g, HeadGroup) else None,
                                          m.nonzero().squeeze(1).tolist()))
-    if lm and not dry_run:
-        _sync_config(model, groups)
-    report.params_before = params_before
-    report.params_after = (params_before - sum(g.params_before - g.params_after for g in report.groups) if dry_run
-                           else sum(p.numel() for p in model.parameters()))
-    report.embedding_params = emb
-    report.macs_before = macs_before
-    report.macs_after = None if dry_run else macs_lm(model, macs_seqlen) if lm else (macs_plain(model, example_input) if example_input is not None else None)
-    report.macs_note = (f"per token at context {macs_seqlen}: every Linear incl. the LM head, plus QK^T and AV"
-                        if lm else "per example_input forward: Linear and Conv multiply-adds")
-    report.global_neff = global_neff
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
 def _sync_config(model: nn.Module, groups: list[UnitGroup]) -> None:
