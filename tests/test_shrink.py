@@ -366,6 +366,6 @@ def test_save_refuses_foreign_folder(tmp_path):
     model = tiny_llama(layers=1)
     with pytest.raises(FileExistsError, match="not empty"):
         save_shrunk(model, None, tmp_path / "x", {"kind": "shrunk"})
-    with pytest.raises(FileExistsError, match="not an emprune output"):
+    with pytest.raises(FileExistsError, match="not an earlier emprune output"):
         save_shrunk(model, None, tmp_path / "x", {"kind": "shrunk"}, overwrite=True)
     assert (tmp_path / "x" / "notes.txt").read_text() == "mine"

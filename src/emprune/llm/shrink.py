@@ -165,13 +165,7 @@ def save_shrunk(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, re
     """Write the shrunk model like ``emprune prune`` does (atomic; see
     :func:`emprune.llm.models.save_pruned`). ``overwrite`` replaces only a folder that holds an
     ``emprune.json`` (an earlier emprune output), never an arbitrary non-empty folder."""
-    out = Path(out_dir).expanduser().absolute()
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
-        if not (out / REPORT_NAME).is_file():
-            raise FileExistsError(f"--out {out} is not an emprune output (no {REPORT_NAME}); refusing to overwrite it")
-    return save_pruned(model, tokenizer, out, report_json, overwrite=overwrite)
+    return save_pruned(model, tokenizer, out_dir, report_json, overwrite=overwrite)  # its folder rules
 
 
 def is_shrunk(folder: str | os.PathLike) -> bool:
