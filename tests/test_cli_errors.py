@@ -384,7 +384,10 @@ def test_nan_weights_are_an_error_not_a_perplexity(tiny, tmp_path, capsys):
 
 
 INTERRUPT_SCRIPT = """
-import sys, time
+import signal, sys, time
+# Ctrl-C as a terminal user has it: a test runner started in the background (nohup, `cmd &` in a
+# script) hands its children SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import transformers
 from emprune.cli import main
 
