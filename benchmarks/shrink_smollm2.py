@@ -258,8 +258,9 @@ def write(args, R: dict) -> None:
 def markdown(R: dict) -> str:
     a = R["args"]
     L = [f"# emprune shrink: structured EMP on {a['model']}{' (QUICK smoke run)' if a['quick'] else ''}", "",
-         f"Command: `{R['command']}`  ", f"Machine: {R['env']}. The CPU was shared with other jobs while this ran: "
-         "latencies are medians of the runs, ratios are against dense measured in the same run.", "",
+         f"Command: `{R['command']}`  ", f"Machine: {R['env']}. Latencies are medians of the runs, ratios against dense measured in the "
+         "same run; on this 2-core box prefill medians of rows with equal MACs differ by up to ~10 %, so "
+         "the 70% target column is only indicative. " + R.get("conditions", ""), "",
          f"Calibration: {a['calib_samples']} x {a['seqlen']} tokens of WikiText-2 validation. Perplexity: first "
          f"{a['eval_tokens']} tokens of WikiText-2 test and of python-docs (held out), windows of {a['eval_seqlen']}. "
          f"Latency: prefill {a['prefill_batch']} x {a['prefill_len']} tokens, batch-1 greedy decode of "
