@@ -61,3 +61,15 @@ def pytest_make_collect_report(collector: pytest.Collector):
         rep.outcome = "failed"
         rep.longrepr = (f"test module skipped as a whole under CI ({_reason(rep.longrepr)}); "
                         "it may hold real-model tests: install every extra (scripts/test.sh)")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model folder, text file) of the 3-block random LLaMA of tests/tiny_llama.py saved to disk
+    (max_position_embeddings 256): the LLM command-line tests' model."""
+    from tiny_llama import TEXT, save_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    save_tiny(root / "model")
+    (root / "text.txt").write_text(TEXT)
+    return root / "model", root / "text.txt"

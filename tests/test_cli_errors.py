@@ -13,8 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -29,20 +27,10 @@ from emprune.io import usual_mode  # noqa: E402
 from emprune.llm import data, models  # noqa: E402
 from emprune.llm import prune as P  # noqa: E402
 from emprune.llm.eval import NonFiniteLossError, perplexity  # noqa: E402
-from tiny_llama import TEXT, save_tiny  # noqa: E402
 
 SRC = str(Path(cli.__file__).resolve().parents[1])
 TINY = ["--calib-samples", "3", "--seqlen", "16", "--quiet"]
 MAG = ["--criterion", "magnitude", "--sparsity", "0.5", "--quiet"]  # no calibration: fastest prune
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model folder, text file) of the 3-block random LLaMA (max_position_embeddings 256)."""
-    root = tmp_path_factory.mktemp("tiny")
-    save_tiny(root / "model")
-    (root / "text.txt").write_text(TEXT)
-    return root / "model", root / "text.txt"
 
 
 @pytest.fixture

@@ -19,18 +19,8 @@ from emprune.criteria import InputNorms, Wanda  # noqa: E402
 from emprune.cli import main  # noqa: E402
 from emprune.llm import calibrate, compare, models  # noqa: E402
 from emprune.llm import prune as P  # noqa: E402
-from tiny_llama import TEXT, save_tiny  # noqa: E402
 
 TINY = ["--calib-samples", "3", "--seqlen", "16", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(model folder, text file) for a 3-block random LLaMA saved to disk."""
-    root = tmp_path_factory.mktemp("tiny")
-    save_tiny(root / "model")
-    (root / "text.txt").write_text(TEXT)
-    return root / "model", root / "text.txt"
 
 
 @pytest.fixture
