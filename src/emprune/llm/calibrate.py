@@ -177,7 +177,7 @@ def _capture_inputs(
     position_ids, position_embeddings, ...) are identical for equal-length unpadded samples but
     may differ from block to block: Gemma-3 gives its sliding-window layers another mask and
     another rotary table (base 10k) than its full-attention layers (base 1M). So sample 0 runs
-    through the whole model once and each block's kwargs are kept; the other samples stop at
+    through every block once and each block's kwargs are kept; the other samples stop at
     block 0 (the hook raises once it has their hidden states).
     """
     kws: list[dict[str, Any] | None] = [None] * len(layers)
@@ -189,7 +189,9 @@ def _capture_inputs(
                 store["hidden"] = args[0] if args else kwargs["hidden_states"]
             if kws[i] is None:
                 kws[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            if i == 0 and store["stop"]:
+            # other samples stop at block 0; sample 0 at the last block (every block's kwargs are
+            # known then: no final norm, no vocabulary-sized logits)
+            if (i == 0 and store["stop"]) or i == len(layers) - 1:
                 raise _Caught
         return hook
 
