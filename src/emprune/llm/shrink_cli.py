@@ -10,7 +10,6 @@ import argparse
 import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 HELP = "remove MLP neurons / attention heads physically with EMP and save a smaller model"
@@ -46,7 +45,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"layer: EMP per layer; global: one decision over all layers and unit kinds "
                         f"(default {DEFAULT_SCOPE} with the default recipe, layer otherwise)")
     p.add_argument("--recipe", choices=RECIPE_CHOICES, default="default",
-                   help="; ".join(f"{k}: {r.summary}" for k, r in RECIPES.items()))
+                   help="; ".join(f"{k}: {r.summary}" for k, r in RECIPES.items()).replace("%", "%%"))
     size = p.add_mutually_exclusive_group()
     size.add_argument("--beta", type=float, default=None, help="keep floor(beta * N_eff) (default 1)")
     size.add_argument("--keep", default=None,
@@ -60,14 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     comp.add_argument("--compensate", dest="compensate", action="store_true", default=None,
                       help="fold removed units' mean output into a bias (FLAP; default: the recipe's)")
     comp.add_argument("--no-compensate", dest="compensate", action="store_false", help="no bias compensation")
-    g = p.add_argument_group("calibration (activation, fluctuation and Taylor scores)")
-    g.add_argument("--calib-samples", type=int, default=32, help="random windows of calibration text (default 32)")
-    g.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    g.add_argument("--calib-text", default=None,
-                   help="text file (default: WikiText-2 validation from shared/data or $EMPRUNE_DATA), "
-                        "'python-docs' or 'wikitext2'/'c4' (online)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
-    g.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default 8)")
+    from ..cli import _add_calib_args  # the calibration options of prune/compare (checked types, help)
+
+    _add_calib_args(p, 32, 512, "calibration (activation, fluctuation and Taylor scores)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="weights dtype (default float32)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
