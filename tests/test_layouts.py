@@ -255,3 +255,18 @@ def test_shrink_refuses_other_layouts_with_one_line(family):
         find_groups(_model(family), "mlp")
     msg = str(err.value)
     assert "\n" not in msg and "emprune shrink supports LLaMA-like" in msg, msg
+
+
+def test_linear_view_writes_back_when_the_view_is_broken():
+    """Moving a block to another device (``prune_lm(device=...)``) or replacing the Linear's weight
+    breaks the shared storage: the Conv1D still gets the Linear's values, transposed."""
+    model = _model("gpt2")
+    conv = model.transformer.h[1].mlp.c_fc
+    dense = conv.weight.detach().clone()
+    with layouts.linear_view(model):
+        lin = model.transformer.h[1].mlp.c_fc
+        assert isinstance(lin, torch.nn.Linear) and lin.weight.shape == (dense.shape[1], dense.shape[0])
+        lin.weight = torch.nn.Parameter(lin.weight.detach().clone().contiguous())  # a copy: view broken
+        lin.weight.data[:, 0] = 0  # input feature 0 of every output unit
+    assert model.transformer.h[1].mlp.c_fc is conv and conv.weight.is_contiguous()
+    assert (conv.weight[0] == 0).all() and torch.equal(conv.weight[1:], dense[1:])

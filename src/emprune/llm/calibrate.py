@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 import torch
 from torch import nn
 
-from .layouts import block_linears, find_layout
+from .layouts import block_linears, find_layout, linear_view
 from .models import input_device
 
 #: a block's call arguments besides its hidden states: ``(positional args, keyword args)``
@@ -59,6 +59,9 @@ def prune_layerwise(
     linear) while the block runs over the calibration inputs; then ``on_block(i, linears)`` is
     called and must modify the weights in place (it may read the observers' statistics).
 
+    GPT-2's ``Conv1D`` targets are handed to the observers and ``on_block`` as ``nn.Linear``
+    views (see :func:`~emprune.llm.layouts.linear_view`) and are ``Conv1D`` again afterwards.
+
     ``device``: execution device for a model held elsewhere (e.g. on CPU): each block is moved
     there for its turn and moved back afterwards. Accelerate-dispatched models are run as they
     are (their hooks place inputs); blocks offloaded to ``meta`` are refused, since in-place
@@ -79,10 +82,10 @@ def prune_layerwise(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     layout = find_layout(model)
     layers = model.get_submodule(layout.blocks)
-    names = {mod: name for name, mod in model.named_modules()}
     dev = torch.device(device) if device is not None else None
     t0 = time.perf_counter()
-    with _calibration_mode(model):
+    with _calibration_mode(model), linear_view(model):  # GPT-2's Conv1D as Linear: rows = output units
+        names = {mod: name for name, mod in model.named_modules()}
         inps, kwargs = _capture_inputs(model, layers, calib_tokens, dev)
         timings: dict[str, Any] = {"capture_seconds": time.perf_counter() - t0, "decide_seconds": 0.0}
         outs = torch.empty_like(inps)
