@@ -163,3 +163,65 @@ def test_errors_are_one_line(tiny, kwargs, msg):
 
 def test_parse_nm():
     assert parse_nm("2:4") == (2, 4) and parse_nm((1, 8)) == (1, 8) and parse_nm(None) is None
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--nm", "4:2"], "--nm"),
+    (["--nm", "2"], "--nm"),
+    (["--damp", "-1", "--update", "obs"], "--damp"),
+    (["--damp", "nan", "--update", "obs"], "--damp"),
+    (["--target-sparsity", "1"], "--target-sparsity"),
+    (["--target-sparsity", "0"], "--target-sparsity"),
+    (["--update", "sgd"], "--update"),
+    (["--allocation", "best"], "--allocation"),
+])
+def test_cli_bad_values_refused_at_parse_time(extra, fragment, capsys):
+    from emprune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "M", "--out", "o", *extra])
+    assert e.value.code == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and fragment in err[0] and "Traceback" not in err[0]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--nm", "2:4", "--sparsity", "0.5"], "--nm"),
+    (["--allocation", "owl"], "--sparsity"),
+    (["--damp", "0.1"], "--update obs"),
+    (["--target-sparsity", "0.5", "--sparsity", "0.3"], "--target-sparsity"),
+    (["--update", "obs", "--scope", "global"], "--scope"),
+])
+def test_cli_conflicts_before_the_model_loads(tiny, tmp_path, monkeypatch, capsys, extra, fragment):
+    from emprune.cli import main
+
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    assert main(["prune", str(tiny), "--out", str(tmp_path / "o"), "--quiet", *extra]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and fragment in err[0], err
+
+
+def test_cli_prune_with_update_nm_and_target(tiny, tmp_path, capsys):
+    import json
+
+    from emprune.cli import main
+
+    base = ["prune", str(tiny), "--calib-samples", "3", "--seqlen", "16", "--quiet",
+            "--calib-text", str(tiny.parent / "calib.txt")]
+    from tiny_llama import TEXT
+    (tiny.parent / "calib.txt").write_text(TEXT)
+    assert main([*base, "--out", str(tmp_path / "a"), "--update", "obs", "--damp", "0.05",
+                 "--target-sparsity", "0.6"]) == 0
+    info = json.loads((tmp_path / "a" / "emprune.json").read_text())
+    assert info["update"]["damp"] == 0.05 and info["beta_for_target"]["requested"] == 0.6
+    assert abs(info["summary"]["pruned_fraction"] - 0.6) < 0.01
+    assert main([*base, "--out", str(tmp_path / "b"), "--nm", "2:4", "--targets", "linear"]) == 0
+    info = json.loads((tmp_path / "b" / "emprune.json").read_text())
+    assert info["nm"] == "2:4" and info["summary"]["pruned_fraction"] == 0.5
+    assert main([*base, "--out", str(tmp_path / "c"), "--sparsity", "0.5", "--allocation", "owl",
+                 "--update", "obs"]) == 0
+    info = json.loads((tmp_path / "c" / "emprune.json").read_text())
+    assert len(info["owl"]["layer_sparsity"]) == 3

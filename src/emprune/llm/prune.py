@@ -566,6 +566,28 @@ def beta_for_sparsity(neffs: dict[str, Tensor], mods: dict[str, nn.Linear], plan
     return beta, pruned / total
 
 
+def check_lm_options(*, criterion: str | Criterion = "wanda", scope: str = "row", beta: float = 1.0,
+                     sparsity: float | None = None, targets: str = "mlp", recipe: str | Recipe = "default",
+                     count_by: str | None = None, min_keep: float | int | None = None,
+                     count_unit: str | None = None, counts: dict[str, Tensor] | None = None,
+                     counts_from: str | None = None, update: str | None = None, damp: float = DEFAULT_DAMP,
+                     nm: str | tuple[int, int] | None = None, blocksize: int = 128, quota: str = "lookahead",
+                     allocation: str = "uniform", target_sparsity: float | None = None) -> _Plan:
+    """Check :func:`prune_lm`'s options without a model (the CLI calls it before loading one);
+    raises a one-line ``ValueError`` naming the option. Returns the resolved plan."""
+    plan = _plan(criterion, scope, beta, sparsity, targets, recipe, count_by, min_keep, count_unit,
+                 counts, counts_from, update, damp, nm, blocksize, quota, allocation)
+    if target_sparsity is not None:
+        p = float(target_sparsity)
+        if not (0.0 < p < 1.0) or not math.isfinite(p):
+            raise ValueError(f"target_sparsity must lie in (0, 1), got {target_sparsity!r}")
+        if sparsity is not None or counts is not None or plan.nm is not None:
+            raise ValueError("target_sparsity sets EMP's beta: it excludes sparsity, counts and nm")
+        if scope not in ("row", "layer"):
+            raise ValueError("target_sparsity needs scope row or layer")
+    return plan
+
+
 def _run(plan: _Plan, model: nn.Module, mods: dict[str, nn.Linear], calib_tokens: Tensor | None,
          targets: str, record: _Record, **loop: Any) -> tuple[str, dict[str, Any]]:
     """Steps 2-3: gather statistics where needed, then decide and prune; returns the
@@ -647,16 +669,11 @@ def prune_lm(
     and decides and prunes each group of targets (:func:`_decide_group`), releasing the
     statistics of each group once decided; (4) :func:`_summary` writes the JSON summary.
     """
-    plan = _plan(criterion, scope, beta, sparsity, targets, recipe, count_by, min_keep, count_unit,
-                 counts, counts_from, update, damp, nm, blocksize, quota, allocation)
-    if target_sparsity is not None:
-        p = float(target_sparsity)
-        if not (0.0 < p < 1.0) or not math.isfinite(p):
-            raise ValueError(f"target_sparsity must lie in (0, 1), got {target_sparsity!r}")
-        if sparsity is not None or counts is not None or plan.nm is not None:
-            raise ValueError("target_sparsity sets EMP's beta: it excludes sparsity, counts and nm")
-        if scope not in ("row", "layer"):
-            raise ValueError("target_sparsity needs scope row or layer")
+    plan = check_lm_options(criterion=criterion, scope=scope, beta=beta, sparsity=sparsity, targets=targets,
+                            recipe=recipe, count_by=count_by, min_keep=min_keep, count_unit=count_unit,
+                            counts=counts, counts_from=counts_from, update=update, damp=damp, nm=nm,
+                            blocksize=blocksize, quota=quota, allocation=allocation,
+                            target_sparsity=target_sparsity)
     if plan.calibrate and calib_tokens is None:
         raise ValueError(f"criterion {plan.label!r} with count_by {plan.recipe.count_by!r}"
                          + (f" and update {update!r}" if update else "") + " needs calibration tokens")
