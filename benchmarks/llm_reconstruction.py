@@ -25,18 +25,24 @@ benchmarks/results/llm_reconstruction).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import platform
-import random
-import shlex
-import sys
-import time
-from pathlib import Path
-from typing import Any
+import os
 
-import torch
+# numba's OpenMP threads (the compiled selection kernel) spin after each parallel region by
+# default; on a small shared CPU they then slow every later torch op of the process ~10x
+# (measured here: one OBS layer 0.75 s -> 18-30 s). Must be set before the runtime starts.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -180,7 +186,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                      "texts": bench.calib_info, "tokens": int(bench.calib.numel())},
                      "eval": {"text": "WikiText-2 test", "tokens": int(bench.ev.numel())},
                      "other": {"text": args.other_text, "tokens": int(bench.other.numel())},
-                     "damps": damps, "levels": args.levels, "rows": rows, "threads": torch.get_num_threads()},
+                     "damps": damps, "levels": args.levels, "rows": rows, "threads": torch.get_num_threads(),
+                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
         "dense": bench.evaluate(), "sections": [], "status": "running",
     }
     write(doc, out)

@@ -35,7 +35,8 @@ Dead inputs (``H_jj = 0``: the feature is zero on every calibration token) get `
 (their weights have no effect on the calibration outputs) and saliency 0, so they are pruned
 first. Dampening adds ``damp * mean(diag H)`` to the diagonal (SparseGPT: 1 %); a Hessian that
 is still not positive definite raises a one-line ``ValueError`` suggesting a larger ``damp``.
-Ties in the saliency are broken by lower column index (stable sorts): results are deterministic.
+Among equal saliencies the lower column index is kept (exact selection, no sort): results are
+deterministic.
 """
 from __future__ import annotations
 
@@ -131,16 +132,18 @@ def _check_k(k: Tensor | int, rows: int, cols: int, where: str) -> Tensor:
 
 
 def _lowest(scores: Tensor, quota: Tensor) -> Tensor:
-    """Bool mask of the ``quota[r]`` lowest entries of each row (ties: lower index first)."""
-    order = torch.argsort(scores, dim=1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
-    return rank < quota.unsqueeze(1)
+    """Bool mask of the ``quota[r]`` lowest entries of each row of non-negative ``scores``:
+    the complement of the exact top ``n - quota[r]`` (:func:`emprune.rule.topk_mask`; among
+    equal scores the lower index is kept, the higher one pruned)."""
+    from .rule import topk_mask
+
+    n = scores.shape[1]
+    return ~topk_mask(scores, (n - quota).to(torch.int64), 1)
 
 
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
     """Keep mask with exactly ``n`` of every ``m`` consecutive columns kept per row: the ``n``
-    largest scores of each group (ties: lower index). The column count must be a multiple of ``m``."""
+    largest scores of each group (ties: lower index kept). The column count must be a multiple of ``m``."""
     rows, cols = scores.shape
     if cols % m:
         raise ValueError(f"N:M needs the column count ({cols}) to be a multiple of m={m}")
@@ -243,12 +246,9 @@ def obs_prune(
             prune1 = chosen
             left -= chosen.sum(1)
         elif sparsity is not None:
-            s = saliency(w1, i1, i2).reshape(-1)
+            s = saliency(w1, i1, i2).reshape(1, -1)
             n_prune = math.floor(float(sparsity) * s.numel())
-            order = torch.argsort(s, stable=True)
-            prune1 = torch.zeros(s.numel(), dtype=torch.bool, device=dev)
-            prune1[order[:n_prune]] = True
-            prune1 = prune1.reshape(rows, cnt)
+            prune1 = _lowest(s, torch.tensor([n_prune], device=dev)).reshape(rows, cnt)
         else:
             prune1 = torch.zeros((rows, cnt), dtype=torch.bool, device=dev)
         for i in range(cnt):
