@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", default=",".join(ROWS + NM_ROWS), help=f"rows to run (default all: {', '.join(ROWS + NM_ROWS)})")
     p.add_argument("--damps", default=None,
                    help=f"comma-separated dampening values; OBS rows are repeated for each (default {DEFAULT_DAMP:g})")
+    p.add_argument("--damp-kind", default="mean", choices=("mean", "diag"),
+                   help="damp scales the mean Hessian diagonal (SparseGPT) or each diagonal entry (default mean)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seqlen", type=int, default=512, help="calibration and evaluation window (default 512)")
     p.add_argument("--calib-text", default=None,
@@ -123,9 +125,9 @@ def calibration(tokenizer: Any, texts: list[str], n: int, seqlen: int, seed: int
 # ------------------------------------------------------------------------------- runs
 
 
-def _kwargs(row: str, level: str, emp_p: float | None, damp: float) -> dict[str, Any]:
+def _kwargs(row: str, level: str, emp_p: float | None, damp: float, damp_kind: str = "mean") -> dict[str, Any]:
     """prune_lm's options for a row at a level (``emp``: EMP's own sparsity ``emp_p``)."""
-    obs = {"update": "obs", "damp": damp}
+    obs = {"update": "obs", "damp": damp, "damp_kind": damp_kind}
     p = emp_p if level == "emp" else None if level == "2:4" else float(level)
     table: dict[str, dict[str, Any]] = {
         "wanda": {"sparsity": p},
@@ -186,7 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                      "texts": bench.calib_info, "tokens": int(bench.calib.numel())},
                      "eval": {"text": "WikiText-2 test", "tokens": int(bench.ev.numel())},
                      "other": {"text": args.other_text, "tokens": int(bench.other.numel())},
-                     "damps": damps, "levels": args.levels, "rows": rows, "threads": torch.get_num_threads(),
+                     "damps": damps, "damp_kind": args.damp_kind, "levels": args.levels, "rows": rows, "threads": torch.get_num_threads(),
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
         "dense": bench.evaluate(), "sections": [], "status": "running",
     }
@@ -200,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for damp in (damps if "obs" in row or "sparsegpt" in row else [None]):
                     if level == "emp" and emp_p is None and row != "emp-wanda":
                         emp_p = _emp_sparsity(bench, targets, args)
-                    kw = _kwargs(row, level, emp_p, damp if damp is not None else DEFAULT_DAMP)
+                    kw = _kwargs(row, level, emp_p, damp if damp is not None else DEFAULT_DAMP, args.damp_kind)
                     rec = _one(bench, targets, row, level, kw, damp)
                     if level == "emp" and row == "emp-wanda":
                         emp_p = rec["pruned_fraction"]
@@ -208,7 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     write(doc, out)
         for row in [r for r in rows if r in NM_ROWS]:
             for damp in (damps if "sparsegpt" in row else [None]):
-                kw = _kwargs(row, "2:4", None, damp if damp is not None else DEFAULT_DAMP)
+                kw = _kwargs(row, "2:4", None, damp if damp is not None else DEFAULT_DAMP, args.damp_kind)
                 sec["rows"].append(_one(bench, targets, row, "2:4", kw, damp))
                 write(doc, out)
     doc["status"] = "complete"
@@ -230,7 +232,9 @@ def _one(bench: Bench, targets: str, row: str, level: str, kw: dict[str, Any], d
     t0 = time.perf_counter()
     res = prune_lm(bench.model, bench.calib, targets=targets, progress=False, batch_size=bench.batch_size, **kw)
     prune_s = time.perf_counter() - t0
-    rec = {"row": row, "label": LABELS[row] + (f" (damp {damp:g})" if damp is not None else ""), "level": level,
+    kind = kw.get("damp_kind", "mean")
+    rec = {"row": row, "label": LABELS[row] + (f" (damp {damp:g}{'' if kind == 'mean' else ' ' + kind})"
+                                                if damp is not None else ""), "level": level,
            "damp": damp, "options": {k: v for k, v in kw.items()}, "pruned_fraction": res.pruned_fraction,
            "prune_seconds": prune_s, "update_seconds": (res.info.get("update") or {}).get("seconds"),
            "beta": res.info.get("beta"), "beta_for_target": res.info.get("beta_for_target"),

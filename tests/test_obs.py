@@ -146,3 +146,15 @@ def test_observer_shares_inputs_and_releases():
     assert obs.missing(["a", "b"]) == ["a"]
     obs.release()
     assert obs.missing(["b", "c"]) == ["b", "c"]
+
+
+def test_diag_dampening_moves_from_obs_towards_wanda():
+    w, x = _problem(9)
+    h = hessian(x)
+    k = torch.full((w.shape[0],), w.shape[1] // 2)
+    far = obs_prune(w, h, k=k, damp=1e6, damp_kind="diag")
+    wanda = topk_mask(w.abs() * x.double().norm(dim=0).float(), k, 1)
+    assert (far.mask == wanda).float().mean() > 0.99  # saliency -> w^2 H_jj: Wanda's choice
+    assert float((far.weight - w * far.mask).abs().max()) < 1e-3  # and (almost) no update
+    near = obs_prune(w, h, k=k, damp=0.01, damp_kind="diag")
+    assert _err(w, near.weight, x) < _err(w, far.weight, x)

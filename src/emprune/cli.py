@@ -292,6 +292,9 @@ def _add_prune_parser(sub) -> None:
     g.add_argument("--damp", type=_damp, default=None,
                    help="dampening of the OBS update: fraction of the mean Hessian diagonal added to it "
                         f"(default {DEFAULT_DAMP:g}, chosen on held-out text; larger values fit the calibration text less)")
+    g.add_argument("--damp-kind", choices=("mean", "diag"), default="mean",
+                   help="mean: --damp x the mean Hessian diagonal is added to every diagonal entry (SparseGPT); "
+                        "diag: --damp x each entry itself (large values move OBS towards Wanda). Default mean")
     g.add_argument("--nm", type=_nm, default=None, metavar="N:M",
                    help="semi-structured N:M: keep N of every M consecutive weights of a row (e.g. 2:4), chosen "
                         "by the criterion, or by OBS with --update obs")
@@ -462,7 +465,8 @@ def _cmd_prune(args) -> int:
     recipe = get_recipe(args.recipe, count_by=args.count_by, min_keep=mk, count_unit=args.count_unit)
     if args.damp is not None and args.update is None:
         raise ValueError("--damp sets the OBS update's dampening: give --update obs too")
-    lm_opts = dict(update=args.update, damp=DEFAULT_DAMP if args.damp is None else args.damp, nm=args.nm,
+    lm_opts = dict(update=args.update, damp=DEFAULT_DAMP if args.damp is None else args.damp,
+                   damp_kind=args.damp_kind, nm=args.nm,
                    target_sparsity=args.target_sparsity, allocation=args.allocation)
     try:
         check_lm_options(criterion=args.criterion, scope=args.scope, beta=args.beta, sparsity=args.sparsity,

@@ -33,7 +33,10 @@ picks the lowest saliencies inside the block.
 
 Dead inputs (``H_jj = 0``: the feature is zero on every calibration token) get ``H_jj = 1``
 (their weights have no effect on the calibration outputs) and saliency 0, so they are pruned
-first. Dampening adds ``damp * mean(diag H)`` to the diagonal (SparseGPT: 1 %); a Hessian that
+first. Dampening adds ``damp * mean(diag H)`` to the diagonal (SparseGPT: 1 %;
+``damp_kind="mean"``), or ``damp * H_jj`` to each diagonal entry (``damp_kind="diag"``, a
+shrinkage towards the diagonal: as ``damp`` grows, the saliency tends to ``w^2 H_jj``, Wanda's
+score squared, and the update to zero, so ``damp`` moves between OBS and Wanda). A Hessian that
 is still not positive definite raises a one-line ``ValueError`` suggesting a larger ``damp``.
 Among equal saliencies the lower column index is kept (exact selection, no sort): results are
 deterministic.
@@ -46,9 +49,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["hessian", "HessianSum", "obs_prune", "OBSResult", "nm_mask", "QUOTAS"]
+__all__ = ["hessian", "HessianSum", "obs_prune", "OBSResult", "nm_mask", "QUOTAS", "DAMP_KINDS"]
 
 QUOTAS = ("lookahead", "even")
+DAMP_KINDS = ("mean", "diag")
 
 
 def hessian(x: Tensor) -> Tensor:
@@ -95,8 +99,8 @@ class OBSResult:
         return iter((self.weight, self.mask))
 
 
-def _inverse_cholesky(h: Tensor, damp: float, where: str) -> tuple[Tensor, Tensor]:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1`` and the dead inputs."""
+def _inverse_cholesky(h: Tensor, damp: float, where: str, kind: str = "mean") -> tuple[Tensor, Tensor]:
+    """Upper Cholesky factor ``U`` of the dampened ``H^-1`` (see the module doc) and the dead inputs."""
     h = h.to(torch.float64).clone()
     if not bool(torch.isfinite(h).all()):
         raise ValueError(f"{where}: the Hessian has NaN or infinite entries (non-finite calibration activations?)")
@@ -104,7 +108,10 @@ def _inverse_cholesky(h: Tensor, damp: float, where: str) -> tuple[Tensor, Tenso
     dead = diag == 0
     diag[dead] = 1.0
     mean = float(diag.mean())
-    diag += damp * mean
+    if kind == "diag":
+        diag += damp * diag + 1e-6 * mean  # (a tiny absolute term keeps a singular H definite)
+    else:
+        diag += damp * mean
     chol, info = torch.linalg.cholesky_ex(h)
     if int(info) != 0:
         raise ValueError(f"{where}: the Hessian is not positive definite after dampening {damp:g} x mean(diag H); "
@@ -174,6 +181,7 @@ def obs_prune(
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
     damp: float = 0.01,
+    damp_kind: str = "mean",
     quota: str = "lookahead",
     where: str = "weight",
 ) -> OBSResult:
@@ -188,7 +196,7 @@ def obs_prune(
     the ``floor(sparsity * block size)`` least salient weights of the whole block, so rows
     differ), ``nm=(n, m)`` (keep ``n`` of every ``m`` consecutive weights of a row, chosen when
     the group is reached, as SparseGPT does). ``damp``: fraction of the mean Hessian diagonal
-    added to it. The work runs in float32 (the Cholesky factorisations in float64) on
+    added to it (``damp_kind="mean"``), or of each diagonal entry (``"diag"``). The work runs in float32 (the Cholesky factorisations in float64) on
     ``weight``'s device. ``where`` names the tensor in errors.
     """
     if sum(v is not None for v in (k, sparsity, nm)) != 1:
@@ -202,6 +210,8 @@ def obs_prune(
         raise ValueError(f"{where}: blocksize must be an integer >= 1, got {blocksize!r}")
     if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
         raise ValueError(f"{where}: damp must be a finite number >= 0, got {damp!r}")
+    if damp_kind not in DAMP_KINDS:
+        raise ValueError(f"{where}: damp_kind must be one of {', '.join(DAMP_KINDS)}, got {damp_kind!r}")
     if quota not in QUOTAS:
         raise ValueError(f"{where}: quota must be one of {', '.join(QUOTAS)}, got {quota!r}")
     if not bool(torch.isfinite(weight).all()):
@@ -219,7 +229,7 @@ def obs_prune(
         n, m = _check_nm(nm, cols, where)  # type: ignore[arg-type]
         blocksize = max(m, blocksize // m * m)  # groups of m never straddle two blocks
 
-    u64, dead = _inverse_cholesky(hessian.to(dev), float(damp), where)
+    u64, dead = _inverse_cholesky(hessian.to(dev), float(damp), where, damp_kind)
     u = u64.to(torch.float32)
     d = torch.diagonal(u).clone()  # U_jj: the saliency's denominator
     w = weight.detach().to(torch.float32).clone()

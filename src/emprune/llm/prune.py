@@ -46,7 +46,7 @@ from .. import rule
 from ..apply import apply_mask
 from ..criteria import Criterion
 from ..criteria.hessian import InputHessians
-from ..obs import QUOTAS, nm_mask, obs_prune
+from ..obs import DAMP_KINDS, QUOTAS, nm_mask, obs_prune
 from ..report import WARN_UNIT_SPARSITY, PruneReport, count_zeros
 from ..scopes import Decision, Target, check_options, decide, floor_count
 from .calibrate import prune_layerwise
@@ -279,6 +279,7 @@ class _Plan:
     count_label: str  # where the counts come from, for the report
     update: str | None = None  # "obs": SparseGPT's reconstruction chooses which and rewrites the rest
     damp: float = DEFAULT_DAMP
+    damp_kind: str = "mean"
     nm: tuple[int, int] | None = None
     blocksize: int = 128
     quota: str = "lookahead"
@@ -311,7 +312,7 @@ def _plan(criterion: str | Criterion, scope: str, beta: float, sparsity: float |
           recipe: str | Recipe, count_by: str | None, min_keep: float | int | None, count_unit: str | None,
           counts: dict[str, Tensor] | None, counts_from: str | None, update: str | None = None,
           damp: float = DEFAULT_DAMP, nm: str | tuple[int, int] | None = None, blocksize: int = 128,
-          quota: str = "lookahead", allocation: str = "uniform") -> _Plan:
+          quota: str = "lookahead", allocation: str = "uniform", damp_kind: str = "mean") -> _Plan:
     """Step 1: check the options and resolve the recipe and the criteria (from the registry)."""
     crit = _layerwise_criterion(criterion)
     if targets not in TARGET_SETS:
@@ -327,6 +328,8 @@ def _plan(criterion: str | Criterion, scope: str, beta: float, sparsity: float |
         raise ValueError(f"blocksize must be an integer >= 1, got {blocksize!r}")
     if quota not in QUOTAS:
         raise ValueError(f"quota must be one of {', '.join(QUOTAS)}; got {quota!r}")
+    if damp_kind not in DAMP_KINDS:
+        raise ValueError(f"damp_kind must be one of {', '.join(DAMP_KINDS)}; got {damp_kind!r}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
     nm_t = parse_nm(nm)
@@ -357,7 +360,7 @@ def _plan(criterion: str | Criterion, scope: str, beta: float, sparsity: float |
         src = label if rec.count_by == "same" else rec.count_by
         count_label = src + (" (per layer)" if rec.count_unit == "layer" else "")
     return _Plan(label, crit, count, rec, scope, float(beta), sparsity, counts, count_label, update=update,
-                 damp=float(damp), nm=nm_t, blocksize=blocksize, quota=quota, allocation=allocation,
+                 damp=float(damp), damp_kind=damp_kind, nm=nm_t, blocksize=blocksize, quota=quota, allocation=allocation,
                  hessians=InputHessians() if update == "obs" else None)
 
 
@@ -435,7 +438,8 @@ def _finish(plan: _Plan, d: Decision, mod: nn.Linear, record: _Record) -> None:
         assert plan.hessians is not None
         h = plan.hessians.hessian(d.name)
         w = mod.weight.detach()
-        common = dict(blocksize=plan.blocksize, damp=plan.damp, quota=plan.quota, where=d.name)
+        common = dict(blocksize=plan.blocksize, damp=plan.damp, damp_kind=plan.damp_kind, quota=plan.quota,
+                      where=d.name)
         if plan.nm is not None:
             res = obs_prune(w, h, nm=plan.nm, **common)  # type: ignore[arg-type]
         elif plan.sparsity is not None:  # fixed or OWL: SparseGPT's per-block choice over all rows
@@ -572,11 +576,12 @@ def check_lm_options(*, criterion: str | Criterion = "wanda", scope: str = "row"
                      count_unit: str | None = None, counts: dict[str, Tensor] | None = None,
                      counts_from: str | None = None, update: str | None = None, damp: float = DEFAULT_DAMP,
                      nm: str | tuple[int, int] | None = None, blocksize: int = 128, quota: str = "lookahead",
-                     allocation: str = "uniform", target_sparsity: float | None = None) -> _Plan:
+                     allocation: str = "uniform", target_sparsity: float | None = None,
+                     damp_kind: str = "mean") -> _Plan:
     """Check :func:`prune_lm`'s options without a model (the CLI calls it before loading one);
     raises a one-line ``ValueError`` naming the option. Returns the resolved plan."""
     plan = _plan(criterion, scope, beta, sparsity, targets, recipe, count_by, min_keep, count_unit,
-                 counts, counts_from, update, damp, nm, blocksize, quota, allocation)
+                 counts, counts_from, update, damp, nm, blocksize, quota, allocation, damp_kind)
     if target_sparsity is not None:
         p = float(target_sparsity)
         if not (0.0 < p < 1.0) or not math.isfinite(p):
@@ -629,6 +634,7 @@ def prune_lm(
     counts_from: str | None = None,
     update: str | None = None,
     damp: float = DEFAULT_DAMP,
+    damp_kind: str = "mean",
     nm: str | tuple[int, int] | None = None,
     target_sparsity: float | None = None,
     allocation: str = "uniform",
@@ -659,6 +665,7 @@ def prune_lm(
     count per row) and rewrites the others to preserve the layer's outputs on the calibration
     inputs, which are the outputs of the already-pruned blocks; ``damp`` is its dampening,
     ``blocksize`` its column block, ``quota`` how a row's count is spread over the blocks. With
+    ``damp_kind`` whether ``damp`` scales the mean diagonal (SparseGPT) or each diagonal entry. With
     a fixed ``sparsity`` this is SparseGPT itself (its per-block choice over all rows).
     ``allocation="owl"`` (with ``sparsity``): OWL's per-layer sparsities
     (:func:`owl_sparsities`, from the outlier ratios of the dense model's Wanda scores).
@@ -673,7 +680,7 @@ def prune_lm(
                             recipe=recipe, count_by=count_by, min_keep=min_keep, count_unit=count_unit,
                             counts=counts, counts_from=counts_from, update=update, damp=damp, nm=nm,
                             blocksize=blocksize, quota=quota, allocation=allocation,
-                            target_sparsity=target_sparsity)
+                            target_sparsity=target_sparsity, damp_kind=damp_kind)
     if plan.calibrate and calib_tokens is None:
         raise ValueError(f"criterion {plan.label!r} with count_by {plan.recipe.count_by!r}"
                          + (f" and update {update!r}" if update else "") + " needs calibration tokens")
@@ -723,7 +730,7 @@ def prune_lm(
         "seconds": timing.get("seconds", 0.0),
     }
     info["update"] = None if plan.update is None else {
-        "method": plan.update, "damp": plan.damp, "blocksize": plan.blocksize, "quota": plan.quota,
+        "method": plan.update, "damp": plan.damp, "damp_kind": plan.damp_kind, "blocksize": plan.blocksize, "quota": plan.quota,
         "seconds": record.update_seconds,
         "note": "SparseGPT's OBS reconstruction on the outputs of the already-pruned blocks; with EMP or "
                 "matched counts every row keeps exactly its decided count, with a fixed sparsity each "
