@@ -225,3 +225,28 @@ def test_cli_prune_with_update_nm_and_target(tiny, tmp_path, capsys):
                  "--update", "obs"]) == 0
     info = json.loads((tmp_path / "c" / "emprune.json").read_text())
     assert len(info["owl"]["layer_sparsity"]) == 3
+
+
+def test_benchmark_quick_on_tiny_model_writes_partial_results(tiny, tmp_path):
+    """benchmarks/llm_reconstruction.py --quick on the tiny LLaMA: md/json/png, every row both texts."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("matplotlib")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "rec"
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": str(root / "src")}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "llm_reconstruction.py"), "--quick",
+                           "--model", str(tiny), "--levels", "emp", "--rows", "emp-wanda,emp-obs,nm-sparsegpt",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.with_suffix(".json").read_text())
+    rows = doc["sections"][0]["rows"]
+    assert [r["row"] for r in rows] == ["emp-wanda", "emp-obs", "nm-sparsegpt"]
+    assert rows[0]["pruned_fraction"] == rows[1]["pruned_fraction"]  # EMP's counts, with and without OBS
+    assert all(r["ppl"] > 0 and r["ppl_other"] > 0 for r in rows)
+    assert doc["status"] == "complete" and out.with_suffix(".png").stat().st_size > 0
+    assert "EMP + OBS update" in out.with_suffix(".md").read_text()
