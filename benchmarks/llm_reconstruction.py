@@ -92,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.calib_samples, args.seqlen, args.eval_tokens, args.other_tokens = 4, 64, 512, 512
-        args.levels = "emp,0.6"
+        if args.levels == "emp,0.5,0.6,0.7":  # (only where not given)
+            args.levels = "emp,0.6"
         if args.targets == "mlp,linear":
             args.targets = "mlp"
     return args
