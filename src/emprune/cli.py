@@ -82,6 +82,33 @@ def _sparsity(s: str) -> float:
     return v
 
 
+def _damp(s: str) -> float:
+    """``--damp``: a finite number >= 0 (fraction of the mean Hessian diagonal)."""
+    v = _float(s)
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s!r}")
+    return v
+
+
+def _open_fraction(s: str) -> float:
+    """``--target-sparsity``: a fraction in (0, 1)."""
+    v = _float(s)
+    if not 0.0 < v < 1.0:  # also nan
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {s!r}")
+    return v
+
+
+def _nm(s: str) -> str:
+    """``--nm``: ``N:M`` with 1 <= N < M (keep N of every M consecutive weights of a row)."""
+    from .llm.prune import parse_nm
+
+    try:
+        parse_nm(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("nm ", "", 1)) from None
+    return s
+
+
 def _int_at_least(low: int):
     """An option type for whole numbers >= ``low`` (counts, lengths, sizes)."""
     def parse(s: str) -> int:
@@ -219,7 +246,7 @@ def _add_llm_parsers(sub) -> None:
 
 
 def _add_prune_parser(sub) -> None:
-    from .llm.prune import DEFAULT_RECIPE, RECIPE_CHOICES, RECIPES, count_by_choices, criterion_choices
+    from .llm.prune import DEFAULT_DAMP, DEFAULT_RECIPE, RECIPE_CHOICES, RECIPES, count_by_choices, criterion_choices
 
     pr = sub.add_parser(
         "prune", help="prune a causal LM with EMP and save it (transformers folder + emprune.json)",
@@ -257,6 +284,26 @@ def _add_prune_parser(sub) -> None:
                     help="override the recipe: per-unit floor, a fraction (0.3) or a count (64)")
     pr.add_argument("--count-unit", choices=("unit", "layer"), default=None,
                     help="override the recipe: one count per unit, or per layer spread over its rows")
+    g = pr.add_argument_group("reconstruction and allocation")
+    g.add_argument("--update", choices=("obs",), default=None,
+                   help="obs: after the counts are decided, SparseGPT's second-order reconstruction chooses which "
+                        "weights of each row go (exactly the decided count per row) and updates the others, "
+                        "layer-wise on the outputs of the already-pruned blocks; with --sparsity this is SparseGPT")
+    g.add_argument("--damp", type=_damp, default=None,
+                   help="dampening of the OBS update: fraction of the mean Hessian diagonal added to it "
+                        f"(default {DEFAULT_DAMP:g}, chosen on held-out text; larger values fit the calibration text less)")
+    g.add_argument("--damp-kind", choices=("mean", "diag"), default="mean",
+                   help="mean: --damp x the mean Hessian diagonal is added to every diagonal entry (SparseGPT); "
+                        "diag: --damp x each entry itself (large values move OBS towards Wanda). Default mean")
+    g.add_argument("--nm", type=_nm, default=None, metavar="N:M",
+                   help="semi-structured N:M: keep N of every M consecutive weights of a row (e.g. 2:4), chosen "
+                        "by the criterion, or by OBS with --update obs")
+    g.add_argument("--target-sparsity", type=_open_fraction, default=None, metavar="P",
+                   help="EMP with the beta whose counts prune the fraction P of the targets (bisection on the "
+                        "counts of the dense model; the achieved fraction is reported)")
+    g.add_argument("--allocation", choices=("uniform", "owl"), default="uniform",
+                   help="with --sparsity: uniform (every layer the same) or owl (outlier-weighted per-layer "
+                        "sparsities, Yin et al. 2024: M=5, lambda=0.08, mean = --sparsity). Default uniform")
     _add_calib_args(pr, 128, 512)
     _add_model_args(pr)
     pr.add_argument("--offload", action="store_true",
@@ -404,7 +451,7 @@ def _cmd_prune(args) -> int:
 
     from .llm import models
     from .llm.layouts import find_layout
-    from .llm.prune import get_recipe, needs_calibration, prune_lm, summary_line
+    from .llm.prune import DEFAULT_DAMP, check_lm_options, get_recipe, needs_calibration, prune_lm, summary_line
     from .scopes import check_options
 
     t0 = time.perf_counter()
@@ -417,11 +464,22 @@ def _cmd_prune(args) -> int:
     _check_device(args.device)
     check_options(args.scope, args.beta, args.sparsity, mk)
     recipe = get_recipe(args.recipe, count_by=args.count_by, min_keep=mk, count_unit=args.count_unit)
+    if args.damp is not None and args.update is None:
+        raise ValueError("--damp sets the OBS update's dampening: give --update obs too")
+    lm_opts = dict(update=args.update, damp=DEFAULT_DAMP if args.damp is None else args.damp,
+                   damp_kind=args.damp_kind, nm=args.nm,
+                   target_sparsity=args.target_sparsity, allocation=args.allocation)
+    try:
+        check_lm_options(criterion=args.criterion, scope=args.scope, beta=args.beta, sparsity=args.sparsity,
+                         targets=args.targets, recipe=args.recipe, count_by=args.count_by, min_keep=mk,
+                         count_unit=args.count_unit, **lm_opts)
+    except ValueError as e:  # name the options as the command line spells them
+        raise ValueError(_cli_names(str(e))) from None
     out = models.check_out_dir(args.out, args.overwrite)
     for note in models.clean_stale_temporaries(out):
         print(note, file=sys.stderr)
     calib_src = calib_text = None
-    if needs_calibration(args.criterion, recipe, args.sparsity):
+    if needs_calibration(args.criterion, recipe, args.sparsity, update=args.update, allocation=args.allocation):
         calib_src, calib_text = _read_text(args.calib_text, "calib")
     print(f"loading {args.model} ...", file=sys.stderr)
     model, tok = models.load_causal_lm(args.model, dtype=_dtype(args.dtype),
@@ -436,7 +494,7 @@ def _cmd_prune(args) -> int:
         calib = data.calibration_batches(tok, calib_text, args.calib_samples, args.seqlen, args.seed)
     res = prune_lm(model, calib, criterion=args.criterion, scope=args.scope, beta=args.beta, sparsity=args.sparsity,
                    targets=args.targets, recipe=args.recipe, count_by=args.count_by, min_keep=mk,
-                   count_unit=args.count_unit, progress=not args.quiet, batch_size=args.batch_size,
+                   count_unit=args.count_unit, progress=not args.quiet, batch_size=args.batch_size, **lm_opts,
                    device=None if args.device in (None, "cpu", "auto") else args.device)
     info = dict(res.info)
     info["model"] = args.model
@@ -456,6 +514,19 @@ def _cmd_prune(args) -> int:
     print(f"saved to {saved} (load with transformers: AutoModelForCausalLM.from_pretrained({str(saved)!r})); "
           f"report: {saved / models.REPORT_NAME}")
     return 0
+
+
+_CLI_NAMES = {"target_sparsity": "--target-sparsity", "sparsity": "--sparsity", "allocation": "--allocation",
+              "update": "--update", "damp": "--damp", "nm (N:M)": "--nm", "nm": "--nm", "scope": "--scope",
+              "counts": "counts"}
+
+
+def _cli_names(msg: str) -> str:
+    """A prune_lm option error with the options named as on the command line."""
+    import re as _re
+
+    return _re.sub(r"\b(" + "|".join(_re.escape(k) for k in sorted(_CLI_NAMES, key=len, reverse=True)) + r")\b",
+                   lambda m: _CLI_NAMES[m.group(1)], msg)
 
 
 def _short_table(report: PruneReport) -> str:

@@ -31,11 +31,12 @@ is kept over all targets.
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,14 +45,25 @@ from .. import criteria as C
 from .. import rule
 from ..apply import apply_mask
 from ..criteria import Criterion
+from ..criteria.hessian import InputHessians
+from ..obs import DAMP_KINDS, QUOTAS, nm_mask, obs_prune
 from ..report import WARN_UNIT_SPARSITY, PruneReport, count_zeros
-from ..scopes import Decision, Target, check_options, decide
+from ..scopes import Decision, Target, check_options, decide, floor_count
 from .calibrate import prune_layerwise
 from .memory import PeakMemory
 from .layouts import block_linears, decoder_layers, find_layout, linear_view
 
 COUNT_UNITS = ("unit", "layer")
 TARGET_SETS = ("mlp", "linear")
+UPDATES = ("obs",)
+ALLOCATIONS = ("uniform", "owl")
+#: OWL's constants (Yin et al., 2024): outlier threshold M (x the layer's mean Wanda score) and
+#: the half-width lambda of the spread of the per-layer sparsities around the target
+OWL_M = 5.0
+OWL_LAMBDA = 0.08
+#: the default dampening of the OBS update (fraction of the mean Hessian diagonal); chosen by
+#: measurement on held-out text, see benchmarks/results/llm_reconstruction.md
+DEFAULT_DAMP = 0.01
 MODE_LAYERWISE = "layer-wise: each block calibrated on the outputs of the already-pruned blocks"
 MODE_GLOBAL = "one dense pass (global scope needs every layer's scores at once), then one global decision"
 MODE_NONE = "none (no activations needed)"
@@ -171,9 +183,13 @@ def _layerwise_criterion(spec: str | Criterion, option: str = "criterion") -> Cr
 
 
 def needs_calibration(criterion: str | Criterion, recipe: Recipe, sparsity: float | None = None,
-                      counts: dict | None = None) -> bool:
-    """Whether activations are needed: for the criterion's scores, or for EMP counts from
-    scores that need them (e.g. Wanda's)."""
+                      counts: dict | None = None, update: str | None = None,
+                      allocation: str = "uniform") -> bool:
+    """Whether activations are needed: for the criterion's scores, for EMP counts from
+    scores that need them (e.g. Wanda's), for the OBS update (input Hessians) or for OWL's
+    allocation (Wanda scores of the dense model)."""
+    if update is not None or allocation != "uniform":
+        return True
     if _layerwise_criterion(criterion).needs_calibration:
         return True
     if sparsity is not None or counts is not None or recipe.count_by == "same":
@@ -201,6 +217,52 @@ def _spread(k_total: int, rows: int) -> Tensor:
     return k.clamp_min(1)
 
 
+def parse_nm(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``"2:4"`` (keep 2 of every 4 consecutive weights of a row) or ``(2, 4)`` -> ``(2, 4)``."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        parts = spec.split(":")
+        try:
+            n, m = (int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"nm must look like N:M (e.g. 2:4), got {spec!r}") from None
+    else:
+        try:
+            n, m = (int(v) for v in spec)
+        except (TypeError, ValueError):
+            raise ValueError(f"nm must be a pair (n, m), got {spec!r}") from None
+    if not (m >= 1 and 1 <= n < m):
+        raise ValueError(f"nm N:M needs 1 <= N < M (keep N of every M), got {n}:{m}")
+    return n, m
+
+
+def owl_sparsities(ratios: Sequence[float], sparsity: float, lam: float = OWL_LAMBDA) -> list[float]:
+    """OWL's per-layer sparsities (Yin et al., 2024) from the layers' outlier ratios ``D_l``.
+
+    As OWL's code does: the ratios are rescaled to ``[0, 2 lambda]`` (min -> 0, max ->
+    2 lambda), shifted so that their mean is the target density ``1 - sparsity``, and layer
+    ``l`` prunes ``1 - that``: layers with more outliers keep more weights; the unweighted mean
+    of the sparsities is the target (equal-sized layers, as in a decoder, then prune the target
+    overall). Clipped to ``[0, 0.99]``; all-equal ratios give the uniform target."""
+    r = torch.tensor([float(v) for v in ratios], dtype=torch.float64)
+    span = float(r.max() - r.min()) if r.numel() else 0.0
+    scaled = (r - r.min()) * (2 * lam / span) if span > 0 else torch.zeros_like(r)
+    density = scaled - scaled.mean() + (1.0 - float(sparsity))
+    return [min(0.99, max(0.0, 1.0 - float(d))) for d in density]
+
+
+def outlier_ratio(scores: Sequence[Tensor], m: float = OWL_M) -> float:
+    """OWL's layer outlier ratio: the fraction of the layer's scores (all its targets together)
+    above ``m`` times their mean."""
+    total = sum(float(s.double().sum()) for s in scores)
+    n = sum(s.numel() for s in scores)
+    if n == 0:
+        return 0.0
+    cut = m * total / n
+    return sum(int((s.double() > cut).sum()) for s in scores) / n
+
+
 # ------------------------------------------------------------------------ the lifecycle
 
 
@@ -217,20 +279,42 @@ class _Plan:
     sparsity: float | None
     counts: dict[str, Tensor] | None
     count_label: str  # where the counts come from, for the report
+    update: str | None = None  # "obs": SparseGPT's reconstruction chooses which and rewrites the rest
+    damp: float = DEFAULT_DAMP
+    damp_kind: str = "mean"
+    nm: tuple[int, int] | None = None
+    blocksize: int = 128
+    quota: str = "lookahead"
+    allocation: str = "uniform"
+    hessians: InputHessians | None = None
+    layer_sparsity: list[float] | None = None  # per decoder block (OWL), set before the run
 
     @property
-    def observers(self) -> list[Criterion]:
-        """The criteria whose statistics the calibration pass gathers."""
-        return [c for c in (self.criterion, self.count) if c is not None and c.needs_calibration]
+    def observers(self) -> list[Any]:
+        """What the calibration pass gathers: the criteria's statistics, the input Hessians."""
+        out: list[Any] = [c for c in (self.criterion, self.count) if c is not None and c.needs_calibration]
+        if self.hessians is not None:
+            out.append(self.hessians)
+        return out
 
     @property
     def calibrate(self) -> bool:
         return bool(self.observers)
 
+    def sparsity_of(self, block: int | None) -> float | None:
+        """The fixed sparsity of a block's targets (OWL: per block), or None (EMP counts)."""
+        if self.nm is not None:
+            return 1.0 - self.nm[0] / self.nm[1]
+        if self.layer_sparsity is not None and block is not None:
+            return self.layer_sparsity[block]
+        return self.sparsity
+
 
 def _plan(criterion: str | Criterion, scope: str, beta: float, sparsity: float | None, targets: str,
           recipe: str | Recipe, count_by: str | None, min_keep: float | int | None, count_unit: str | None,
-          counts: dict[str, Tensor] | None, counts_from: str | None) -> _Plan:
+          counts: dict[str, Tensor] | None, counts_from: str | None, update: str | None = None,
+          damp: float = DEFAULT_DAMP, nm: str | tuple[int, int] | None = None, blocksize: int = 128,
+          quota: str = "lookahead", allocation: str = "uniform", damp_kind: str = "mean") -> _Plan:
     """Step 1: check the options and resolve the recipe and the criteria (from the registry)."""
     crit = _layerwise_criterion(criterion)
     if targets not in TARGET_SETS:
@@ -238,9 +322,30 @@ def _plan(criterion: str | Criterion, scope: str, beta: float, sparsity: float |
     check_options(scope, beta, sparsity, min_keep)
     if sparsity is not None and counts is not None:
         raise ValueError("pass either sparsity or counts, not both")
+    if update is not None and update not in UPDATES:
+        raise ValueError(f"update must be None or one of {', '.join(UPDATES)}; got {update!r}")
+    if not (isinstance(damp, (int, float)) and not isinstance(damp, bool) and math.isfinite(damp) and damp >= 0):
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    if not (isinstance(blocksize, int) and blocksize >= 1):
+        raise ValueError(f"blocksize must be an integer >= 1, got {blocksize!r}")
+    if quota not in QUOTAS:
+        raise ValueError(f"quota must be one of {', '.join(QUOTAS)}; got {quota!r}")
+    if damp_kind not in DAMP_KINDS:
+        raise ValueError(f"damp_kind must be one of {', '.join(DAMP_KINDS)}; got {damp_kind!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
+    nm_t = parse_nm(nm)
+    if nm_t is not None and (sparsity is not None or counts is not None or allocation != "uniform"):
+        raise ValueError("nm (N:M) fixes the count of every group of M weights: it excludes sparsity, counts "
+                         "and allocation")
+    if allocation == "owl" and sparsity is None:
+        raise ValueError("allocation 'owl' spreads a fixed sparsity over the layers: give sparsity too")
+    if (update is not None or nm_t is not None or allocation != "uniform") and scope == "global":
+        raise ValueError("update, nm and allocation work layer-wise: scope must be row or layer, not global")
     rec = get_recipe(recipe, count_by=count_by, min_keep=min_keep, count_unit=count_unit)
-    if sparsity is not None or counts is not None:  # the recipe only shapes EMP counts
-        rec = Recipe("fixed" if sparsity is not None else "matched", "same", min_keep)
+    if sparsity is not None or counts is not None or nm_t is not None:  # the recipe only shapes EMP counts
+        kind = "fixed" if sparsity is not None else "matched" if counts is not None else f"{nm_t[0]}:{nm_t[1]}"  # type: ignore[index]
+        rec = Recipe(kind, "same", min_keep)
     if rec.count_unit == "layer" and scope != "row":
         raise ValueError("count_unit='layer' spreads a layer's count over its rows: it needs scope='row'")
     label = criterion if isinstance(criterion, str) else crit.name
@@ -249,12 +354,16 @@ def _plan(criterion: str | Criterion, scope: str, beta: float, sparsity: float |
         count = None  # the same scores: computed once
     if counts is not None:
         count_label = f"matched to {counts_from or 'a reference run'}"
+    elif nm_t is not None:
+        count_label = f"{nm_t[0]}:{nm_t[1]}"
     elif sparsity is not None:
-        count_label = "fixed"
+        count_label = "fixed" + (" (OWL per layer)" if allocation == "owl" else "")
     else:
         src = label if rec.count_by == "same" else rec.count_by
         count_label = src + (" (per layer)" if rec.count_unit == "layer" else "")
-    return _Plan(label, crit, count, rec, scope, float(beta), sparsity, counts, count_label)
+    return _Plan(label, crit, count, rec, scope, float(beta), sparsity, counts, count_label, update=update,
+                 damp=float(damp), damp_kind=damp_kind, nm=nm_t, blocksize=blocksize, quota=quota, allocation=allocation,
+                 hessians=InputHessians() if update == "obs" else None)
 
 
 class _Record:
@@ -266,10 +375,13 @@ class _Record:
         self.kept: dict[str, Tensor] = {}
         self.extra: dict[str, dict[str, Any]] = defaultdict(dict)
         self.decide_seconds = 0.0
+        self.update_seconds = 0.0
 
-    def apply(self, d: Decision, mod: nn.Linear) -> None:
-        """Zero ``mod``'s pruned weights in place and record the decision."""
-        dense_zeros = count_zeros(mod.weight)
+    def apply(self, d: Decision, mod: nn.Linear, dense_zeros: int | None = None) -> None:
+        """Zero ``mod``'s pruned weights in place and record the decision (``dense_zeros``:
+        zeros of the weight before any change, when it was rewritten already)."""
+        if dense_zeros is None:
+            dense_zeros = count_zeros(mod.weight)
         apply_mask(mod, d.mask, permanent=True)
         self.report.add(d, count_zeros(mod.weight))
         self.kept[d.name] = d.k.clone()
@@ -283,7 +395,7 @@ def _target(plan: _Plan, name: str, mod: nn.Linear, extra: dict[str, dict[str, A
     score = lambda: plan.criterion(name, mod)  # noqa: E731 - a lazy score source
     if plan.counts is not None:
         return Target(name, shape, score, k=plan.counts[name])
-    if plan.sparsity is not None:
+    if plan.sparsity is not None or plan.nm is not None:
         return Target(name, shape, score)
     count = None if plan.count is None else (lambda: plan.count(name, mod))  # type: ignore[misc]
     if plan.recipe.count_unit == "layer":  # one count per matrix, spread over its rows
@@ -295,17 +407,192 @@ def _target(plan: _Plan, name: str, mod: nn.Linear, extra: dict[str, dict[str, A
     return Target(name, shape, score, count)
 
 
-def _decide_group(plan: _Plan, group: dict[str, nn.Linear], record: _Record) -> None:
+def _with_mask(d: Decision, mask: Tensor, scores: Tensor, bound: bool) -> Decision:
+    """``d`` with another mask (chosen by OBS, or an N:M pattern): counts and retained mass of
+    the selection scores recomputed from it. ``bound=False``: the mask was not the top-k of the
+    scores, so EMP's mass guarantee does not apply (recorded as 0)."""
+    rows = mask.shape[0]
+    m2, s2 = mask.reshape(rows, -1), scores.reshape(rows, -1)
+    if d.unit == "row":
+        k = m2.sum(1).to("cpu", torch.int64)
+        mass = rule.retained_mass(s2, m2, 1).cpu()
+    else:
+        k = m2.sum().reshape(1).to("cpu", torch.int64)
+        mass = rule.retained_mass(s2.reshape(-1), m2.reshape(-1), None).reshape(1).cpu()
+    guaranteed = rule.guaranteed_mass(
+        rule.keep_count_from_neff(rule.effective_number(s2, 1 if d.unit == "row" else None).reshape(-1).cpu(),
+                                  1.0, d.n_per_unit), k, d.n_per_unit) if bound else torch.zeros_like(mass)
+    return dataclasses.replace(d, k=k, mask=mask, mass=mass.double(), guaranteed=guaranteed.double())
+
+
+def _finish(plan: _Plan, d: Decision, mod: nn.Linear, record: _Record) -> None:
+    """Apply one decision: as it is; as an N:M pattern (the criterion's ``n`` largest of every
+    ``m``); or through the OBS update, which keeps the decided count of every row (every
+    block's share with a fixed or OWL sparsity, SparseGPT's own rule), chooses which, and
+    rewrites the kept weights of the row."""
+    if plan.update is None and plan.nm is None:
+        record.apply(d, mod)
+        return
+    scores = plan.criterion(d.name, mod)  # on the weights as decided (before any update)
+    dense_zeros = count_zeros(mod.weight)
+    if plan.update == "obs":
+        t0 = time.perf_counter()
+        assert plan.hessians is not None
+        h = plan.hessians.hessian(d.name)
+        w = mod.weight.detach()
+        common = dict(blocksize=plan.blocksize, damp=plan.damp, damp_kind=plan.damp_kind, quota=plan.quota,
+                      where=d.name)
+        if plan.nm is not None:
+            res = obs_prune(w, h, nm=plan.nm, **common)  # type: ignore[arg-type]
+        elif plan.sparsity is not None:  # fixed or OWL: SparseGPT's per-block choice over all rows
+            res = obs_prune(w, h, sparsity=1.0 - d.kept / d.total, **common)  # type: ignore[arg-type]
+        else:  # EMP / matched counts: exactly the decided count of every row
+            res = obs_prune(w, h, k=d.mask.reshape(w.shape[0], -1).sum(1), **common)  # type: ignore[arg-type]
+        mod.weight.data.copy_(res.weight.to(mod.weight.dtype))
+        mask = res.mask
+        record.update_seconds += time.perf_counter() - t0
+    else:
+        assert plan.nm is not None
+        mask = nm_mask(scores.reshape(scores.shape[0], -1), *plan.nm).reshape(scores.shape)
+    record.apply(_with_mask(d, mask, scores, bound=False), mod, dense_zeros)
+
+
+def _decide_group(plan: _Plan, group: dict[str, nn.Linear], record: _Record, block: int | None = None) -> None:
     """Decide and prune one group of targets (a block, or all of them for the global scope),
     then release the statistics of that group (not needed again)."""
     tb = time.perf_counter()
+    if plan.hessians is not None:
+        missing = plan.hessians.missing(group)
+        if missing:
+            raise RuntimeError(f"no input Hessian for {missing[:3]}: the calibration never reached them")
     targets = [_target(plan, n, m, record.extra) for n, m in group.items()]
-    for d in decide(targets, plan.scope, plan.beta, sparsity=plan.sparsity,  # type: ignore[arg-type]
+    for d in decide(targets, plan.scope, plan.beta, sparsity=plan.sparsity_of(block),  # type: ignore[arg-type]
                     min_keep=plan.recipe.min_keep):
-        record.apply(d, group[d.name])
+        _finish(plan, d, group[d.name], record)
     for c in plan.observers:
         c.release(group)
     record.decide_seconds += time.perf_counter() - tb
+
+
+def _dense_pass(model: nn.Module, calib_tokens: Tensor, targets: str, observers: list[Any],
+                on_block: Callable[[int, dict[str, nn.Linear]], Any], **loop: Any) -> dict[str, Any]:
+    """The layer-wise loop with nothing pruned: ``on_block`` reads each block's statistics
+    (then released) on the dense model's activations."""
+    def visit(i: int, lin: dict[str, nn.Linear]) -> None:
+        on_block(i, lin)
+        for c in observers:
+            c.release(lin)
+
+    return prune_layerwise(model, calib_tokens, targets, visit, observers, **loop)  # type: ignore[arg-type]
+
+
+def owl_ratios(model: nn.Module, calib_tokens: Tensor, targets: str, m: float = OWL_M,
+               **loop: Any) -> list[float]:
+    """OWL's outlier ratio of every decoder block (the Wanda scores of its targeted Linears,
+    all together; see :func:`outlier_ratio`), from one pass over the dense model."""
+    wanda = C.get("wanda")
+    ratios: list[float] = []
+
+    def on_block(i: int, lin: dict[str, nn.Linear]) -> None:
+        ratios.append(outlier_ratio([wanda(n, mod) for n, mod in lin.items()], m))
+
+    try:
+        _dense_pass(model, calib_tokens, targets, [wanda], on_block, **loop)
+    finally:
+        wanda.release()
+    return ratios
+
+
+def _count_neffs(plan: _Plan, model: nn.Module, mods: dict[str, nn.Linear], calib_tokens: Tensor | None,
+                 targets: str, **loop: Any) -> dict[str, Tensor]:
+    """N_eff of the count scores of every target, per unit (row scope: per row; layer scope or
+    ``count_unit='layer'``: one per matrix), on the dense model (a dense pass if they need data)."""
+    src = plan.count or plan.criterion
+    per_matrix = plan.scope == "layer" or plan.recipe.count_unit == "layer"
+    out: dict[str, Tensor] = {}
+
+    def visit(_i: int, lin: dict[str, nn.Linear]) -> None:
+        for n, mod in lin.items():
+            s = src(n, mod)
+            out[n] = rule.effective_number(s, None if per_matrix else 1).reshape(-1).cpu()
+
+    if src.needs_calibration:
+        if calib_tokens is None:
+            raise ValueError("target_sparsity with counts from data-driven scores needs calibration tokens")
+        try:
+            _dense_pass(model, calib_tokens, targets, [src], visit, **loop)
+        finally:
+            src.release()
+    else:
+        visit(0, mods)
+    return out
+
+
+def _pruned_at(beta: float, neffs: dict[str, Tensor], mods: dict[str, nn.Linear], plan: _Plan) -> int:
+    """Weights EMP prunes at ``beta`` (exactly as :func:`decide` counts them)."""
+    pruned = 0
+    for n, neff in neffs.items():
+        rows, cols = mods[n].weight.shape
+        if plan.scope == "layer":
+            k = rule.keep_count_from_neff(neff, beta, rows * cols).clamp_min(floor_count(plan.recipe.min_keep, rows * cols))
+            pruned += rows * cols - int(k.sum())
+        elif plan.recipe.count_unit == "layer":
+            k_layer = int(rule.keep_count_from_neff(neff, beta, rows * cols))
+            k = _spread(k_layer, rows).clamp_min(floor_count(plan.recipe.min_keep, cols))
+            pruned += rows * cols - int(k.sum())
+        else:
+            k = rule.keep_count_from_neff(neff, beta, cols).clamp_min(floor_count(plan.recipe.min_keep, cols))
+            pruned += rows * cols - int(k.sum())
+    return pruned
+
+
+def beta_for_sparsity(neffs: dict[str, Tensor], mods: dict[str, nn.Linear], plan: _Plan,
+                      target: float) -> tuple[float, float]:
+    """The beta whose EMP counts prune the fraction of the targets closest to ``target``, and
+    that fraction. The pruned count is a non-increasing step function of beta (counts are
+    ``floor(beta * N_eff)`` clipped), so bisection on the counts alone finds the step: no
+    calibration is repeated."""
+    total = sum(mods[n].weight.numel() for n in neffs)
+    goal = target * total
+    lo, hi = 1e-12, 1.0
+    while _pruned_at(hi, neffs, mods, plan) > goal and hi < 1e12:
+        lo, hi = hi, hi * 2
+    if _pruned_at(lo, neffs, mods, plan) < goal:  # even the smallest beta cannot reach it
+        return lo, _pruned_at(lo, neffs, mods, plan) / total
+    for _ in range(200):  # pruned(lo) >= goal > pruned(hi) (or = at hi); bisect in beta
+        mid = 0.5 * (lo + hi)
+        if mid <= lo or mid >= hi:
+            break
+        if _pruned_at(mid, neffs, mods, plan) >= goal:
+            lo = mid
+        else:
+            hi = mid
+    p_lo, p_hi = _pruned_at(lo, neffs, mods, plan), _pruned_at(hi, neffs, mods, plan)
+    beta, pruned = (lo, p_lo) if abs(p_lo - goal) <= abs(p_hi - goal) else (hi, p_hi)
+    return beta, pruned / total
+
+
+def check_lm_options(*, criterion: str | Criterion = "wanda", scope: str = "row", beta: float = 1.0,
+                     sparsity: float | None = None, targets: str = "mlp", recipe: str | Recipe = "default",
+                     count_by: str | None = None, min_keep: float | int | None = None,
+                     count_unit: str | None = None, counts: dict[str, Tensor] | None = None,
+                     counts_from: str | None = None, update: str | None = None, damp: float = DEFAULT_DAMP,
+                     nm: str | tuple[int, int] | None = None, blocksize: int = 128, quota: str = "lookahead",
+                     allocation: str = "uniform", target_sparsity: float | None = None,
+                     damp_kind: str = "mean") -> _Plan:
+    """Check :func:`prune_lm`'s options without a model (the CLI calls it before loading one);
+    raises a one-line ``ValueError`` naming the option. Returns the resolved plan."""
+    plan = _plan(criterion, scope, beta, sparsity, targets, recipe, count_by, min_keep, count_unit,
+                 counts, counts_from, update, damp, nm, blocksize, quota, allocation, damp_kind)
+    if target_sparsity is not None:
+        p = float(target_sparsity)
+        if not (0.0 < p < 1.0) or not math.isfinite(p):
+            raise ValueError(f"target_sparsity must lie in (0, 1), got {target_sparsity!r}")
+        if sparsity is not None or counts is not None or plan.nm is not None:
+            raise ValueError("target_sparsity sets EMP's beta: it excludes sparsity, counts and nm")
+        if scope not in ("row", "layer"):
+            raise ValueError("target_sparsity needs scope row or layer")
+    return plan
 
 
 def _run(plan: _Plan, model: nn.Module, mods: dict[str, nn.Linear], calib_tokens: Tensor | None,
@@ -321,12 +608,13 @@ def _run(plan: _Plan, model: nn.Module, mods: dict[str, nn.Linear], calib_tokens
         return (MODE_GLOBAL if plan.calibrate else MODE_NONE), timing
     if plan.calibrate:
         timing = prune_layerwise(model, calib_tokens, targets,  # type: ignore[arg-type]
-                                 lambda i, lin: _decide_group(plan, lin, record), plan.observers, **loop)
+                                 lambda i, lin: _decide_group(plan, lin, record, i), plan.observers, **loop)
         return MODE_LAYERWISE, timing
     from tqdm.auto import tqdm
 
-    for group in tqdm(_group_by_block(model, mods), desc="prune", disable=not loop["progress"], unit="block"):
-        _decide_group(plan, group, record)
+    for i, group in enumerate(tqdm(_group_by_block(model, mods), desc="prune", disable=not loop["progress"],
+                                   unit="block")):
+        _decide_group(plan, group, record, i)
     return MODE_NONE, {}
 
 
@@ -346,6 +634,14 @@ def prune_lm(
     count_unit: str | None = None,
     counts: dict[str, Tensor] | None = None,
     counts_from: str | None = None,
+    update: str | None = None,
+    damp: float = DEFAULT_DAMP,
+    damp_kind: str = "mean",
+    nm: str | tuple[int, int] | None = None,
+    target_sparsity: float | None = None,
+    allocation: str = "uniform",
+    blocksize: int = 128,
+    quota: str = "lookahead",
     progress: bool = True,
     device: torch.device | str | None = None,
     batch_size: int = 8,
@@ -358,8 +654,23 @@ def prune_lm(
     (whose statistics are then gathered afresh and released at the end). How
     many: ``sparsity`` (a fixed fraction per unit: the Wanda/magnitude baselines), ``counts``
     (exactly a reference run's per-unit counts, e.g. ``LMPruneResult.counts``; ``counts_from``
-    names it in the report), or EMP ``floor(beta * N_eff)`` per the ``recipe`` (``default``,
-    ``paper``, ...; ``count_by`` / ``min_keep`` / ``count_unit`` override its fields).
+    names it in the report), ``nm`` (``"2:4"``: keep N of every M consecutive weights of a
+    row), or EMP ``floor(beta * N_eff)`` per the ``recipe`` (``default``, ``paper``, ...;
+    ``count_by`` / ``min_keep`` / ``count_unit`` override its fields). ``target_sparsity=P``
+    replaces ``beta`` by the beta whose EMP counts prune the fraction ``P`` of the targets, found
+    by bisection on the counts of the dense model (:func:`beta_for_sparsity`); the achieved
+    fraction is reported (exactly ``P`` up to one count step when the counts come from ``|W|``,
+    which layer-wise pruning does not change before a block is decided).
+
+    ``update="obs"``: after the counts are decided, SparseGPT's OBS reconstruction
+    (:func:`emprune.obs.obs_prune`) chooses which weights of each row go (exactly the decided
+    count per row) and rewrites the others to preserve the layer's outputs on the calibration
+    inputs, which are the outputs of the already-pruned blocks; ``damp`` is its dampening,
+    ``blocksize`` its column block, ``quota`` how a row's count is spread over the blocks. With
+    ``damp_kind`` whether ``damp`` scales the mean diagonal (SparseGPT) or each diagonal entry. With
+    a fixed ``sparsity`` this is SparseGPT itself (its per-block choice over all rows).
+    ``allocation="owl"`` (with ``sparsity``): OWL's per-layer sparsities
+    (:func:`owl_sparsities`, from the outlier ratios of the dense model's Wanda scores).
 
     The steps: (1) :func:`_plan` checks the options and builds the criteria from the registry;
     (2) the targets are listed and explicit counts checked against them; (3) :func:`_run`
@@ -372,40 +683,60 @@ def prune_lm(
     views (a row, a unit, is an output feature, as everywhere) and given back as ``Conv1D``
     holding the pruned weights in their own ``[in, out]`` layout.
     """
-    plan = _plan(criterion, scope, beta, sparsity, targets, recipe, count_by, min_keep, count_unit,
-                 counts, counts_from)
+    plan = check_lm_options(criterion=criterion, scope=scope, beta=beta, sparsity=sparsity, targets=targets,
+                            recipe=recipe, count_by=count_by, min_keep=min_keep, count_unit=count_unit,
+                            counts=counts, counts_from=counts_from, update=update, damp=damp, nm=nm,
+                            blocksize=blocksize, quota=quota, allocation=allocation,
+                            target_sparsity=target_sparsity, damp_kind=damp_kind)
     if plan.calibrate and calib_tokens is None:
-        raise ValueError(f"criterion {plan.label!r} with count_by {plan.recipe.count_by!r} needs calibration tokens")
+        raise ValueError(f"criterion {plan.label!r} with count_by {plan.recipe.count_by!r}"
+                         + (f" and update {update!r}" if update else "") + " needs calibration tokens")
     with linear_view(model):  # GPT-2: Conv1D seen as Linear (rows = output units) until the end
-        return _prune_lm(plan, model, calib_tokens, targets=targets, scope=scope, beta=beta, sparsity=sparsity,
-                         counts=counts, counts_from=counts_from, progress=progress, device=device,
-                         batch_size=batch_size)
+        return _prune_lm(plan, model, calib_tokens, targets=targets, scope=scope, sparsity=sparsity,
+                         counts=counts, counts_from=counts_from, target_sparsity=target_sparsity,
+                         progress=progress, device=device, batch_size=batch_size)
 
 
-def _prune_lm(plan: _Plan, model: nn.Module, calib_tokens: Tensor | None, *, targets: str, scope: str, beta: float,
-              sparsity: float | None, counts: dict[str, Tensor] | None, counts_from: str | None, progress: bool,
-              device: torch.device | str | None, batch_size: int) -> LMPruneResult:
+def _prune_lm(plan: _Plan, model: nn.Module, calib_tokens: Tensor | None, *, targets: str, scope: str,
+              sparsity: float | None, counts: dict[str, Tensor] | None, counts_from: str | None,
+              target_sparsity: float | None, progress: bool, device: torch.device | str | None,
+              batch_size: int) -> LMPruneResult:
     """Steps 2-4 of :func:`prune_lm`, on a model whose targets are all ``nn.Linear``."""
     mods = target_modules(model, targets)
     missing = [n for n in mods if counts is not None and n not in counts]
     if missing:
         raise ValueError(f"counts has no entry for {missing[:3]} (reference run on other targets?)")
-    record = _Record(PruneReport.for_run(plan.label, plan.count_label, scope, beta=beta, sparsity=sparsity,
-                                         min_keep=plan.recipe.min_keep, explicit_counts=counts is not None))
+    loop = dict(progress=progress, device=device, batch_size=batch_size)
     start = time.perf_counter()
+    pre: dict[str, Any] = {}
     with PeakMemory(device if device is not None else next(model.parameters()).device) as mem:
         try:
             for c in plan.observers:  # statistics are gathered afresh, on this model's blocks
                 c.release()
-            mode, timing = _run(plan, model, mods, calib_tokens, targets, record, progress=progress,
-                                device=device, batch_size=batch_size)
+            if target_sparsity is not None:
+                tp = time.perf_counter()
+                neffs = _count_neffs(plan, model, mods, calib_tokens, targets, **loop)
+                plan.beta, est = beta_for_sparsity(neffs, mods, plan, float(target_sparsity))
+                pre["beta_for_target"] = {"requested": float(target_sparsity), "beta": plan.beta,
+                                          "dense_estimate": est, "seconds": time.perf_counter() - tp,
+                                          "note": "beta found by bisection on the EMP counts of the dense model"}
+            if plan.allocation == "owl":
+                tp = time.perf_counter()
+                ratios = owl_ratios(model, calib_tokens, targets, **loop)  # type: ignore[arg-type]
+                plan.layer_sparsity = owl_sparsities(ratios, float(sparsity))  # type: ignore[arg-type]
+                pre["owl"] = {"M": OWL_M, "lambda": OWL_LAMBDA, "outlier_ratios": ratios,
+                              "layer_sparsity": plan.layer_sparsity, "seconds": time.perf_counter() - tp}
+            record = _Record(PruneReport.for_run(plan.label, plan.count_label, scope, beta=plan.beta,
+                                                 sparsity=sparsity, min_keep=plan.recipe.min_keep,
+                                                 explicit_counts=counts is not None or plan.nm is not None))
+            mode, timing = _run(plan, model, mods, calib_tokens, targets, record, **loop)
         finally:
             for c in plan.observers:
                 c.release()
     seconds = time.perf_counter() - start
     record.report.seconds = seconds
     record.report.extra.update(recipe=plan.recipe.to_dict())
-    info = _summary(model, record, plan.recipe, criterion=plan.label, scope=scope, beta=beta,
+    info = _summary(model, record, plan.recipe, criterion=plan.label, scope=scope, beta=plan.beta,
                     sparsity=sparsity, targets=targets, counts_from=counts_from if counts is not None else None)
     used = calib_tokens if plan.calibrate else None
     info["calibration"] = {
@@ -416,6 +747,15 @@ def _prune_lm(plan: _Plan, model: nn.Module, calib_tokens: Tensor | None, *, tar
         "batch_size": batch_size,
         "seconds": timing.get("seconds", 0.0),
     }
+    info["update"] = None if plan.update is None else {
+        "method": plan.update, "damp": plan.damp, "damp_kind": plan.damp_kind, "blocksize": plan.blocksize, "quota": plan.quota,
+        "seconds": record.update_seconds,
+        "note": "SparseGPT's OBS reconstruction on the outputs of the already-pruned blocks; with EMP or "
+                "matched counts every row keeps exactly its decided count, with a fixed sparsity each "
+                "column block prunes that fraction over all rows (SparseGPT's rule)"}
+    info["nm"] = None if plan.nm is None else f"{plan.nm[0]}:{plan.nm[1]}"
+    info["allocation"] = plan.allocation
+    info.update(pre)
     info.update(seconds=seconds, decide_seconds=record.decide_seconds, peak_memory=mem.result)
     return LMPruneResult(record.report, record.kept, info)
 
