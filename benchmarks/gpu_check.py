@@ -248,6 +248,77 @@ def part_llm(dev: torch.device, args: argparse.Namespace) -> dict[str, Any]:
             "agreement_reference": ref, "agreement": agree, "ok": gpu_exact}
 
 
+# --------------------------------------------------------------------------- part: obs, gpt2
+
+
+def part_obs(dev: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    """Pruning time of the OBS (SparseGPT) update against the Wanda pipeline on the same tokens,
+    on the GPU: EMP counts (default recipe), then SparseGPT at 50 % and 2:4."""
+    import copy
+
+    from emprune.llm.prune import prune_lm
+
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randint(0, args.vocab, (args.calib_samples, args.seqlen), generator=g)
+    base = _random_llama(args.hidden, args.layers, args.vocab).to(dev)
+    out: dict[str, Any] = {}
+    runs = {"wanda-emp": dict(), "obs-emp": dict(update="obs"), "wanda-50": dict(sparsity=0.5),
+            "sparsegpt-50": dict(sparsity=0.5, update="obs"), "sparsegpt-2:4": dict(nm="2:4", update="obs")}
+    for name, kw in runs.items():
+        m = copy.deepcopy(base)
+        _sync(dev)
+        t = time.perf_counter()
+        try:
+            res = prune_lm(m, calib, criterion="wanda", progress=False, **kw)
+            _sync(dev)
+            out[name] = {"seconds": time.perf_counter() - t, "pruned_fraction": res.pruned_fraction,
+                         "finite": bool(torch.isfinite(m(calib[:1].to(dev)).logits).all())}
+        except Exception as e:  # noqa: BLE001
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"obs {name:14s} {out[name]}", flush=True)
+        del m
+    if "seconds" in out.get("obs-emp", {}) and "seconds" in out.get("wanda-emp", {}):
+        out["obs_over_wanda"] = out["obs-emp"]["seconds"] / out["wanda-emp"]["seconds"]
+    out["ok"] = all("error" not in v for v in out.values() if isinstance(v, dict))
+    return out
+
+
+def part_gpt2(dev: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    """GPT-2 (Conv1D, transposed weights) pruned on the GPU, whole and block by block (--offload):
+    the Conv1D views must give the same stored weights as a CPU run up to float differences."""
+    import copy
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from emprune.llm.prune import prune_lm
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=256, n_layer=4, n_head=4, vocab_size=1000, n_positions=256)).eval()
+    calib = torch.randint(0, 1000, (8, 128), generator=torch.Generator().manual_seed(2))
+    w: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, Any] = {}
+    for name in ("cpu", "cuda", "offload"):
+        m = copy.deepcopy(base)
+        if name == "cuda":
+            m = m.to(dev)
+        res = prune_lm(m, calib, criterion="wanda", sparsity=0.5, progress=False,
+                       device=dev if name == "offload" else None)
+        w[name] = {k: v.detach().cpu() for k, v in m.state_dict().items() if "mlp.c_fc.weight" in k}
+        cols_half = all(bool(((x != 0).sum(0) == x.shape[0] // 2).all()) for x in w[name].values())
+        out[name] = {"pruned_fraction": res.pruned_fraction, "each_output_unit_keeps_half": cols_half,
+                     "type": type(m.transformer.h[0].mlp.c_fc).__name__}
+        print(f"gpt2 {name}: {out[name]}", flush=True)
+    for k in ("cuda", "offload"):
+        same = sum(int((w["cpu"][n] != 0).eq(w[k][n] != 0).sum()) for n in w["cpu"])
+        total = sum(x.numel() for x in w["cpu"].values())
+        out[f"cpu~{k}_mask_agreement"] = same / total
+    out["ok"] = all(v["each_output_unit_keeps_half"] and v["type"] == "Conv1D"
+                    for k, v in out.items() if isinstance(v, dict))
+    print(f"gpt2 agreement: cuda {out['cpu~cuda_mask_agreement']:.6f} offload {out['cpu~offload_mask_agreement']:.6f}",
+          flush=True)
+    return out
+
+
 # --------------------------------------------------------------------------- part 3: cli
 
 
@@ -341,6 +412,27 @@ def _markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {name} | {100 * v['rows_same_count']:.3f}% | {100 * v['mask_agreement']:.4f}% | "
                          f"{v['identical']} |")
         lines.append("")
+    if "obs" in res:
+        lines += ["## OBS (SparseGPT) update on the GPU against the Wanda pipeline (same tokens)", "",
+                  "| run | seconds | pruned | logits finite |", "|---|---|---|---|"]
+        for k, v in res["obs"].items():
+            if isinstance(v, dict) and "seconds" in v:
+                lines.append(f"| {k} | {v['seconds']:.2f} | {100 * v['pruned_fraction']:.2f}% | {v['finite']} |")
+            elif isinstance(v, dict) and "error" in v:
+                lines.append(f"| {k} | error: {v['error'][:200]} | | |")
+        if "obs_over_wanda" in res["obs"]:
+            lines += ["", f"EMP + OBS over EMP + Wanda time: {res['obs']['obs_over_wanda']:.2f}x"]
+        lines.append("")
+    if "gpt2" in res:
+        g2 = res["gpt2"]
+        lines += ["## GPT-2 (Conv1D) pruned on the GPU (Wanda 50 %)", "",
+                  "| path | pruned | every output unit keeps half | layer type after |", "|---|---|---|---|"]
+        for k in ("cpu", "cuda", "offload"):
+            if k in g2:
+                lines.append(f"| {k} | {100 * g2[k]['pruned_fraction']:.2f}% | {g2[k]['each_output_unit_keeps_half']} | "
+                             f"{g2[k]['type']} |")
+        lines += ["", f"Mask agreement with the CPU run: cuda {g2.get('cpu~cuda_mask_agreement', float('nan')):.6f}, "
+                  f"offload {g2.get('cpu~offload_mask_agreement', float('nan')):.6f}", ""]
     if "cli" in res:
         lines += ["## The CLI on the GPU", "", "| command | exit | seconds |", "|---|---|---|"]
         for k, v in res["cli"].items():
@@ -389,6 +481,10 @@ def main() -> int:
                 res["select"] = part_select(dev, args.quick)
             elif part == "llm":
                 res["llm"] = part_llm(dev, args)
+            elif part == "obs":
+                res["obs"] = part_obs(dev, args)
+            elif part == "gpt2":
+                res["gpt2"] = part_gpt2(dev, args)
             elif part == "cli" and args.tokenizer:
                 import tempfile
 
