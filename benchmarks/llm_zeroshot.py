@@ -78,6 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--batch-size", type=int, default=32, help="zero-shot contexts per forward (default 32)")
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="zero-shot positions per forward (default 2048)")
+    p.add_argument("--rows", default="all",
+                   help="comma-separated row keys of the plan (dense, magnitude-fixed, wanda-fixed, emp-magnitude-paper, "
+                        "emp-wanda-paper, emp-wanda-default) or all; Wanda at each EMP row's sparsity follows it")
+    p.add_argument("--append", action="store_true",
+                   help="add to OUT.json (replacing the entries of the models run now) instead of starting afresh")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output prefix (OUT.md, OUT.json, OUT.png)")
     p.add_argument("--quick", action="store_true",
@@ -157,10 +162,17 @@ def run_model(spec: str, args: argparse.Namespace, docs: dict[str, list], doc: d
         "calibration": {"text": calib_src, "n_samples": args.calib_samples, "seqlen": args.seqlen, "seed": args.seed},
         "perplexity": {"wikitext_tokens": int(ev_ids.numel()), "other_tokens": int(other_ids.numel()),
                        "seqlen": args.seqlen, "text": eval_src, "other_text": "python-docs"},
-        "published": PUBLISHED.get(spec), "rows": [], "status": "running",
+        "published": PUBLISHED.get(spec), "rows": [], "status": "running", "command": _command(),
+        "settings": dict(doc["settings"]),
     }
     doc["models"].append(entry)
     rows = plan(args.sparsity)
+    if args.rows != "all":
+        keep = set(args.rows.split(","))
+        unknown = keep - {r["key"] for r in rows}
+        if unknown:
+            raise SystemExit(f"--rows: unknown keys {sorted(unknown)}")
+        rows = [r for r in rows if r["key"] in keep]
     i = 0
     while i < len(rows):
         spec_row = rows[i]
@@ -270,7 +282,10 @@ def markdown(doc: dict[str, Any]) -> str:
         ppl = m["perplexity"]
         lines += [f"## {m['model']} ({m['class']}, {m['parameters'] / 1e6:.0f} M parameters, "
                   f"{m['targeted_weights'] / 1e6:.1f} M targeted){'' if m['status'] == 'done' else ' - ' + m['status']}",
-                  "", f"Perplexity on {ppl['wikitext_tokens']:,} WikiText-2 test tokens and {ppl['other_tokens']:,} "
+                  ""]
+        if m.get("command") and m["command"] != doc["command"]:
+            lines += [f"Command: `{m['command']}`", ""]
+        lines += [f"Perplexity on {ppl['wikitext_tokens']:,} WikiText-2 test tokens and {ppl['other_tokens']:,} "
                   "python-docs tokens. Accuracy (acc, %) per task; *mean* = mean acc over the tasks; "
                   "differences in points with 95 % paired-bootstrap intervals.", ""]
         head = ["method", "sparsity", "ppl WikiText", "ppl other", *tasks, "mean", "mean (acc_norm*)",
@@ -386,6 +401,12 @@ def main(argv: list[str] | None = None) -> int:
         "items_per_task": {t: len(d) for t, d in docs.items()},
         "models": [],
     }
+    if args.append and out.with_suffix(".json").is_file():  # keep the other models' finished entries
+        old = json.loads(out.with_suffix(".json").read_text())
+        doc["models"] = [m for m in old["models"] if m["model"] not in args.model_list]
+        for m in doc["models"]:  # entries written before per-model commands were recorded
+            m.setdefault("command", old["command"])
+            m.setdefault("settings", old["settings"])
     for spec in args.model_list:
         run_model(spec, args, docs, doc, out)
     return 0

@@ -523,3 +523,12 @@ def test_models_that_change_their_logits_fall_back_to_full_logits(tiny):
     res = perplexity(model, tokens, 24, batch_size=2, progress=False)
     assert res["loss"] == "full"
     assert res["ppl"] == pytest.approx(_reference_ppl(model, tokens, 24, 2), rel=1e-6)
+
+
+def test_python_dash_m_runs_the_same_cli():
+    """``python -m emprune`` is the ``emprune`` command (for environments without the script)."""
+    p = subprocess.run([sys.executable, "-m", "emprune", "prune", "--help"], capture_output=True, text=True)
+    assert p.returncode == 0 and "--beta" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "emprune", "prune", "x", "--out", "y", "--beta", "nan"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1

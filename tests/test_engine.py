@@ -148,3 +148,21 @@ def test_prune_a_layer_with_no_weights_raises_a_value_error(scope, features):
         net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(*features))
     with pytest.raises(ValueError, match=r"empty.*\b1\b"):  # names the empty layer ("1...")
         emprune.prune(net, "magnitude", scope)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sort_path_of_accelerators_equals_the_bracket_search(monkeypatch, dtype):
+    """On CUDA the per-row selector takes the k-th value from one sort; on CPU it brackets.
+    Both must give the same masks (ties by lower index): force the sort path on CPU (rows
+    count as short when the sample is as wide as the row) and compare."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(40, 700, generator=g).abs(),
+                   torch.randint(0, 5, (40, 700), generator=g).float()]).to(dtype)
+    k = torch.randint(0, 701, (80,), generator=g)
+    monkeypatch.setattr(_kernels, "AVAILABLE", False)  # the PyTorch engine on both sides
+    bracket = rule.topk_mask(x, k, dim=1)
+    emp_bracket = rule.keep_mask(x, dim=1)
+    monkeypatch.setattr(_select, "_SAMPLE", 1000)
+    assert torch.equal(rule.topk_mask(x, k, dim=1), bracket)
+    assert torch.equal(rule.keep_mask(x, dim=1), emp_bracket)
+    assert torch.equal(bracket.sum(1), k)

@@ -452,6 +452,7 @@ def _cmd_prune(args) -> int:
     import time
 
     from .llm import models
+    from .llm.layouts import find_layout
     from .llm.prune import DEFAULT_DAMP, check_lm_options, get_recipe, needs_calibration, prune_lm, summary_line
     from .scopes import check_options
 
@@ -486,6 +487,7 @@ def _cmd_prune(args) -> int:
     model, tok = models.load_causal_lm(args.model, dtype=_dtype(args.dtype),
                                        device_map=None if args.offload else _device_map(args.device),
                                        progress=not args.quiet)
+    find_layout(model)  # an unsupported layout is refused now, before any calibration
     calib = None
     if calib_text is not None:
         from .llm import data

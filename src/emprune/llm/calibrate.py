@@ -21,7 +21,11 @@ from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 import torch
 from torch import nn
 
-from .models import block_linears, decoder_layers, input_device
+from .layouts import block_linears, find_layout, linear_view
+from .models import input_device
+
+#: a block's call arguments besides its hidden states: ``(positional args, keyword args)``
+Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 #: ``on_block(block_index, {full Linear name: module})``, called once per block after the
 #: block has been observed; it prunes the block's weights in place
@@ -55,6 +59,9 @@ def prune_layerwise(
     linear) while the block runs over the calibration inputs; then ``on_block(i, linears)`` is
     called and must modify the weights in place (it may read the observers' statistics).
 
+    GPT-2's ``Conv1D`` targets are handed to the observers and ``on_block`` as ``nn.Linear``
+    views (see :func:`~emprune.llm.layouts.linear_view`) and are ``Conv1D`` again afterwards.
+
     ``device``: execution device for a model held elsewhere (e.g. on CPU): each block is moved
     there for its turn and moved back afterwards. Accelerate-dispatched models are run as they
     are (their hooks place inputs); blocks offloaded to ``meta`` are refused, since in-place
@@ -73,11 +80,12 @@ def prune_layerwise(
         raise ValueError(f"calib_tokens must be [n_samples, seqlen], got shape {tuple(calib_tokens.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    layers = decoder_layers(model)
-    names = {mod: name for name, mod in model.named_modules()}
+    layout = find_layout(model)
+    layers = model.get_submodule(layout.blocks)
     dev = torch.device(device) if device is not None else None
     t0 = time.perf_counter()
-    with _calibration_mode(model):
+    with _calibration_mode(model), linear_view(model):  # GPT-2's Conv1D as Linear: rows = output units
+        names = {mod: name for name, mod in model.named_modules()}
         inps, kwargs = _capture_inputs(model, layers, calib_tokens, dev)
         timings: dict[str, Any] = {"capture_seconds": time.perf_counter() - t0, "decide_seconds": 0.0}
         outs = torch.empty_like(inps)
@@ -85,7 +93,7 @@ def prune_layerwise(
         for i in tqdm(range(len(layers)), desc="calibrate", disable=not progress, unit="block"):
             tb = time.perf_counter()
             with _on_device(layers[i], i, dev) as block:
-                linears = {names[mod]: mod for mod in block_linears(block, targets).values()}
+                linears = {names[mod]: mod for mod in block_linears(block, targets, layout).values()}
                 with ExitStack() as hooks:
                     for obs in observers:
                         hooks.enter_context(obs.observe(linears))
@@ -158,29 +166,32 @@ def _calls(mods: dict[str, nn.Module]) -> Iterator[set[str]]:
             h.remove()
 
 
-def _run_block(block: nn.Module, inps: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
+def _run_block(block: nn.Module, inps: torch.Tensor, call: Call, batch_size: int,
                outs: torch.Tensor | None = None) -> None:
-    """Run ``block`` over ``inps`` in batches; store the hidden states in ``outs`` if given."""
+    """Run ``block`` over ``inps`` in batches with its captured other arguments ``call``; store
+    the hidden states in ``outs`` if given."""
+    args, kwargs = call
     for j in range(0, inps.shape[0], batch_size):
-        y = block(inps[j : j + batch_size], **kwargs)
+        y = block(inps[j : j + batch_size], *args, **kwargs)
         if outs is not None:
             outs[j : j + batch_size] = _hidden(y)
 
 
 def _capture_inputs(
     model: nn.Module, layers: nn.ModuleList, calib_tokens: torch.Tensor, dev: torch.device | None
-) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """Block 0's hidden-state inputs for every sample, and every block's own call kwargs.
+) -> tuple[torch.Tensor, list[Call]]:
+    """Block 0's hidden-state inputs for every sample, and every block's own other call arguments.
 
     Forward pre-hooks (not a replaced module, as in Wanda's ``Catcher``) store the inputs, so
     accelerate hooks stay untouched. The kwargs transformers passes (attention_mask,
     position_ids, position_embeddings, ...) are identical for equal-length unpadded samples but
-    may differ from block to block: Gemma-3 gives its sliding-window layers another mask and
+    may differ from block to block (and GPT-2 passes its mask positionally, after the hidden
+    states: positional arguments are kept too): Gemma-3 gives its sliding-window layers another mask and
     another rotary table (base 10k) than its full-attention layers (base 1M). So sample 0 runs
     through every block once and each block's kwargs are kept; the other samples stop at
     block 0 (the hook raises once it has their hidden states).
     """
-    kws: list[dict[str, Any] | None] = [None] * len(layers)
+    kws: list[Call | None] = [None] * len(layers)
     store: dict[str, Any] = {"stop": False}
 
     def keep_kwargs(i: int) -> Callable:
@@ -188,7 +199,7 @@ def _capture_inputs(
             if i == 0:
                 store["hidden"] = args[0] if args else kwargs["hidden_states"]
             if kws[i] is None:
-                kws[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                kws[i] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
             # other samples stop at block 0; sample 0 at the last block (every block's kwargs are
             # known then: no final norm, no vocabulary-sized logits)
             if (i == 0 and store["stop"]) or i == len(layers) - 1:

@@ -197,9 +197,11 @@ def _load_bench(model_spec: str, targets: Sequence[str], *, calib_text: str | No
                 device: str | None, dtype: torch.dtype) -> tuple[_Bench, dict[str, Any]]:
     """Load the model and the texts once; returns the bench and the document's header fields."""
     from . import data
+    from .layouts import to_linears
     from .models import load_causal_lm
 
     model, tokenizer = load_causal_lm(model_spec, dtype=dtype, device_map=device)
+    to_linears(model)  # GPT-2: its Conv1D as Linear (rows = output units) for the whole session; never saved
     calib_src = calib_text if calib_text is not None else str(data.default_text_path("calib"))
     eval_src = eval_text if eval_text is not None else str(data.default_text_path("eval"))
     calib = data.calibration_batches(tokenizer, data.load_text(calib_src, "calib"), calib_samples, seqlen, seed)

@@ -1,5 +1,5 @@
-"""Load causal LMs (local folder, GGUF file, short name, hub id), find their decoder blocks and
-prunable Linears, and save a pruned model atomically.
+"""Load causal LMs (local folder, GGUF file, short name, hub id) and save a pruned model
+atomically. (Decoder blocks and their target layers: :mod:`emprune.llm.layouts`, re-exported here.)
 
 The saved folder is a plain transformers checkpoint (safetensors + config + tokenizer) plus
 ``emprune.json``, so ``AutoModelForCausalLM.from_pretrained(DIR)`` loads it without emprune.
@@ -15,10 +15,12 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+from .layouts import block_linears, decoder_layers  # noqa: F401 - re-exported: the layouts live there
 
 #: short names -> (package holding the file, GGUF file name, pip hint)
 SHORT_NAMES: dict[str, tuple[str, str, str]] = {
@@ -235,42 +237,6 @@ def input_device(model: nn.Module) -> torch.device:
         if "embed" in name and where not in ("cpu", "disk"):
             return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
     return torch.device("cpu")
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a LLaMA-like causal LM (``model.model.layers``).
-
-    Covers LLaMA, Mistral, Qwen2/3, Gemma, Phi-3, SmolLM and other models laid out the same way.
-    """
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise NotImplementedError(
-            f"unsupported architecture {type(model).__name__}: expected LLaMA-like decoder blocks at "
-            "model.model.layers (e.g. GPT-2's model.transformer.h is not supported)"
-        )
-    return layers
-
-
-def block_linears(block: nn.Module, targets: Literal["mlp", "linear"] = "mlp") -> dict[str, nn.Linear]:
-    """Prunable Linears of one decoder block, by name relative to the block.
-
-    ``"mlp"``: the MLP projections (gate/up/down on LLaMA), as in the paper's LLM runs;
-    ``"linear"``: every Linear of the block (adds q/k/v/o). Embeddings and ``lm_head`` live
-    outside the blocks and are never returned.
-    """
-    if targets not in ("mlp", "linear"):
-        raise ValueError(f"targets must be 'mlp' or 'linear', got {targets!r}")
-    found = {
-        name: mod
-        for name, mod in block.named_modules()
-        if isinstance(mod, nn.Linear) and (targets == "linear" or name.startswith("mlp."))
-    }
-    if not found:
-        raise NotImplementedError(
-            f"no {targets!r} Linear layers found in block {type(block).__name__} "
-            "(expected LLaMA-like names such as mlp.gate_proj)"
-        )
-    return found
 
 
 def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -51,7 +51,7 @@ from ..report import WARN_UNIT_SPARSITY, PruneReport, count_zeros
 from ..scopes import Decision, Target, check_options, decide, floor_count
 from .calibrate import prune_layerwise
 from .memory import PeakMemory
-from .models import block_linears, decoder_layers
+from .layouts import block_linears, decoder_layers, find_layout, linear_view
 
 COUNT_UNITS = ("unit", "layer")
 TARGET_SETS = ("mlp", "linear")
@@ -204,11 +204,13 @@ def needs_calibration(criterion: str | Criterion, recipe: Recipe, sparsity: floa
 
 
 def target_modules(model: nn.Module, targets: str = "mlp") -> dict[str, nn.Linear]:
-    """Full name -> Linear for every targeted Linear of every decoder block, in order."""
+    """Full name -> Linear for every targeted Linear of every decoder block, in order (GPT-2's
+    ``Conv1D`` layers outside :func:`~emprune.llm.layouts.linear_view`)."""
+    layout = find_layout(model)
     names = {mod: name for name, mod in model.named_modules()}
     out: dict[str, nn.Linear] = {}
     for block in decoder_layers(model):
-        for mod in block_linears(block, targets).values():  # type: ignore[arg-type]
+        for mod in block_linears(block, targets, layout).values():  # type: ignore[arg-type]
             out[names[mod]] = mod
     return out
 
@@ -681,6 +683,11 @@ def prune_lm(
     gathers the criteria's statistics (layer-wise, one dense pass for the global scope, or none)
     and decides and prunes each group of targets (:func:`_decide_group`), releasing the
     statistics of each group once decided; (4) :func:`_summary` writes the JSON summary.
+
+    Layouts: see :mod:`emprune.llm.layouts` (LLaMA-like, Phi-3, GPT-2, OPT; anything else is
+    refused with ``NotImplementedError``). GPT-2's ``Conv1D`` layers are pruned as ``nn.Linear``
+    views (a row, a unit, is an output feature, as everywhere) and given back as ``Conv1D``
+    holding the pruned weights in their own ``[in, out]`` layout.
     """
     plan = check_lm_options(criterion=criterion, scope=scope, beta=beta, sparsity=sparsity, targets=targets,
                             recipe=recipe, count_by=count_by, min_keep=min_keep, count_unit=count_unit,
@@ -690,6 +697,17 @@ def prune_lm(
     if plan.calibrate and calib_tokens is None:
         raise ValueError(f"criterion {plan.label!r} with count_by {plan.recipe.count_by!r}"
                          + (f" and update {update!r}" if update else "") + " needs calibration tokens")
+    with linear_view(model):  # GPT-2: Conv1D seen as Linear (rows = output units) until the end
+        return _prune_lm(plan, model, calib_tokens, targets=targets, scope=scope, sparsity=sparsity,
+                         counts=counts, counts_from=counts_from, target_sparsity=target_sparsity,
+                         progress=progress, device=device, batch_size=batch_size)
+
+
+def _prune_lm(plan: _Plan, model: nn.Module, calib_tokens: Tensor | None, *, targets: str, scope: str,
+              sparsity: float | None, counts: dict[str, Tensor] | None, counts_from: str | None,
+              target_sparsity: float | None, progress: bool, device: torch.device | str | None,
+              batch_size: int) -> LMPruneResult:
+    """Steps 2-4 of :func:`prune_lm`, on a model whose targets are all ``nn.Linear``."""
     mods = target_modules(model, targets)
     missing = [n for n in mods if counts is not None and n not in counts]
     if missing:

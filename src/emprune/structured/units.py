@@ -320,8 +320,12 @@ class KANGroup(UnitGroup):
 
 
 def llm_groups(model: nn.Module, kinds: tuple[str, ...] = ("mlp", "heads")) -> list[UnitGroup]:
-    """MLP and attention-head groups of every decoder block of a LLaMA-family causal LM."""
+    """MLP and attention-head groups of every decoder block of a LLaMA-family causal LM (other
+    layouts: ``NotImplementedError``, one line)."""
+    from ..llm.layouts import require_layout
     from ..llm.models import decoder_layers
+
+    require_layout(model, "llama", "emprune shrink")
 
     names = {m: n for n, m in model.named_modules()}
     config = getattr(model, "config", None)
@@ -412,6 +416,10 @@ def find_groups(model: nn.Module, units: str | tuple[str, ...] | list[str] = "au
     llm_kinds = tuple(k for k in kinds if k in ("mlp", "heads"))
     groups: list[UnitGroup] = []
     if llm_kinds:
+        from ..llm.layouts import layout_or_none, require_layout
+
+        if layout_or_none(model) is not None:  # a decoder LM emprune knows, but maybe not LLaMA-like
+            require_layout(model, "llama", "emprune shrink")
         if not is_lm:
             raise ValueError(f"units {llm_kinds} need a decoder LM with model.model.layers")
         groups += llm_groups(model, llm_kinds)
