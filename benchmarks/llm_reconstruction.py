@@ -51,7 +51,7 @@ from emprune.io import atomic_path  # noqa: E402
 from emprune.llm import data  # noqa: E402
 from emprune.llm.eval import perplexity  # noqa: E402
 from emprune.llm.models import load_causal_lm  # noqa: E402
-from emprune.llm.prune import DEFAULT_DAMP, prune_lm, target_modules, versions  # noqa: E402
+from emprune.llm.prune import DEFAULT_DAMP, DEFAULT_DAMP_KIND, prune_lm, target_modules, versions  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "llm_reconstruction"
 ROWS = ("wanda", "sparsegpt", "owl-wanda", "owl-sparsegpt", "emp-wanda", "emp-obs")
@@ -73,8 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", default=",".join(ROWS + NM_ROWS), help=f"rows to run (default all: {', '.join(ROWS + NM_ROWS)})")
     p.add_argument("--damps", default=None,
                    help=f"comma-separated dampening values; OBS rows are repeated for each (default {DEFAULT_DAMP:g})")
-    p.add_argument("--damp-kind", default="mean", choices=("mean", "diag"),
-                   help="damp scales the mean Hessian diagonal (SparseGPT) or each diagonal entry (default mean)")
+    p.add_argument("--damp-kind", default=DEFAULT_DAMP_KIND, choices=("mean", "diag"),
+                   help=f"damp scales the mean Hessian diagonal (SparseGPT) or each diagonal entry (default {DEFAULT_DAMP_KIND})")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seqlen", type=int, default=512, help="calibration and evaluation window (default 512)")
     p.add_argument("--calib-text", default=None,
@@ -126,7 +126,7 @@ def calibration(tokenizer: Any, texts: list[str], n: int, seqlen: int, seed: int
 # ------------------------------------------------------------------------------- runs
 
 
-def _kwargs(row: str, level: str, emp_p: float | None, damp: float, damp_kind: str = "mean") -> dict[str, Any]:
+def _kwargs(row: str, level: str, emp_p: float | None, damp: float, damp_kind: str = DEFAULT_DAMP_KIND) -> dict[str, Any]:
     """prune_lm's options for a row at a level (``emp``: EMP's own sparsity ``emp_p``)."""
     obs = {"update": "obs", "damp": damp, "damp_kind": damp_kind}
     p = emp_p if level == "emp" else None if level == "2:4" else float(level)

@@ -63,7 +63,10 @@ def test_obs_keeps_emp_counts_exactly_and_reconstructs(tiny):
         w = target_modules(obs, "mlp")[n].weight
         assert torch.equal((w != 0).sum(1), b.counts[n])  # the report is the final mask
     assert b.pruned_fraction == a.pruned_fraction
-    assert b.info["update"]["method"] == "obs" and b.info["update"]["damp"] == 0.01
+    from emprune.llm.prune import DEFAULT_DAMP, DEFAULT_DAMP_KIND
+
+    assert b.info["update"]["method"] == "obs" and b.info["update"]["damp"] == DEFAULT_DAMP
+    assert b.info["update"]["damp_kind"] == DEFAULT_DAMP_KIND
     # first block: both see the same (dense) inputs, so OBS must reconstruct them better
     dense = _fresh(tiny)
     first = {n: m for n, m in target_modules(dense, "mlp").items() if ".layers.0." in n}

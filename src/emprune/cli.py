@@ -246,7 +246,7 @@ def _add_llm_parsers(sub) -> None:
 
 
 def _add_prune_parser(sub) -> None:
-    from .llm.prune import DEFAULT_DAMP, DEFAULT_RECIPE, RECIPE_CHOICES, RECIPES, count_by_choices, criterion_choices
+    from .llm.prune import DEFAULT_DAMP, DEFAULT_DAMP_KIND, DEFAULT_RECIPE, RECIPE_CHOICES, RECIPES, count_by_choices, criterion_choices
 
     pr = sub.add_parser(
         "prune", help="prune a causal LM with EMP and save it (transformers folder + emprune.json)",
@@ -290,11 +290,13 @@ def _add_prune_parser(sub) -> None:
                         "weights of each row go (exactly the decided count per row) and updates the others, "
                         "layer-wise on the outputs of the already-pruned blocks; with --sparsity this is SparseGPT")
     g.add_argument("--damp", type=_damp, default=None,
-                   help="dampening of the OBS update: fraction of the mean Hessian diagonal added to it "
-                        f"(default {DEFAULT_DAMP:g}, chosen on held-out text; larger values fit the calibration text less)")
-    g.add_argument("--damp-kind", choices=("mean", "diag"), default="mean",
-                   help="mean: --damp x the mean Hessian diagonal is added to every diagonal entry (SparseGPT); "
-                        "diag: --damp x each entry itself (large values move OBS towards Wanda). Default mean")
+                   help="dampening of the OBS update: the fraction of the Hessian's diagonal added to it (see "
+                        f"--damp-kind; default {DEFAULT_DAMP:g}, chosen on text nobody calibrated on; larger values "
+                        "fit the calibration text less)")
+    g.add_argument("--damp-kind", choices=("mean", "diag"), default=DEFAULT_DAMP_KIND,
+                   help="mean: --damp x the mean Hessian diagonal is added to every diagonal entry (SparseGPT, "
+                        "whose default is --damp 0.01); diag: --damp x each entry itself (large values move OBS "
+                        f"towards Wanda). Default {DEFAULT_DAMP_KIND}")
     g.add_argument("--nm", type=_nm, default=None, metavar="N:M",
                    help="semi-structured N:M: keep N of every M consecutive weights of a row (e.g. 2:4), chosen "
                         "by the criterion, or by OBS with --update obs")

@@ -150,13 +150,18 @@ def _lowest(scores: Tensor, quota: Tensor) -> Tensor:
 
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
     """Keep mask with exactly ``n`` of every ``m`` consecutive columns kept per row: the ``n``
-    largest scores of each group (ties: lower index kept). The column count must be a multiple of ``m``."""
+    largest scores of each group (ties: lower index kept). The column count must be a multiple of ``m``.
+
+    One stable sort along the (short) group axis: a few kernels whatever the size, which matters
+    on accelerators where the OBS loop calls it once per group of columns."""
     rows, cols = scores.shape
     if cols % m:
         raise ValueError(f"N:M needs the column count ({cols}) to be a multiple of m={m}")
-    g = scores.reshape(rows, cols // m, m).reshape(-1, m)
-    drop = _lowest(g, torch.full((g.shape[0],), m - n, dtype=torch.int64, device=g.device))
-    return (~drop).reshape(rows, cols)
+    g = scores.reshape(rows, cols // m, m)
+    order = torch.sort(g, dim=-1, descending=True, stable=True).indices  # ties: lower index first
+    keep = torch.zeros_like(g, dtype=torch.bool)
+    keep.scatter_(-1, order[..., :n], True)
+    return keep.reshape(rows, cols)
 
 
 def _check_nm(nm: tuple[int, int], cols: int, where: str) -> tuple[int, int]:

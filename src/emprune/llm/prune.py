@@ -61,9 +61,15 @@ ALLOCATIONS = ("uniform", "owl")
 #: the half-width lambda of the spread of the per-layer sparsities around the target
 OWL_M = 5.0
 OWL_LAMBDA = 0.08
-#: the default dampening of the OBS update (fraction of the mean Hessian diagonal); chosen by
-#: measurement on held-out text, see benchmarks/results/llm_reconstruction.md
-DEFAULT_DAMP = 0.01
+#: the default dampening of the OBS update in the LLM pipeline: ``damp * H_jj`` added to each
+#: diagonal entry (``DEFAULT_DAMP_KIND = "diag"``). Chosen on the text nobody calibrated on
+#: (SmolLM2-135M, EMP's counts, 16 x 256 WikiText-2 calibration tokens, perplexity on python-docs):
+#: diag 1.0 -> x1.230 of dense, diag 0.1 x1.278, diag 10 x1.231; SparseGPT's mean-relative
+#: 0.01 x1.363, 0.1 x1.274, 0.3 x1.245, 1.0 x1.242, 3 x1.312; EMP + Wanda without update x1.251
+#: (benchmarks/results/llm_reconstruction_probe.md). :func:`emprune.obs.obs_prune` itself keeps
+#: SparseGPT's 0.01 x mean(diag H).
+DEFAULT_DAMP = 1.0
+DEFAULT_DAMP_KIND = "diag"
 MODE_LAYERWISE = "layer-wise: each block calibrated on the outputs of the already-pruned blocks"
 MODE_GLOBAL = "one dense pass (global scope needs every layer's scores at once), then one global decision"
 MODE_NONE = "none (no activations needed)"
@@ -281,7 +287,7 @@ class _Plan:
     count_label: str  # where the counts come from, for the report
     update: str | None = None  # "obs": SparseGPT's reconstruction chooses which and rewrites the rest
     damp: float = DEFAULT_DAMP
-    damp_kind: str = "mean"
+    damp_kind: str = DEFAULT_DAMP_KIND
     nm: tuple[int, int] | None = None
     blocksize: int = 128
     quota: str = "lookahead"
@@ -314,7 +320,7 @@ def _plan(criterion: str | Criterion, scope: str, beta: float, sparsity: float |
           recipe: str | Recipe, count_by: str | None, min_keep: float | int | None, count_unit: str | None,
           counts: dict[str, Tensor] | None, counts_from: str | None, update: str | None = None,
           damp: float = DEFAULT_DAMP, nm: str | tuple[int, int] | None = None, blocksize: int = 128,
-          quota: str = "lookahead", allocation: str = "uniform", damp_kind: str = "mean") -> _Plan:
+          quota: str = "lookahead", allocation: str = "uniform", damp_kind: str = DEFAULT_DAMP_KIND) -> _Plan:
     """Step 1: check the options and resolve the recipe and the criteria (from the registry)."""
     crit = _layerwise_criterion(criterion)
     if targets not in TARGET_SETS:
@@ -579,7 +585,7 @@ def check_lm_options(*, criterion: str | Criterion = "wanda", scope: str = "row"
                      counts_from: str | None = None, update: str | None = None, damp: float = DEFAULT_DAMP,
                      nm: str | tuple[int, int] | None = None, blocksize: int = 128, quota: str = "lookahead",
                      allocation: str = "uniform", target_sparsity: float | None = None,
-                     damp_kind: str = "mean") -> _Plan:
+                     damp_kind: str = DEFAULT_DAMP_KIND) -> _Plan:
     """Check :func:`prune_lm`'s options without a model (the CLI calls it before loading one);
     raises a one-line ``ValueError`` naming the option. Returns the resolved plan."""
     plan = _plan(criterion, scope, beta, sparsity, targets, recipe, count_by, min_keep, count_unit,
@@ -636,7 +642,7 @@ def prune_lm(
     counts_from: str | None = None,
     update: str | None = None,
     damp: float = DEFAULT_DAMP,
-    damp_kind: str = "mean",
+    damp_kind: str = DEFAULT_DAMP_KIND,
     nm: str | tuple[int, int] | None = None,
     target_sparsity: float | None = None,
     allocation: str = "uniform",
