@@ -80,6 +80,23 @@ def test_loss_decreases_on_repeated_text():
     assert curve[1]["tokens"] == 10 * 4 * 32 and res.record["tokens"] == 30 * 4 * 32
 
 
+def test_distillation_from_a_teacher():
+    import copy
+
+    model, _, ids = _pruned_tiny()
+    same = heal(copy.deepcopy(model), ids, steps=2, lr=1e-9, seqlen=32, batch=4, targets="mlp",
+                teacher=copy.deepcopy(model), warmup=0, progress=False)
+    assert all(abs(x["loss"]) < 1e-5 for x in same.loss_curve)  # KL to itself: zero
+    dense, _, _ = _pruned_tiny(sparsity=0.0)  # the same seed unpruned: the pruned model's teacher
+    res = heal(model, ids, steps=12, lr=3e-3, seqlen=32, batch=4, targets="mlp", teacher=dense,
+               distill_weight=0.9, warmup=0, progress=False)
+    loss = [x["loss"] for x in res.loss_curve]
+    assert res.record["loss"].startswith("distillation x 0.9") and res.zeros_unchanged
+    assert sum(loss[-3:]) < sum(loss[:3]), loss
+    with pytest.raises(ValueError, match="distill_weight"):
+        heal(model, ids, steps=1, teacher=dense, distill_weight=0, progress=False)
+
+
 def test_apply_masks_counts_refilled_entries():
     lin = torch.nn.Linear(4, 3)
     mask = torch.zeros(3, 4, dtype=torch.bool)
@@ -137,7 +154,8 @@ def _zeros_on_disk(folder: Path) -> dict[str, int]:
 
 
 def _heal(src, out, text, *extra):
-    return main(["heal", str(src), "--out", str(out), "--text", str(text), "--steps", "4", "--seqlen", "32",
+    steps = [] if "--tokens" in extra else ["--steps", "4"]
+    return main(["heal", str(src), "--out", str(out), "--text", str(text), *steps, "--seqlen", "32",
                  "--lr", "3e-3", "--quiet", *extra])
 
 
@@ -174,12 +192,13 @@ def test_cli_round_trip(pruned_dir, tiny, tmp_path, capsys):
 
 def test_cli_lora_merge_rezeroes(pruned_dir, tiny, tmp_path, capsys):
     pytest.importorskip("peft")
-    _, text = tiny
+    d, text = tiny
     out = tmp_path / "lora"
-    assert _heal(pruned_dir, out, text, "--lora", "4") == 0
+    assert _heal(pruned_dir, out, text, "--lora", "4", "--distill", str(d)) == 0
     assert "merged entries re-zeroed" in capsys.readouterr().out
     h = json.loads((out / "emprune.json").read_text())["healing"]
     assert h["mode"] == "lora" and h["lora"]["r"] == 4 and h["lora"]["alpha"] == 8
+    assert h["teacher"] == str(d) and h["loss"] == "distillation"
     assert h["lora"]["rezeroed_after_merge"] > 0 and h["masks"]["zeros_unchanged"]
     assert _zeros_on_disk(out) == _zeros_on_disk(pruned_dir)
 
@@ -229,9 +248,15 @@ def test_cli_refuses_eval_text_and_bad_out(pruned_dir, tiny, tmp_path, capsys):
     (busy / "f").write_text("x")
     assert _heal(pruned_dir, busy, text) == 2  # checked before loading or training
     assert "not empty" in capsys.readouterr().err
-    for extra in (["--steps", "2", "--tokens", "100"], ["--lora", "0"], ["--warmup", "1.5"]):
+    for extra in (["--steps", "2", "--tokens", "100"], ["--lora", "0"], ["--lr", "-1"]):  # parse time
+        with pytest.raises(SystemExit) as e:
+            main(["heal", str(pruned_dir), "--out", str(out), *extra])
+        assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    for extra in (["--warmup", "1.5"], ["--distill-weight", "0"]):  # checked before loading
         assert main(["heal", str(pruned_dir), "--out", str(out), *extra]) == 2
-        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("emprune heal: error: --")
+    assert not out.exists()
 
 
 def test_cli_lora_without_peft_is_one_line(pruned_dir, tiny, tmp_path, capsys, monkeypatch):
@@ -286,3 +311,28 @@ def test_smollm2_heal_keeps_zeros_and_lowers_loss():
     assert res.zeros_unchanged and res.record["masks"]["zeros_before"] >= 0.5 * 30 * 3 * 576 * 1536
     after = perplexity(res.model, held_out, 128, batch_size=8, progress=False)["ppl"]
     assert after < before, (before, after)  # magnitude 50% is far from dense: 4 steps already help
+
+
+def test_benchmark_quick(tmp_path):
+    """benchmarks/heal_smollm2.py --quick (tiny LLaMA, 2 steps): table, JSON and plot written."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("peft")
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "q"
+    env = {**os.environ, "MPLBACKEND": "Agg",
+           "PYTHONPATH": os.pathsep.join([str(root / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "heal_smollm2.py"), "--quick", "--rows",
+                           "dense,default,uniform25", "--out", str(out), "--no-progress"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    R = json.loads(out.with_suffix(".json").read_text())
+    assert {(r["row"], r["mode"]) for r in R["runs"]} == {(a, b) for a in ("dense", "default", "uniform25")
+                                                         for b in ("full", "lora")}
+    for r in R["runs"]:
+        assert r["masks"]["zeros_unchanged"] and len(r["curve"]) >= 2 and r["tokens"] == 2 * 2 * 32
+        assert (r["masks"]["masked_modules"] > 0) == (r["row"] == "default")
+    md = out.with_suffix(".md").read_text()
+    assert "--quick" in md and "| EMP default recipe |" in md and out.with_suffix(".png").stat().st_size > 0

@@ -221,6 +221,42 @@ def _callbacks():
     return MaskCallback, CurveCallback
 
 
+def _distill_trainer_class():
+    """A ``Trainer`` whose loss is distillation from a frozen teacher (built lazily)."""
+    import torch.nn.functional as F
+    from transformers import Trainer
+
+    class DistillTrainer(Trainer):
+        """Loss = ``w`` x KL(teacher || student) over the next-token distributions of every position
+        + (1 - ``w``) x the usual cross-entropy. The teacher runs in eval mode without gradients on
+        the student's device."""
+
+        def __init__(self, *a, teacher: nn.Module, weight: float, **kw) -> None:
+            super().__init__(*a, **kw)
+            self.teacher = teacher.to(self.args.device).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+            self.kd_weight = weight
+            self.model_accepts_loss_kwargs = False  # a mean loss: Trainer scales it for accumulation
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids = inputs["input_ids"]
+            out = model(input_ids=ids, use_cache=False)
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            s_logp = F.log_softmax(out.logits[:, :-1].float(), dim=-1)
+            t_logp = F.log_softmax(t_logits, dim=-1)
+            del t_logits
+            kd = F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean")
+            loss = kd
+            if self.kd_weight < 1:
+                ce = F.nll_loss(s_logp.flatten(0, 1), inputs["labels"][:, 1:].flatten().to(s_logp.device))
+                loss = self.kd_weight * kd + (1 - self.kd_weight) * ce
+            return (loss, out) if return_outputs else loss
+
+    return DistillTrainer
+
+
 # ----------------------------------------------------------------------------- LoRA
 
 
@@ -289,6 +325,8 @@ def heal(
     eval_every: int | None = None,
     eval_seqlen: int | None = None,
     eval_batch: int = 8,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 1.0,
     bf16: bool = False,
     gradient_checkpointing: bool = False,
     use_cpu: bool = False,
@@ -308,8 +346,14 @@ def heal(
     and re-apply the masks (the record says how many merged entries were re-zeroed).
     ``eval_tokens`` with ``eval_every=N``: held-out perplexity (:func:`emprune.llm.eval.perplexity`,
     windows of ``eval_seqlen``, default ``seqlen``) before training, every N steps and at the end.
+    ``teacher`` (e.g. the dense model the pruned one came from, same tokenizer): distillation
+    instead of plain next-token loss, ``distill_weight`` x KL(teacher || student) + (1 -
+    ``distill_weight``) x cross-entropy; the student then learns the teacher's distribution rather
+    than the healing text's own style (see docs/llm.md for why that matters on other text).
     ``bf16``: mixed precision (GPU); ``gradient_checkpointing`` saves activation memory.
-    Trainer writes nothing (no checkpoints, no reports; its output folder is a temporary one).
+    Trainer writes nothing (no checkpoints, no reports; its output folder is a temporary one) and
+    seeds the global random generators with ``seed``, as it always does. Interrupted (Ctrl-C), the
+    model is left part-trained (and, with ``lora``, still wrapped): reload it.
     Raises ``ValueError`` for bad options and ``RuntimeError`` if a masked entry is not zero
     at the end (a bug, never expected).
     """
@@ -328,6 +372,12 @@ def heal(
         raise ValueError(f"warmup must be a fraction in [0, 1) or a whole number of steps, got {warmup}")
     if eval_every is not None and (eval_every < 1 or eval_tokens is None):
         raise ValueError("eval_every needs eval_tokens and must be >= 1")
+    if not 0 < distill_weight <= 1:
+        raise ValueError(f"distill_weight must lie in (0, 1], got {distill_weight}")
+    if teacher is not None:
+        tv, sv = teacher.get_output_embeddings(), model.get_output_embeddings()
+        if tv is None or sv is None or tv.weight.shape[0] != sv.weight.shape[0]:
+            raise ValueError("the teacher must be a causal LM with the student's vocabulary (same tokenizer)")
     lr = (DEFAULT_LORA_LR if lora else DEFAULT_LR) if lr is None else float(lr)
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"the learning rate must be a positive finite number, got {lr}")
@@ -372,8 +422,12 @@ def heal(
                 bf16=bf16, dataloader_drop_last=True, dataloader_num_workers=0,
                 dataloader_pin_memory=torch.cuda.is_available() and not use_cpu, remove_unused_columns=False,
                 label_names=["labels"], use_cpu=use_cpu, **_checkpointing_args(gradient_checkpointing))
-            trainer = Trainer(model=train_model, args=args, train_dataset=dataset,
-                              data_collator=default_data_collator, callbacks=[mask_cb, curve_cb])
+            kw: dict[str, Any] = dict(model=train_model, args=args, train_dataset=dataset,
+                                      data_collator=default_data_collator, callbacks=[mask_cb, curve_cb])
+            if teacher is not None:
+                trainer = _distill_trainer_class()(teacher=teacher, weight=distill_weight, **kw)
+            else:
+                trainer = Trainer(**kw)
             for cb in (PrinterCallback, ProgressCallback):  # our own bar and curve instead
                 trainer.remove_callback(cb)
             apply_masks(mods, masks, count=False)  # masks on the training device from the start
@@ -409,6 +463,8 @@ def heal(
         "max_grad_norm": max_grad_norm, "optimizer": "adamw_torch", "seed": seed,
         "bf16": bf16, "gradient_checkpointing": gradient_checkpointing,
         "mode": "lora" if lora else "full",
+        "loss": ("distillation" + (f" x {distill_weight:g} + cross-entropy x {1 - distill_weight:g}"
+                                   if distill_weight < 1 else "") if teacher is not None else "cross-entropy"),
         "lora": ({"r": lora, "alpha": 2 * lora if lora_alpha is None else lora_alpha,
                   "modules": "every Linear of the decoder blocks", "merged": True,
                   "rezeroed_after_merge": rezeroed} if lora else None),

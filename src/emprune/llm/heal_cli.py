@@ -63,6 +63,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=DEFAULT_WARMUP,
                    help=f"warm-up: a fraction of the steps (< 1) or a number of steps (default {DEFAULT_WARMUP})")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--distill", default=None, metavar="TEACHER",
+                   help="learn from TEACHER (the dense model the input was pruned from, e.g. smollm2-135m; same "
+                        "tokenizer) by distillation instead of from the text's next tokens: keeps the model's "
+                        "behaviour on other text (costs one teacher forward per step and its memory)")
+    p.add_argument("--distill-weight", type=float, default=1.0,
+                   help="with --distill: weight of the distillation loss, the rest cross-entropy (default 1)")
     p.add_argument("--targets", choices=("auto", "mlp", "linear", "none"), default="auto",
                    help="whose zeros are held at zero: auto = the pruned modules named in DIR/emprune.json (none "
                         "for a shrunk or an unpruned model); mlp / linear: the zeros of those Linears of every "
@@ -135,10 +141,12 @@ def run(args: argparse.Namespace) -> int:
     if args.lora is not None:
         try:
             import peft  # noqa: F401
-        except ImportError:
-            raise ImportError("--lora needs peft: pip install peft (or pip install 'emprune[heal]')") from None
+        except ImportError:  # a missing optional package is bad input here: one line, exit 2
+            raise ValueError("--lora needs peft: pip install peft (or pip install 'emprune[heal]')") from None
     if not (args.warmup >= 0 and (args.warmup < 1 or args.warmup == int(args.warmup))):
         raise ValueError(f"--warmup must be a fraction in [0, 1) or a whole number of steps, got {args.warmup}")
+    if not 0 < args.distill_weight <= 1:
+        raise ValueError(f"--distill-weight must lie in (0, 1], got {args.distill_weight}")
     if args.bf16 and args.cpu:
         raise ValueError("--bf16 is for GPUs; on the CPU train in float32 (leave out --bf16)")
     # everything that does not need the model is checked before the (slow) load and the training
@@ -163,19 +171,24 @@ def run(args: argparse.Namespace) -> int:
     _check_seqlen(model, args.seqlen)
     eval_seqlen = args.eval_seqlen or args.seqlen
     _check_seqlen(model, eval_seqlen, "--eval-seqlen")
+    teacher = None
+    if args.distill is not None:
+        print(f"loading the teacher {args.distill} ...", file=sys.stderr)
+        teacher, _ = models.load_causal_lm(args.distill, dtype=torch.float32, progress=not args.quiet)
     ids = data.tokenize(tok, text)
     ev_ids = data.eval_tokens(tok, eval_text, args.eval_tokens) if args.eval_every else None
     with PeakMemory() as mem:
         res = heal(model, ids, steps=args.steps, train_tokens=args.tokens, lr=args.lr, seqlen=args.seqlen,
                    batch=args.batch, grad_accum=args.grad_accum, lora=args.lora, lora_alpha=args.lora_alpha,
                    targets=targets, schedule=args.schedule, warmup=args.warmup, weight_decay=args.weight_decay,
-                   eval_tokens=ev_ids, eval_every=args.eval_every, eval_seqlen=eval_seqlen, bf16=args.bf16,
+                   eval_tokens=ev_ids, eval_every=args.eval_every, eval_seqlen=eval_seqlen, teacher=teacher,
+                   distill_weight=args.distill_weight, bf16=args.bf16,
                    gradient_checkpointing=args.gradient_checkpointing, use_cpu=args.cpu, seed=args.seed,
                    progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:  # accelerate launch: the first process saves
         return 0
     rec = res.record
-    rec.update(text=text_src, command="emprune " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", [])),
+    rec.update(text=text_src, teacher=args.distill, command="emprune " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", [])),
                input=args.model, peak_memory=mem.result, total_seconds=time.perf_counter() - t0,
                versions=versions())
     if rec["eval"] is not None:
@@ -210,7 +223,8 @@ def summary_line(rec: dict[str, Any], peak: str = "-") -> str:
     """One human line: what was trained, loss and perplexity before/after, zeros, time."""
     loss = rec["loss_curve"]
     m = rec["masks"]
-    parts = [f"healed {rec['mode']}{' r=' + str(rec['lora']['r']) if rec['lora'] else ''}: {rec['steps']} steps, "
+    parts = [f"healed {rec['mode']}{' r=' + str(rec['lora']['r']) if rec['lora'] else ''}"
+             f"{' by distillation' if rec.get('teacher') else ''}: {rec['steps']} steps, "
              f"{rec['tokens']:,} tokens, lr {rec['lr']:g}"]
     if loss:
         k = max(1, len(loss) // 10)  # first and last tenth: single steps are noisy
