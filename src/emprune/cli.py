@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "  inspect   what EMP would keep in a checkpoint (magnitude scores)\n"
                     "  prune     prune a causal LM (Wanda-style layer-wise calibration) and save it\n"
                     "  shrink    remove MLP neurons / attention heads physically (structured EMP): smaller, faster\n"
+                    "  heal      short recovery fine-tune of a pruned/shrunk model (zeros stay zero; full or LoRA)\n"
                     "  eval      perplexity of a causal LM (a saved pruned folder, a GGUF file, ...)\n"
                     "  compare   dense vs magnitude/Wanda vs EMP recipes: markdown + JSON + plot\n"
                     "  demo      a small real compare on SmolLM2-135M (CPU, under ~15 minutes)\n",
@@ -238,9 +239,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_llm_parsers(sub) -> None:
     """The LLM sub-commands, one builder each."""
-    from .llm import shrink_cli
+    from .llm import heal_cli, shrink_cli
 
-    for add in (_add_prune_parser, shrink_cli.add_parser, _add_eval_parser, _add_compare_parser,
+    for add in (_add_prune_parser, shrink_cli.add_parser, heal_cli.add_parser, _add_eval_parser, _add_compare_parser,
                 _add_demo_parser):
         add(sub)
 
@@ -735,7 +736,13 @@ def _cmd_shrink(args) -> int:
     return shrink_cli.run(args)
 
 
-LLM_COMMANDS = {"prune": _cmd_prune, "shrink": _cmd_shrink, "eval": _cmd_eval, "compare": _cmd_compare,
+def _cmd_heal(args) -> int:
+    from .llm import heal_cli
+
+    return heal_cli.run(args)
+
+
+LLM_COMMANDS = {"prune": _cmd_prune, "shrink": _cmd_shrink, "heal": _cmd_heal, "eval": _cmd_eval, "compare": _cmd_compare,
                 "demo": _cmd_demo}
 
 
