@@ -119,7 +119,8 @@ def run(args, R: dict, save) -> None:
         save()
     for row in args.rows:
         todo = [(mode, lr, kind) for kind in args.losses for mode in args.modes
-                for lr in (args.lrs if mode == "full" else args.lora_lrs) if (row, mode, lr, kind) not in done]
+                for lr in (args.lrs if mode == "full" else args.lora_lrs) if (row, mode, lr, kind) not in done
+                and not (row == "dense" and kind == "kd")]  # the dense model distilled from itself: no loss
         if not todo:
             continue
         pruned, info = build(row, dense, calib, args)

@@ -82,7 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated row keys of the plan (dense, magnitude-fixed, wanda-fixed, emp-magnitude-paper, "
                         "emp-wanda-paper, emp-wanda-default) or all; Wanda at each EMP row's sparsity follows it")
     p.add_argument("--append", action="store_true",
-                   help="add to OUT.json (replacing the entries of the models run now) instead of starting afresh")
+                   help="add to OUT.json instead of starting afresh: with --rows, the model's finished rows are kept "
+                        "and only the named rows (and the Wanda rows they need) are computed; without, the models "
+                        "run now replace their entries")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output prefix (OUT.md, OUT.json, OUT.png)")
     p.add_argument("--quick", action="store_true",
@@ -143,8 +145,29 @@ def plan(sparsity: float) -> list[dict[str, Any]]:
     ]
 
 
-def run_model(spec: str, args: argparse.Namespace, docs: dict[str, list], doc: dict[str, Any], out: Path) -> None:
-    """All rows of one model; appends to ``doc["models"]`` and rewrites the outputs after each row."""
+_SAME_SETTINGS = ("limit", "task_list", "calib_samples", "seqlen", "eval_tokens", "other_tokens", "sparsity", "beta",
+                  "seed", "quick")
+
+
+def _order_rows(rows: list[dict[str, Any]], planned: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Plan order, each EMP row followed by its Wanda-at-matched-sparsity row (kept rows and new rows merged)."""
+    rank = {r["key"]: i for i, r in enumerate(planned)}
+    matched_of = {r.get("matched"): r["key"] for r in rows if r.get("matched")}
+
+    def pos(r: dict[str, Any]) -> tuple[float, int]:
+        if r["key"] in matched_of and r["key"] not in rank:
+            return (rank.get(matched_of[r["key"]], len(rank)) + 0.5, 0)
+        return (rank.get(r["key"], len(rank)), 0)
+
+    return sorted(rows, key=pos)
+
+
+def run_model(spec: str, args: argparse.Namespace, docs: dict[str, list], doc: dict[str, Any], out: Path,
+              kept: list[dict[str, Any]] | None = None) -> None:
+    """All rows of one model; appends to ``doc["models"]`` and rewrites the outputs after each row.
+
+    ``kept``: finished rows of an earlier run with the same settings; they are not recomputed.
+    """
     t0 = time.perf_counter()
     model, tok = load_causal_lm(spec)
     load_s = time.perf_counter() - t0
@@ -166,18 +189,24 @@ def run_model(spec: str, args: argparse.Namespace, docs: dict[str, list], doc: d
         "settings": dict(doc["settings"]),
     }
     doc["models"].append(entry)
-    rows = plan(args.sparsity)
+    planned = plan(args.sparsity)
+    rows = list(planned)
     if args.rows != "all":
         keep = set(args.rows.split(","))
         unknown = keep - {r["key"] for r in rows}
         if unknown:
             raise SystemExit(f"--rows: unknown keys {sorted(unknown)}")
         rows = [r for r in rows if r["key"] in keep]
+    named = {r["key"] for r in rows}
+    entry["rows"] = [r for r in (kept or []) if r["key"] not in named]
     i = 0
     while i < len(rows):
         spec_row = rows[i]
         i += 1
+        if spec_row["kind"] == "uniform" and any(r["key"] == spec_row["key"] for r in entry["rows"]):
+            continue  # this sparsity's Wanda row is already there (kept from the earlier run)
         row: dict[str, Any] = {k: v for k, v in spec_row.items()}
+        row["command"] = entry["command"]  # rows kept by --append keep the command that measured them
         t = time.perf_counter()
         if spec_row["kind"] == "dense":
             row["sparsity"] = 0.0
@@ -219,6 +248,7 @@ def run_model(spec: str, args: argparse.Namespace, docs: dict[str, list], doc: d
                          f"{row['label']})", "kind": "uniform", "criterion": "wanda", "at": at}
                 rows.insert(i, match)
             row["matched"] = match["key"]
+        entry["rows"] = _order_rows(entry["rows"], planned)
         _finish_stats(entry, args)
         write(doc, out)
         print(f"[{spec}] {row['label']}: sparsity {100 * row['sparsity']:.2f}%, ppl {row['ppl']:.3f}, "
@@ -283,8 +313,13 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += [f"## {m['model']} ({m['class']}, {m['parameters'] / 1e6:.0f} M parameters, "
                   f"{m['targeted_weights'] / 1e6:.1f} M targeted){'' if m['status'] == 'done' else ' - ' + m['status']}",
                   ""]
-        if m.get("command") and m["command"] != doc["command"]:
-            lines += [f"Command: `{m['command']}`", ""]
+        cmds = list(dict.fromkeys(r.get("command", m.get("command")) for r in m["rows"]))
+        cmds = [c for c in cmds if c and c != doc["command"]]
+        if len(cmds) == 1:
+            lines += [f"Command: `{cmds[0]}`", ""]
+        elif cmds:
+            lines += ["Commands (rows measured in several runs with the same settings, merged by `--append --rows`):",
+                      ""] + [f"- `{c}`" for c in cmds] + [""]
         lines += [f"Perplexity on {ppl['wikitext_tokens']:,} WikiText-2 test tokens and {ppl['other_tokens']:,} "
                   "python-docs tokens. Accuracy (acc, %) per task; *mean* = mean acc over the tasks; "
                   "differences in points with 95 % paired-bootstrap intervals.", ""]
@@ -401,14 +436,26 @@ def main(argv: list[str] | None = None) -> int:
         "items_per_task": {t: len(d) for t, d in docs.items()},
         "models": [],
     }
+    kept: dict[str, list[dict[str, Any]]] = {}
     if args.append and out.with_suffix(".json").is_file():  # keep the other models' finished entries
         old = json.loads(out.with_suffix(".json").read_text())
-        doc["models"] = [m for m in old["models"] if m["model"] not in args.model_list]
-        for m in doc["models"]:  # entries written before per-model commands were recorded
+        for m in old["models"]:  # entries written before per-model commands were recorded
             m.setdefault("command", old["command"])
             m.setdefault("settings", old["settings"])
+        doc["models"] = [m for m in old["models"] if m["model"] not in args.model_list]
+        if args.rows != "all":
+            for m in old["models"]:
+                if m["model"] not in args.model_list:
+                    continue
+                differ = [k for k in _SAME_SETTINGS if m["settings"].get(k) != doc["settings"].get(k)]
+                if differ:
+                    raise SystemExit(f"--append --rows: {m['model']}'s finished rows were measured with other "
+                                     f"settings ({', '.join(differ)}); use the same ones or drop --rows")
+                for r in m["rows"]:
+                    r.setdefault("command", m["command"])
+                kept[m["model"]] = m["rows"]
     for spec in args.model_list:
-        run_model(spec, args, docs, doc, out)
+        run_model(spec, args, docs, doc, out, kept.get(spec))
     return 0
 
 

@@ -93,6 +93,8 @@ def test_distillation_from_a_teacher():
     loss = [x["loss"] for x in res.loss_curve]
     assert res.record["loss"].startswith("distillation x 0.9") and res.zeros_unchanged
     assert sum(loss[-3:]) < sum(loss[:3]), loss
+    # the teacher is the caller's model: left trainable (a frozen copy of it once froze every later run)
+    assert all(p.requires_grad for p in dense.parameters())
     with pytest.raises(ValueError, match="distill_weight"):
         heal(model, ids, steps=1, teacher=dense, distill_weight=0, progress=False)
 
@@ -325,12 +327,14 @@ def test_benchmark_quick(tmp_path):
     env = {**os.environ, "MPLBACKEND": "Agg",
            "PYTHONPATH": os.pathsep.join([str(root / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "heal_smollm2.py"), "--quick", "--rows",
-                           "dense,default,uniform25", "--out", str(out), "--no-progress"],
+                           "dense,default,uniform25", "--losses", "ce,kd", "--out", str(out), "--no-progress"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     R = json.loads(out.with_suffix(".json").read_text())
-    assert {(r["row"], r["mode"]) for r in R["runs"]} == {(a, b) for a in ("dense", "default", "uniform25")
-                                                         for b in ("full", "lora")}
+    # distillation runs for the pruned rows only (the dense model distilled from itself has no loss)
+    assert sorted((r["row"], r["mode"], r["loss_kind"]) for r in R["runs"]) == sorted(
+        [(a, b, "ce") for a in ("dense", "default", "uniform25") for b in ("full", "lora")]
+        + [(a, b, "kd") for a in ("default", "uniform25") for b in ("full", "lora")])
     for r in R["runs"]:
         assert r["masks"]["zeros_unchanged"] and len(r["curve"]) >= 2 and r["tokens"] == 2 * 2 * 32
         assert (r["masks"]["masked_modules"] > 0) == (r["row"] == "default")

@@ -233,9 +233,9 @@ def _distill_trainer_class():
 
         def __init__(self, *a, teacher: nn.Module, weight: float, **kw) -> None:
             super().__init__(*a, **kw)
+            # no_grad below keeps the teacher out of autograd; its requires_grad flags are left alone
+            # (the caller's model: freezing it would silently freeze every later copy of it)
             self.teacher = teacher.to(self.args.device).eval()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
             self.kd_weight = weight
             self.model_accepts_loss_kwargs = False  # a mean loss: Trainer scales it for accumulation
 
