@@ -455,8 +455,8 @@ NAMES_NOTE = (
 def _section_table(sec: dict[str, Any], dense: dict[str, Any]) -> list[str]:
     """One target set's table, with lettered notes for runs that stand for several methods."""
     lines = [f"### targets: {sec['targets']}"
-             + (" (paper protocol: gate/up/down of every block)" if sec["targets"] == "mlp"
-                else " (every Linear of every block: q/k/v/o + gate/up/down)"), "",
+             + (" (paper protocol: the MLP projections of every block, e.g. gate/up/down on LLaMA)"
+                if sec["targets"] == "mlp" else " (every Linear of every block: attention and MLP projections)"), "",
              "| method | how many | pruned | max unit | ppl WikiText | vs dense | ppl other | vs dense | "
              "prune s | peak RSS |", "|" + "---|" * 10,
              f"| dense | - | 0.00% | - | {dense.get('ppl', float('nan')):.3f} | x1.00 | "
