@@ -292,6 +292,19 @@ def test_benchmark_quick_mode_on_tiny_model(tmp_path, monkeypatch):
     assert ci["lo"] <= ci["diff"] <= ci["hi"]
     assert "| dense |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
 
+    # --append --rows: the named rows are computed again, the model's other finished rows are kept
+    js = out.with_suffix(".json")
+    for r in doc["models"][0]["rows"]:
+        r["marker"] = True
+    js.write_text(__import__("json").dumps(doc))
+    base = ["--quick", "--quiet", "--models", str(tmp_path / "tiny"), "--tasks", "piqa,winogrande", "--out", str(out)]
+    assert bench.main(base + ["--append", "--rows", "wanda-fixed"]) == 0
+    again = __import__("json").loads(js.read_text())["models"][0]["rows"]
+    assert [r["key"] for r in again] == [r["key"] for r in rows]  # plan order kept
+    assert [r.get("marker", False) for r in again] == [r["key"] != "wanda-fixed" for r in rows]
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main(base + ["--append", "--rows", "wanda-fixed", "--sparsity", "0.4"])
+
 
 def test_gemma3_layout_sliding_window_and_shared_scoring_agree():
     """A tiny random Gemma3 (one KV head, q/k norms, sliding-window and full layers): shared and
