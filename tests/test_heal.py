@@ -196,7 +196,7 @@ def test_cli_lora_merge_rezeroes(pruned_dir, tiny, tmp_path, capsys):
     pytest.importorskip("peft")
     d, text = tiny
     out = tmp_path / "lora"
-    assert _heal(pruned_dir, out, text, "--lora", "4", "--distill", str(d)) == 0
+    assert _heal(pruned_dir, out, text, "--lora", "4", "--distill", "source") == 0  # the model it was pruned from
     assert "merged entries re-zeroed" in capsys.readouterr().out
     h = json.loads((out / "emprune.json").read_text())["healing"]
     assert h["mode"] == "lora" and h["lora"]["r"] == 4 and h["lora"]["alpha"] == 8
@@ -258,6 +258,10 @@ def test_cli_refuses_eval_text_and_bad_out(pruned_dir, tiny, tmp_path, capsys):
         assert main(["heal", str(pruned_dir), "--out", str(out), *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("emprune heal: error: --")
+    d, _ = tiny  # a plain model has no emprune.json: no source to distill from
+    assert main(["heal", str(d), "--out", str(out), "--distill", "source"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--distill source" in err[0] and "emprune.json" in err[0]
     assert not out.exists()
 
 

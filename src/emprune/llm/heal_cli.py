@@ -64,9 +64,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"warm-up: a fraction of the steps (< 1) or a number of steps (default {DEFAULT_WARMUP})")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--distill", default=None, metavar="TEACHER",
-                   help="learn from TEACHER (the dense model the input was pruned from, e.g. smollm2-135m; same "
-                        "tokenizer) by distillation instead of from the text's next tokens: keeps the model's "
-                        "behaviour on other text (costs one teacher forward per step and its memory)")
+                   help="learn from TEACHER (the dense model the input was pruned from, e.g. smollm2-135m, or "
+                        "'source': the model named in DIR/emprune.json; same tokenizer) by distillation instead of "
+                        "from the text's next tokens: keeps the model's behaviour on other text (costs one "
+                        "teacher forward per step and its memory)")
     p.add_argument("--distill-weight", type=float, default=1.0,
                    help="with --distill: weight of the distillation loss, the rest cross-entropy (default 1)")
     p.add_argument("--targets", choices=("auto", "mlp", "linear", "none"), default="auto",
@@ -154,6 +155,12 @@ def run(args: argparse.Namespace) -> int:
     for note in models.clean_stale_temporaries(out):
         print(note, file=sys.stderr)
     report = _read_report(args.model)
+    if args.distill == "source":
+        src = (report or {}).get("model")
+        if not src:
+            raise ValueError(f"--distill source: {args.model} has no emprune.json naming the model it came from; "
+                             "give the teacher's folder or name")
+        args.distill = str(src)
     shrunk = is_shrunk(args.model) if Path(args.model).is_dir() else False
     try:
         text_src, text = _read_text(args.text, "calib")
