@@ -190,8 +190,11 @@ def markdown(R: dict) -> str:
         row = R["rows"][r["row"]]
         b, af = row["before"], r["after"]
         kind = r.get("loss_kind", "ce")
-        c = ctrl.get((r["mode"], r["lr"], kind)) or next(
-            (v for (mo, _, k), v in ctrl.items() if mo == r["mode"] and k == kind), None)
+        if kind == "kd":  # distilling the dense model from itself changes nothing: its control is dense itself
+            c = dense
+        else:
+            c = ctrl.get((r["mode"], r["lr"], kind)) or next(
+                (v for (mo, _, k), v in ctrl.items() if mo == r["mode"] and k == kind), None)
         cells = []
         for key in ("wikitext", "other"):
             g = gap_closed(b[key], af[key], dense[key]) if dense else None
@@ -212,7 +215,8 @@ def markdown(R: dict) -> str:
               "where dense is the unhealed dense model (100% = back to dense; above 100% = better than "
               "dense, which fine-tuning on WikiText-2 text can do on WikiText-2 test); *vs dense control* = ppl "
               "after / ppl of the dense model fine-tuned the same way on the same tokens (what the text alone "
-              "gives; x1.000 = healed all the way to the control); *zeros* = exact zeros of the pruned modules "
+              "gives; x1.000 = healed all the way to the control; for distillation (+ KD) rows the control is the dense "
+              "model itself, the distillation target); *zeros* = exact zeros of the pruned modules "
               "before and after healing (checked); *re-zeroed after merge* = merged LoRA entries at pruned "
               "positions that were set back to zero; *time* = training only (evaluation excluded)."]
     return "\n".join(lines) + "\n"
