@@ -182,10 +182,10 @@ def markdown(R: dict) -> str:
              f"{R['texts']['wikitext_tokens']:,} tokens of WikiText-2 *test* and {R['texts']['other_tokens']:,} of "
              f"python-docs (held out), windows of {a['eval_seqlen']}. Pruning: calibration {a['calib_samples']} x "
              f"{a['calib_seqlen']} tokens of WikiText-2 validation, MLP weights.", "",
-             "| row | removed | mode | lr | ppl WikiText-2 before -> after | gap closed | vs dense control | "
-             "ppl python-docs before -> after | gap closed | vs dense control | zeros before = after | "
-             "re-zeroed after merge | time |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "| row | removed | mode | lr | ppl WikiText-2 before -> after | gap closed | to control | "
+             "vs dense control | ppl python-docs before -> after | gap closed | to control | vs dense control | "
+             "zeros before = after | re-zeroed after merge | time |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in R["runs"]:
         row = R["rows"][r["row"]]
         b, af = row["before"], r["after"]
@@ -198,7 +198,9 @@ def markdown(R: dict) -> str:
         cells = []
         for key in ("wikitext", "other"):
             g = gap_closed(b[key], af[key], dense[key]) if dense else None
+            gc = None if c is None or r["row"] == "dense" else gap_closed(b[key], af[key], c[key])
             cells += [f"{b[key]:.2f} -> {af[key]:.2f}", "-" if g is None else f"{100 * g:.0f}%",
+                      "-" if gc is None else f"{100 * gc:.0f}%",
                       "-" if c is None or r["row"] == "dense" else f"x{af[key] / c[key]:.3f}"]
         m = r["masks"]
         zeros = (f"{m['zeros_before']:,} = {m['zeros_after']:,}" if m["masked_modules"] else "no masks")
@@ -208,12 +210,14 @@ def markdown(R: dict) -> str:
         removed = "-" if r["row"] == "dense" else f"{100 * row['pruned_fraction']:.1f}%"
         lines.append(f"| {LABELS.get(r['row'], r['row'])} | {removed} | {r['mode']}{' + KD' if kind == 'kd' else ''} | "
                      f"{r['lr']:g} | "
-                     + " | ".join(cells[:3]) + " | " + " | ".join(cells[3:]) + f" | {zeros} | {rz} | "
+                     + " | ".join(cells) + f" | {zeros} | {rz} | "
                      f"{r['seconds'] / 60:.1f} min |")
     lines += ["", "Columns: *removed* = pruned share of the MLP weights (unstructured rows) or of the non-embedding "
               "parameters (shrunk rows); *gap closed* = (ppl before - ppl after) / (ppl before - ppl dense), "
               "where dense is the unhealed dense model (100% = back to dense; above 100% = better than "
-              "dense, which fine-tuning on WikiText-2 text can do on WikiText-2 test); *vs dense control* = ppl "
+              "dense, which fine-tuning on WikiText-2 text can do on WikiText-2 test); *to control* = the same share of "
+              "the gap to the dense control below (what healing adds beyond what the text alone does; above 100% "
+              "= better than the control); *vs dense control* = ppl "
               "after / ppl of the dense model fine-tuned the same way on the same tokens (what the text alone "
               "gives; x1.000 = healed all the way to the control; for distillation (+ KD) rows the control is the dense "
               "model itself, the distillation target); *zeros* = exact zeros of the pruned modules "
