@@ -164,11 +164,14 @@ def _heal(src, out, text, *extra):
 def test_cli_round_trip(pruned_dir, tiny, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    _, text = tiny
+    d, text = tiny
     out = tmp_path / "healed"
     assert _heal(pruned_dir, out, text, "--eval-every", "2", "--eval-tokens", "512") == 0
-    line = capsys.readouterr().out
-    assert "healed full: 4 steps" in line and "perplexity" in line and "saved to" in line
+    cap = capsys.readouterr()
+    line = cap.out
+    # --distill auto (default): the folder's emprune.json names the local model it was pruned from
+    assert f"distilling from {d}" in cap.err
+    assert "healed full by distillation: 4 steps" in line and "perplexity" in line and "saved to" in line
     assert _zeros_on_disk(out) == _zeros_on_disk(pruned_dir)  # exact zero count, per tensor, unchanged
     meta = json.loads((out / "emprune.json").read_text())
     before = json.loads((pruned_dir / "emprune.json").read_text())
@@ -178,6 +181,7 @@ def test_cli_round_trip(pruned_dir, tiny, tmp_path, capsys):
     assert len(h["loss_curve"]) == 4 and [p["step"] for p in h["eval"]["curve"]] == [0, 2, 4]
     assert h["masks"]["zeros_unchanged"] and h["masks"]["masked_modules"] == 9
     assert h["command"].startswith("emprune heal ") and h["seconds"] > 0
+    assert h["teacher"] == str(d) and h["loss"] == "distillation"
     assert not any(p.name.startswith(".healed.") for p in tmp_path.iterdir())
     AutoModelForCausalLM.from_pretrained(out)  # plain transformers loads it
     j = tmp_path / "ppl.json"
@@ -186,9 +190,10 @@ def test_cli_round_trip(pruned_dir, tiny, tmp_path, capsys):
     assert json.loads(j.read_text())["pruned_fraction"] == pytest.approx(before["summary"]["pruned_fraction"])
     # healing a healed folder masks the same modules and keeps the earlier record
     again = tmp_path / "again"
-    assert _heal(out, again, text, "--tokens", "200") == 0  # 200 tokens -> 2 steps of 4 x 32
+    assert _heal(out, again, text, "--tokens", "200", "--distill", "none") == 0  # 200 tokens -> 2 steps of 4 x 32
     meta2 = json.loads((again / "emprune.json").read_text())
     assert meta2["healing"]["steps"] == 2 and meta2["healing_earlier"][0]["steps"] == 4
+    assert meta2["healing"]["teacher"] is None and meta2["healing"]["loss"] == "cross-entropy"
     assert _zeros_on_disk(again) == _zeros_on_disk(pruned_dir)
 
 

@@ -63,11 +63,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=DEFAULT_WARMUP,
                    help=f"warm-up: a fraction of the steps (< 1) or a number of steps (default {DEFAULT_WARMUP})")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    p.add_argument("--distill", default=None, metavar="TEACHER",
-                   help="learn from TEACHER (the dense model the input was pruned from, e.g. smollm2-135m, or "
-                        "'source': the model named in DIR/emprune.json; same tokenizer) by distillation instead of "
-                        "from the text's next tokens: keeps the model's behaviour on other text (costs one "
-                        "teacher forward per step and its memory)")
+    p.add_argument("--distill", default="auto", metavar="TEACHER",
+                   help="learn from TEACHER (the dense model the input was pruned from, same tokenizer) by "
+                        "distillation instead of from the text's next tokens: what carries over to other text "
+                        "(measured: benchmarks/results/heal_smollm2.md; costs one teacher forward per step and "
+                        "the teacher's memory). auto (default): the model named in DIR/emprune.json when it is "
+                        "a local folder or an embedded short name, else plain next-token loss; source: that "
+                        "model, required; none: plain next-token loss; or a model folder/name")
     p.add_argument("--distill-weight", type=float, default=1.0,
                    help="with --distill: weight of the distillation loss, the rest cross-entropy (default 1)")
     p.add_argument("--targets", choices=("auto", "mlp", "linear", "none"), default="auto",
@@ -117,6 +119,30 @@ def _read_report(model_spec: str) -> dict[str, Any] | None:
     return rep if isinstance(rep, dict) else None
 
 
+def _teacher_spec(distill: str | None, model: str, report: dict[str, Any] | None) -> str | None:
+    """``--distill``'s teacher, or None for plain next-token loss (auto / source / none resolved)."""
+    from .models import SHORT_NAMES
+
+    if distill is None or distill == "none":
+        return None
+    if distill not in ("auto", "source"):
+        return distill
+    src = (report or {}).get("model")
+    src = str(src) if src else None
+    if distill == "source":
+        if not src:
+            raise ValueError(f"--distill source: {model} has no emprune.json naming the model it came from; "
+                             "give the teacher's folder or name")
+        return src
+    if src and (src in SHORT_NAMES or Path(src).expanduser().is_dir()):
+        print(f"distilling from {src}, the model {model} was made from (--distill none: plain next-token loss)",
+              file=sys.stderr)
+        return src
+    print("no local source model named in emprune.json: plain next-token loss (--distill TEACHER to distill)",
+          file=sys.stderr)
+    return None
+
+
 def check_texts(text_src: str, text: str, eval_src: str, eval_text: str) -> None:
     """Refuse a healing text that is the evaluation text (the same file, or the same content):
     perplexity on it would measure memorisation, not recovery."""
@@ -155,12 +181,7 @@ def run(args: argparse.Namespace) -> int:
     for note in models.clean_stale_temporaries(out):
         print(note, file=sys.stderr)
     report = _read_report(args.model)
-    if args.distill == "source":
-        src = (report or {}).get("model")
-        if not src:
-            raise ValueError(f"--distill source: {args.model} has no emprune.json naming the model it came from; "
-                             "give the teacher's folder or name")
-        args.distill = str(src)
+    args.distill = _teacher_spec(args.distill, args.model, report)
     shrunk = is_shrunk(args.model) if Path(args.model).is_dir() else False
     try:
         text_src, text = _read_text(args.text, "calib")
