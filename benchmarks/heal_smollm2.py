@@ -140,7 +140,8 @@ def run(args, R: dict, save) -> None:
                        progress=not args.no_progress, seed=args.seed)
             rec = res.record
             after = evaluate(res.model, wt, py, args)
-            run_rec = {"row": row, "mode": mode, "lr": lr, "loss_kind": kind, "after": after, "seconds": rec["seconds"],
+            run_rec = {"row": row, "mode": mode, "lr": lr, "loss_kind": kind, "command": R["command"],
+                       "after": after, "seconds": rec["seconds"],
                        "steps": rec["steps"], "tokens": rec["tokens"], "curve": rec["eval"]["curve"],
                        "loss": [x["loss"] for x in rec["loss_curve"]], "masks": rec["masks"],
                        "rezeroed_after_merge": (rec["lora"] or {}).get("rezeroed_after_merge"),
@@ -172,7 +173,9 @@ def markdown(R: dict) -> str:
     dense = R["rows"].get("dense", {}).get("before")
     ctrl = {(r["mode"], r["lr"], r.get("loss_kind", "ce")): r["after"] for r in R["runs"] if r["row"] == "dense"}
     lines = [f"# emprune heal on {a['model'] if not a['quick'] else 'a tiny random LLaMA (--quick)'}", "",
-             f"Command: `{R['command']}`  ",
+             *([f"Command: `{R['command']}`  "] if len(R.get("commands", [])) < 2 else
+               ["Commands (the runs were added one command at a time with `--resume`, same settings):", "",
+                *[f"- `{c}`" for c in R["commands"]], ""]),
              f"Machine: {R['env']}; wall time {R.get('seconds', 0) / 60:.1f} min" + (
                  f" ({R['note']})" if R.get("note") else "") + ".", "",
              f"Healing: {a['steps']} AdamW steps of {a['batch']} x {a['seqlen']} tokens "
@@ -193,8 +196,7 @@ def markdown(R: dict) -> str:
         if kind == "kd":  # distilling the dense model from itself changes nothing: its control is dense itself
             c = dense
         else:
-            c = ctrl.get((r["mode"], r["lr"], kind)) or next(
-                (v for (mo, _, k), v in ctrl.items() if mo == r["mode"] and k == kind), None)
+            c = ctrl.get((r["mode"], r["lr"], kind))  # the control trained the same way (lr included)
         cells = []
         for key in ("wikitext", "other"):
             g = gap_closed(b[key], af[key], dense[key]) if dense else None
@@ -328,6 +330,7 @@ def main(argv=None) -> int:
         if old.get("settings") != settings:
             ap.error("--resume: OUT.json was made with other settings")
         R["rows"], R["runs"] = old["rows"], old["runs"]
+        R["commands"] = [*old.get("commands", [old["command"]]), R["command"]]
         R["seconds_before"] = old.get("seconds", 0)  # includes its own earlier runs
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
