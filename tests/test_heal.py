@@ -349,3 +349,19 @@ def test_benchmark_quick(tmp_path):
         assert (r["masks"]["masked_modules"] > 0) == (r["row"] == "default")
     md = out.with_suffix(".md").read_text()
     assert "--quick" in md and "| EMP default recipe |" in md and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_distill_auto_resolves_to_a_local_source_or_plain_loss(tmp_path, capsys):
+    """--distill auto: the source named in emprune.json when it is here, else the next-token loss (said)."""
+    from emprune.llm.heal_cli import _teacher_spec
+
+    assert _teacher_spec("auto", "p", {"model": str(tmp_path)}) == str(tmp_path)
+    assert "distilling from" in capsys.readouterr().err
+    assert _teacher_spec("auto", "p", {"model": str(tmp_path / "gone")}) is None
+    assert _teacher_spec("auto", "p", None) is None
+    assert "plain next-token loss" in capsys.readouterr().err
+    assert _teacher_spec("none", "p", {"model": str(tmp_path)}) is None
+    assert _teacher_spec("source", "p", {"model": "somewhere"}) == "somewhere"  # required: its load says why
+    assert _teacher_spec("teacher-dir", "p", None) == "teacher-dir"
+    with pytest.raises(ValueError, match="--distill source"):
+        _teacher_spec("source", "p", {})

@@ -121,7 +121,7 @@ def _read_report(model_spec: str) -> dict[str, Any] | None:
 
 def _teacher_spec(distill: str | None, model: str, report: dict[str, Any] | None) -> str | None:
     """``--distill``'s teacher, or None for plain next-token loss (auto / source / none resolved)."""
-    from .models import SHORT_NAMES
+    from .models import SHORT_NAMES, resolve_short_name
 
     if distill is None or distill == "none":
         return None
@@ -134,7 +134,14 @@ def _teacher_spec(distill: str | None, model: str, report: dict[str, Any] | None
             raise ValueError(f"--distill source: {model} has no emprune.json naming the model it came from; "
                              "give the teacher's folder or name")
         return src
-    if src and (src in SHORT_NAMES or Path(src).expanduser().is_dir()):
+    local = bool(src) and Path(src).expanduser().is_dir()
+    if src in SHORT_NAMES:
+        try:
+            resolve_short_name(src)  # the model package may not be installed here
+            local = True
+        except FileNotFoundError:
+            pass
+    if local:
         print(f"distilling from {src}, the model {model} was made from (--distill none: plain next-token loss)",
               file=sys.stderr)
         return src
