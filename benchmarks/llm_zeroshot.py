@@ -154,10 +154,10 @@ def _order_rows(rows: list[dict[str, Any]], planned: list[dict[str, Any]]) -> li
     rank = {r["key"]: i for i, r in enumerate(planned)}
     matched_of = {r.get("matched"): r["key"] for r in rows if r.get("matched")}
 
-    def pos(r: dict[str, Any]) -> tuple[float, int]:
+    def pos(r: dict[str, Any]) -> float:
         if r["key"] in matched_of and r["key"] not in rank:
-            return (rank.get(matched_of[r["key"]], len(rank)) + 0.5, 0)
-        return (rank.get(r["key"], len(rank)), 0)
+            return rank.get(matched_of[r["key"]], len(rank)) + 0.5
+        return rank.get(r["key"], len(rank))
 
     return sorted(rows, key=pos)
 
@@ -315,11 +315,9 @@ def markdown(doc: dict[str, Any]) -> str:
                   ""]
         cmds = list(dict.fromkeys(r.get("command", m.get("command")) for r in m["rows"]))
         cmds = [c for c in cmds if c]
-        if len(cmds) == 1 and cmds[0] == doc["command"]:
-            pass
-        elif len(cmds) == 1:
+        if len(cmds) == 1 and cmds[0] != doc["command"]:
             lines += [f"Command: `{cmds[0]}`", ""]
-        elif cmds:
+        elif len(cmds) > 1:
             lines += ["Commands (rows measured in several runs with the same settings, merged by `--append --rows`):",
                       ""] + [f"- `{c}`" for c in cmds] + [""]
         lines += [f"Perplexity on {ppl['wikitext_tokens']:,} WikiText-2 test tokens and {ppl['other_tokens']:,} "

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .models import block_linears, decoder_layers
 
-#: defaults of :func:`heal` (tuned on SmolLM2-135M, see benchmarks/results/heal_smollm2.md)
+#: defaults of :func:`heal` (not tuned; what they do on SmolLM2-135M: benchmarks/results/heal_smollm2.md)
 DEFAULT_LR = 2e-4
 DEFAULT_LORA_LR = 1e-3
 DEFAULT_SEQLEN = 256

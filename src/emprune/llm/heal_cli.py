@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     from .heal import heal, masked_targets_from_report
     from .memory import PeakMemory, fmt_bytes
     from .prune import versions
-    from .shrink import is_shrunk, save_shrunk
+    from .shrink import SHRUNK_KIND, save_shrunk
 
     t0 = time.perf_counter()
     if args.lora is not None:
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     report = _read_report(args.model)
     args.distill = _teacher_spec(args.distill, args.model, report)
-    shrunk = is_shrunk(args.model) if Path(args.model).is_dir() else False
+    shrunk = (report or {}).get("kind") == SHRUNK_KIND  # the report just read (is_shrunk would read it again)
     try:
         text_src, text = _read_text(args.text, "calib")
     except (ValueError, FileNotFoundError) as e:  # name this command's option
