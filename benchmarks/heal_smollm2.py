@@ -12,7 +12,10 @@ Rows (each built from the same dense model, calibration 32 x 256 tokens of WikiT
 * ``uniform25``: 25 % of the MLP neurons of every layer removed (``shrink_lm(keep=0.75,
   uniform=True)``: fluctuation scores, no compensation; a stock config);
 * ``shrink``: ``emprune shrink``'s default (global z-score allocation of fluctuation scores,
-  bias compensation; about 22 % of the non-embedding parameters).
+  bias compensation; about 22 % of the non-embedding parameters);
+* ``uniform-shrink``: its fixed-size baseline, the same fraction of MLP neurons removed in every
+  layer by the activation score, at the ``shrink`` row's kept parameter count (as
+  ``shrink_smollm2.py``'s "uniform activation @default"), so the two compare healed at equal size.
 
 Each row is healed by full fine-tuning and by LoRA (``--modes``) with the same token budget
 (``--steps`` x ``--batch`` x ``--seqlen`` tokens of WikiText-2 *validation*, the calibration text),
@@ -42,7 +45,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 
-ROWS = ("dense", "default", "wanda50", "emp60", "uniform25", "shrink")
+ROWS = ("dense", "default", "wanda50", "emp60", "uniform25", "shrink", "uniform-shrink")
 LABELS = {
     "dense": "dense (control)",
     "default": "EMP default recipe",
@@ -50,6 +53,7 @@ LABELS = {
     "emp60": "EMP default recipe, beta<1",
     "uniform25": "uniform 25% MLP neurons removed",
     "shrink": "emprune shrink default",
+    "uniform-shrink": "uniform activation, shrink's size",
 }
 
 
@@ -73,6 +77,9 @@ def build(row: str, dense: nn.Module, calib: torch.Tensor, args) -> tuple[nn.Mod
         info = {"targets": [l["name"] for l in res.info["layers"]], "pruned_fraction": res.pruned_fraction}
     else:
         kw = {"keep": 0.75, "uniform": True} if row == "uniform25" else {}
+        if row == "uniform-shrink":  # the shrink default's kept MLP parameters, the same share in every layer
+            ref, _ = shrink_lm(copy.deepcopy(dense), calib, units="mlp", progress=False)
+            kw = {"criterion": "activation", "keep": {"params": sum(g.params_after for g in ref.groups)}}
         report, summ = shrink_lm(m, calib, units="mlp", progress=False, **kw)
         info = {"targets": None, "pruned_fraction": summ["summary"]["removed_fraction_non_embedding"],
                 "layout": summ["layout"]}

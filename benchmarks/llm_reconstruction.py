@@ -21,7 +21,9 @@ the same level (same tokens, same run).
         --damps 0.01,0.1,1 --calib-samples 16 --seqlen 256 --eval-tokens 4096 --other-tokens 4096  # damp probe
 
 Writes OUT.json, OUT.md and OUT.png after every row (``--out``, default
-benchmarks/results/llm_reconstruction).
+benchmarks/results/llm_reconstruction). ``--resume`` continues a stopped or partial run: the rows
+already in OUT.json (same calibration, evaluation and dampening settings; refused otherwise) are
+kept and only the missing ones run, so the table can be filled over several sittings.
 """
 from __future__ import annotations
 
@@ -89,6 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny settings, a few rows")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output prefix (default benchmarks/results/llm_reconstruction)")
     p.add_argument("--replot", action="store_true", help="rewrite OUT.md/.png from OUT.json")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of OUT.json (same calibration, evaluation and dampening settings) and run "
+                        "only the missing ones; the commands are listed")
+    p.add_argument("--note", default=None, help="a line for the markdown (e.g. what else ran on the machine)")
     args = p.parse_args(argv)
     if args.quick:
         args.calib_samples, args.seqlen, args.eval_tokens, args.other_tokens = 4, 64, 512, 512
@@ -191,16 +197,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "other": {"text": args.other_text, "tokens": int(bench.other.numel())},
                      "damps": damps, "damp_kind": args.damp_kind, "levels": args.levels, "rows": rows, "threads": torch.get_num_threads(),
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
-        "dense": bench.evaluate(), "sections": [], "status": "running",
+        "sections": [], "status": "running", "note": args.note,
     }
+    if args.resume and out.with_suffix(".json").is_file():
+        doc = _resumed(doc, json.loads(out.with_suffix(".json").read_text()))
+    else:
+        doc["dense"] = bench.evaluate()
     write(doc, out)
     for targets in args.targets.split(","):
-        sec: dict[str, Any] = {"targets": targets, "rows": []}
-        doc["sections"].append(sec)
-        emp_p = None
+        sec = next((s for s in doc["sections"] if s["targets"] == targets), None)
+        if sec is None:
+            sec = {"targets": targets, "rows": []}
+            doc["sections"].append(sec)
+        done = {(r["row"], r["level"], r["damp"]) for r in sec["rows"]}
+        emp_p = next((r["options"]["sparsity"] for r in sec["rows"]
+                      if r["level"] == "emp" and r["row"] != "emp-wanda" and "sparsity" in r["options"]), None)
         for level in args.levels.split(","):
             for row in [r for r in rows if r in ROWS]:
                 for damp in (damps if "obs" in row or "sparsegpt" in row else [None]):
+                    if (row, level, damp) in done:
+                        continue
                     if level == "emp" and emp_p is None and row != "emp-wanda":
                         emp_p = _emp_sparsity(bench, targets, args)
                     kw = _kwargs(row, level, emp_p, damp if damp is not None else DEFAULT_DAMP, args.damp_kind)
@@ -211,12 +227,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     write(doc, out)
         for row in [r for r in rows if r in NM_ROWS]:
             for damp in (damps if "sparsegpt" in row else [None]):
+                if (row, "2:4", damp) in done:
+                    continue
                 kw = _kwargs(row, "2:4", None, damp if damp is not None else DEFAULT_DAMP, args.damp_kind)
                 sec["rows"].append(_one(bench, targets, row, "2:4", kw, damp))
                 write(doc, out)
     doc["status"] = "complete"
-    doc["wall_seconds"] = time.perf_counter() - t_start
+    doc["wall_seconds"] = time.perf_counter() - t_start + doc.pop("wall_seconds_before", 0.0)
     write(doc, out)
+    return doc
+
+
+def _same_settings(s: dict[str, Any]) -> dict[str, Any]:
+    """What must match for rows to share a table: the tokens and the dampening (texts by name,
+    not by the path they were read from); not which rows or levels were asked for."""
+    c = s["calibration"]
+    return {"calibration": {**c, "texts": [{**t, "text": Path(t["text"]).name} for t in c["texts"]]},
+            "eval": s["eval"], "other": s["other"], "damps": s["damps"], "damp_kind": s["damp_kind"]}
+
+
+def _resumed(doc: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` (this run's header) continuing ``old``: its dense evaluation and rows kept."""
+    if old.get("model") != doc["model"] or _same_settings(old["settings"]) != _same_settings(doc["settings"]):
+        raise SystemExit("--resume: OUT.json was made with another model or other calibration, evaluation or "
+                         "dampening settings; use another --out")
+    doc["commands"] = [*old.get("commands", [old["command"]]), doc["command"]]
+    doc["dense"], doc["sections"] = old["dense"], old["sections"]
+    doc["wall_seconds_before"] = old.get("wall_seconds", 0.0)
+    doc["note"] = doc.get("note") or old.get("note")
     return doc
 
 
@@ -274,8 +312,11 @@ def markdown(doc: dict[str, Any]) -> str:
     s = doc["settings"]
     d = doc["dense"]
     cal = ", ".join(f"{t['samples']} from `{Path(t['text']).name}`" for t in s["calibration"]["texts"])
+    cmds = doc.get("commands", [doc["command"]])
     lines = [
-        f"Command: `{doc['command']}`", "",
+        *(["Commands (one table, the rows added by each in turn with `--resume`):", "",
+           *(f"- `{c}`" for c in cmds)] if len(cmds) > 1 else [f"Command: `{doc['command']}`"]), "",
+        *([f"Note: {doc['note']}", ""] if doc.get("note") else []),
         f"Model `{doc['model']}`; calibration {s['calibration']['samples']} x {s['calibration']['seqlen']} tokens "
         f"({cal}; seed {s['calibration']['seed']}); perplexity on {s['eval']['tokens']:,} tokens of WikiText-2 test "
         f"and {s['other']['tokens']:,} tokens of `{s['other']['text']}` (other text, never calibrated on); OBS "

@@ -93,3 +93,19 @@ def test_save_shared_tensors_and_torch_format(tmp_path):
     assert torch.equal(back["a"], back["b"])
     back = load_state_dict(save_state_dict({"x": torch.arange(3)}, tmp_path / "s.pt"))
     assert back["x"].tolist() == [0, 1, 2]
+
+
+def test_read_report_absent_damaged_and_strict(tmp_path):
+    """models.read_report: None without emprune.json; a damaged or non-object report is None for
+    readers that only annotate, and one ValueError naming the file for commands that act on it."""
+    from emprune.llm.models import REPORT_NAME, read_report
+    from emprune.llm.shrink import is_shrunk
+
+    assert read_report(tmp_path) is None and read_report(tmp_path, strict=True) is None
+    (tmp_path / REPORT_NAME).write_text('{"kind": "shrunk", "summary": {}}')
+    assert read_report(tmp_path, strict=True)["kind"] == "shrunk" and is_shrunk(tmp_path)
+    for bad in ("{not json", "[1, 2]"):
+        (tmp_path / REPORT_NAME).write_text(bad)
+        assert read_report(tmp_path) is None and not is_shrunk(tmp_path)
+        with pytest.raises(ValueError, match=REPORT_NAME):
+            read_report(tmp_path, strict=True)

@@ -350,6 +350,15 @@ def test_benchmark_quick(tmp_path):
     md = out.with_suffix(".md").read_text()
     assert "--quick" in md and "| EMP default recipe |" in md and out.with_suffix(".png").stat().st_size > 0
 
+    # the shrink default and its uniform baseline at the same kept size, healed the same way
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "heal_smollm2.py"), "--quick", "--rows",
+                           "shrink,uniform-shrink", "--modes", "full", "--out", str(tmp_path / "s"), "--no-progress"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert rows["shrink"]["params"] < rows["dense"]["params"]
+    assert 0.99 * rows["shrink"]["params"] <= rows["uniform-shrink"]["params"] <= rows["shrink"]["params"]
+
 
 def test_distill_auto_resolves_to_a_local_source_or_plain_loss(tmp_path, capsys):
     """--distill auto: the source named in emprune.json when it is here, else the next-token loss (said)."""

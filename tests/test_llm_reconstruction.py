@@ -253,3 +253,18 @@ def test_benchmark_quick_on_tiny_model_writes_partial_results(tiny, tmp_path):
     assert all(r["ppl"] > 0 and r["ppl_other"] > 0 for r in rows)
     assert doc["status"] == "complete" and out.with_suffix(".png").stat().st_size > 0
     assert "EMP + OBS update" in out.with_suffix(".md").read_text()
+
+    # --resume: the finished rows are kept as they are, only the missing one runs, both commands listed
+    cmd = [sys.executable, str(root / "benchmarks" / "llm_reconstruction.py"), "--quick", "--model", str(tiny),
+           "--levels", "emp", "--out", str(out), "--resume"]
+    proc = subprocess.run([*cmd, "--rows", "emp-wanda,wanda,nm-sparsegpt"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert [r["row"] for r in again["sections"][0]["rows"]] == ["emp-wanda", "emp-obs", "nm-sparsegpt", "wanda"]
+    assert again["sections"][0]["rows"][:3] == rows and again["dense"] == doc["dense"]
+    assert len(again["commands"]) == 2 and "--resume" in out.with_suffix(".md").read_text()
+    # other dampening settings: refused in one line, the table untouched
+    proc = subprocess.run([*cmd, "--damps", "0.5"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "--resume" in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads(out.with_suffix(".json").read_text()) == again

@@ -574,12 +574,10 @@ def _cmd_eval(args) -> int:
     ids = data.eval_tokens(tok, text, args.eval_tokens)
     res = perplexity(model, ids, seqlen, batch_size=args.batch_size, progress=not args.quiet)
     res.update(model=args.model, text=src)
-    report = Path(args.model) / models.REPORT_NAME
-    if report.is_file():
-        try:
-            res["pruned_fraction"] = json.loads(report.read_text()).get("summary", {}).get("pruned_fraction")
-        except (ValueError, AttributeError):  # a damaged report does not spoil the evaluation
-            res["pruned_fraction"] = None
+    report = models.read_report(args.model)  # a damaged one does not spoil the evaluation: None
+    if report is not None:
+        summary = report.get("summary")
+        res["pruned_fraction"] = summary.get("pruned_fraction") if isinstance(summary, dict) else None
     print(f"perplexity {res['ppl']:.4f} on {res['tokens_evaluated']:,} predicted tokens "
           f"({res['windows']} windows of {res['seqlen']}) of {src}; {res['seconds']:.1f} s")
     if args.tasks:

@@ -106,19 +106,6 @@ def _saved_dtype(model_spec: str) -> str:
     return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
-def _read_report(model_spec: str) -> dict[str, Any] | None:
-    from .models import REPORT_NAME
-
-    p = Path(model_spec).expanduser() / REPORT_NAME
-    if not p.is_file():
-        return None
-    try:
-        rep = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{p}: not a readable emprune report ({e})") from None
-    return rep if isinstance(rep, dict) else None
-
-
 def _teacher_spec(distill: str | None, model: str, report: dict[str, Any] | None) -> str | None:
     """``--distill``'s teacher, or None for plain next-token loss (auto / source / none resolved)."""
     from .models import SHORT_NAMES, resolve_short_name
@@ -187,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     out = models.check_out_dir(args.out, args.overwrite)
     for note in models.clean_stale_temporaries(out):
         print(note, file=sys.stderr)
-    report = _read_report(args.model)
+    report = models.read_report(args.model, strict=True)
     args.distill = _teacher_spec(args.distill, args.model, report)
     shrunk = (report or {}).get("kind") == SHRUNK_KIND  # the report just read (is_shrunk would read it again)
     try:

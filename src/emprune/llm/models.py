@@ -44,6 +44,27 @@ REPORT_NAME = "emprune.json"
 WRITING_MARK = ".emprune-writing.json"
 
 
+def read_report(folder: str | os.PathLike, *, strict: bool = False) -> dict[str, Any] | None:
+    """``folder/emprune.json`` (what emprune did to the model there) as a dict, or ``None`` when
+    the folder has none (a plain model, a short name, a hub id). A report that cannot be read or
+    is not a JSON object raises ``ValueError`` with ``strict`` (a command about to act on it),
+    else gives ``None`` (a loader or an evaluation that only annotates with it)."""
+    p = Path(folder).expanduser() / REPORT_NAME
+    if not p.is_file():
+        return None
+    try:
+        rep = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        if strict:
+            raise ValueError(f"{p}: not a readable emprune report ({e})") from None
+        return None
+    if not isinstance(rep, dict):
+        if strict:
+            raise ValueError(f"{p}: not an emprune report (not a JSON object)")
+        return None
+    return rep
+
+
 def resolve_short_name(name: str) -> Path:
     """Path of the model file behind a short name such as ``smollm2-135m``.
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..structured.shrink import (DEFAULT_CRITERION, ShrinkReport, _lm_forward, _lm_loss, get_recipe, lm_batches,
                                  score_units, shrink)
-from .models import REPORT_NAME, decoder_layers, save_pruned
+from .models import decoder_layers, read_report, save_pruned
 
 SHRUNK_KIND = "shrunk"
 INTERMEDIATE_MULTIPLE = 64
@@ -170,13 +170,7 @@ def save_shrunk(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, re
 
 def is_shrunk(folder: str | os.PathLike) -> bool:
     """Whether ``folder/emprune.json`` says ``"kind": "shrunk"``."""
-    p = Path(folder) / REPORT_NAME
-    if not p.is_file():
-        return False
-    try:
-        return json.loads(p.read_text()).get("kind") == SHRUNK_KIND
-    except (OSError, ValueError):
-        return False
+    return (read_report(folder) or {}).get("kind") == SHRUNK_KIND
 
 
 def _state_dict(folder: Path) -> dict[str, Tensor]:
