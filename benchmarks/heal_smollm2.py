@@ -196,7 +196,8 @@ def markdown(R: dict) -> str:
              "vs dense control | ppl python-docs before -> after | gap closed | to control | vs dense control | "
              "zeros before = after | re-zeroed after merge | time |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
-    for r in R["runs"]:
+    order = lambda r: (ROWS.index(r["row"]), r["mode"] != "full", r.get("loss_kind", "ce"), -r["lr"])  # noqa: E731
+    for r in sorted(R["runs"], key=order):  # grouped by row (the JSON keeps the order they ran in)
         row = R["rows"][r["row"]]
         b, af = row["before"], r["after"]
         kind = r.get("loss_kind", "ce")
@@ -241,22 +242,29 @@ def plot(R: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    from matplotlib.lines import Line2D
+
+    colour = {row: plt.get_cmap("tab10")(i) for i, row in enumerate(ROWS)}  # one colour per input model
+    styles = {}  # one line style per loss and lr: (loss, lr) -> style, in the order they first appear
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8), sharey=True)
     for ax, mode in zip(axes, ("full", "lora")):
         for r in R["runs"]:
             if r["mode"] != mode or not r["curve"]:
                 continue
-            xs = [p["tokens"] for p in r["curve"]]
-            ys = [p["ppl"] for p in r["curve"]]
-            kd = " + KD" if r.get("loss_kind") == "kd" else ""
-            ax.plot(xs, ys, marker="o", ms=3, label=f"{LABELS.get(r['row'], r['row'])}{kd} (lr {r['lr']:g})",
-                    ls="--" if r["row"] == "dense" else "-")
+            key = ("distillation" if r.get("loss_kind") == "kd" else "next-token loss", r["lr"])
+            ls = styles.setdefault(key, ("-", "--", ":", "-.")[len(styles) % 4])
+            ax.plot([p["tokens"] for p in r["curve"]], [p["ppl"] for p in r["curve"]], marker="o", ms=3,
+                    color=colour[r["row"]], ls=ls)
         ax.set_yscale("log")
         ax.set_xlabel("healing tokens")
         ax.set_title(f"{mode} fine-tuning" + (f" (LoRA r={R['args']['lora_r']})" if mode == "lora" else ""))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"perplexity, first {R['texts']['curve_tokens']:,} tokens of WikiText-2 test")
-    axes[0].legend(fontsize=7)
+    rows = dict.fromkeys(r["row"] for r in R["runs"])
+    handles = ([Line2D([], [], color=colour[row], lw=3) for row in rows]
+               + [Line2D([], [], color="k", ls=ls) for ls in styles.values()])
+    names = [LABELS.get(row, row) for row in rows] + [f"{loss}, lr {lr:g}" for loss, lr in styles]
+    axes[1].legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
@@ -337,6 +345,7 @@ def main(argv=None) -> int:
         if old.get("settings") != settings:
             ap.error("--resume: OUT.json was made with other settings")
         R["rows"], R["runs"] = old["rows"], old["runs"]
+        R["note"] = args.note or old.get("note", "")  # kept unless a new one is given
         R["commands"] = [*old.get("commands", [old["command"]]), R["command"]]
         R["seconds_before"] = old.get("seconds", 0)  # includes its own earlier runs
     t0 = time.perf_counter()

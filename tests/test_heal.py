@@ -99,6 +99,19 @@ def test_distillation_from_a_teacher():
         heal(model, ids, steps=1, teacher=dense, distill_weight=0, progress=False)
 
 
+def test_default_learning_rate_follows_the_loss():
+    """lr=None: DEFAULT_LR with the next-token loss, DEFAULT_DISTILL_LR with a teacher (as recorded)."""
+    import copy
+
+    from emprune.llm.heal import DEFAULT_DISTILL_LR, DEFAULT_LR
+
+    model, _, ids = _pruned_tiny()
+    kw = dict(steps=1, seqlen=32, batch=2, targets="mlp", warmup=0, progress=False)
+    assert heal(copy.deepcopy(model), ids, **kw).record["lr"] == DEFAULT_LR
+    assert heal(copy.deepcopy(model), ids, teacher=copy.deepcopy(model), **kw).record["lr"] == DEFAULT_DISTILL_LR
+    assert DEFAULT_LR < DEFAULT_DISTILL_LR
+
+
 def test_apply_masks_counts_refilled_entries():
     lin = torch.nn.Linear(4, 3)
     mask = torch.zeros(3, 4, dtype=torch.bool)

@@ -21,8 +21,8 @@ HELP = "recover quality with a short fine-tune that keeps pruned weights at zero
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``heal`` sub-command to ``subparsers`` (an ``argparse`` sub-parsers object)."""
     from ..cli import _beta, _int_at_least, _positive
-    from .heal import (DEFAULT_BATCH, DEFAULT_LORA_LR, DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_SEQLEN, DEFAULT_STEPS,
-                       DEFAULT_WARMUP, SCHEDULES)
+    from .heal import (DEFAULT_BATCH, DEFAULT_DISTILL_LR, DEFAULT_LORA_LR, DEFAULT_LR, DEFAULT_SCHEDULE,
+                       DEFAULT_SEQLEN, DEFAULT_STEPS, DEFAULT_WARMUP, SCHEDULES)
 
     p = subparsers.add_parser(
         "heal", help=HELP,
@@ -47,7 +47,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     size.add_argument("--tokens", type=_positive, default=None,
                       help="token budget instead of --steps (rounded up to whole steps)")
     p.add_argument("--lr", type=_beta, default=None,
-                   help=f"peak learning rate (default {DEFAULT_LR:g}; {DEFAULT_LORA_LR:g} with --lora)")
+                   help=f"peak learning rate (default {DEFAULT_LR:g} with the next-token loss, {DEFAULT_DISTILL_LR:g} "
+                        f"distilling, {DEFAULT_LORA_LR:g} with --lora)")
     p.add_argument("--lora", type=_positive, default=None, metavar="R",
                    help="train rank-R LoRA adapters on every Linear of the decoder blocks (needs peft) and merge "
                         "them; the masks are applied again after merging")
