@@ -262,7 +262,7 @@ def part_obs(dev: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     calib = torch.randint(0, args.vocab, (args.calib_samples, args.seqlen), generator=g)
     base = _random_llama(args.hidden, args.layers, args.vocab).to(dev)
     out: dict[str, Any] = {}
-    runs = {"wanda-emp": dict(), "obs-emp": dict(update="obs"), "wanda-50": dict(sparsity=0.5),
+    runs = {"wanda-emp": dict(update=None), "obs-emp": dict(update="obs"), "wanda-50": dict(sparsity=0.5),
             "sparsegpt-50": dict(sparsity=0.5, update="obs"), "sparsegpt-2:4": dict(nm="2:4", update="obs")}
     for name, kw in runs.items():
         m = copy.deepcopy(base)

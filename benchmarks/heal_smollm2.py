@@ -5,10 +5,11 @@ Rows (each built from the same dense model, calibration 32 x 256 tokens of WikiT
 
 * ``dense``: the control; fine-tuned on the same tokens (the text alone moves perplexity: healing
   must not be credited with that);
-* ``default``: ``emprune prune`` default recipe (EMP-Wanda, counts from |W|; 37.6 % of the MLP
-  weights);
+* ``default``: EMP-Wanda with counts from |W| and no update (``--recipe count-magnitude --update
+  none``: ``emprune prune``'s default when this table was made, before the OBS update joined it;
+  37.6 % of the MLP weights);
 * ``wanda50``: Wanda at 50 % per row;
-* ``emp60``: the default recipe at ``--emp-beta`` (0.64: about 60 %);
+* ``emp60``: the same at ``--emp-beta`` (0.64: about 60 %);
 * ``uniform25``: 25 % of the MLP neurons of every layer removed (``shrink_lm(keep=0.75,
   uniform=True)``: fluctuation scores, no compensation; a stock config);
 * ``shrink``: ``emprune shrink``'s default (global z-score allocation of fluctuation scores,
@@ -48,9 +49,9 @@ REPO = Path(__file__).resolve().parents[1]
 ROWS = ("dense", "default", "wanda50", "emp60", "uniform25", "shrink", "uniform-shrink")
 LABELS = {
     "dense": "dense (control)",
-    "default": "EMP default recipe",
+    "default": "EMP count-magnitude (default then)",
     "wanda50": "Wanda 50%",
-    "emp60": "EMP default recipe, beta<1",
+    "emp60": "EMP count-magnitude, beta<1",
     "uniform25": "uniform 25% MLP neurons removed",
     "shrink": "emprune shrink default",
     "uniform-shrink": "uniform activation, shrink's size",
@@ -72,8 +73,8 @@ def build(row: str, dense: nn.Module, calib: torch.Tensor, args) -> tuple[nn.Mod
         return m, {"targets": None, "pruned_fraction": 0.0, "params": sum(p.numel() for p in m.parameters())}
     if row in ("default", "wanda50", "emp60"):
         kw = {"default": {}, "wanda50": {"sparsity": 0.5}, "emp60": {"beta": args.emp_beta}}[row]
-        res = prune_lm(m, calib, criterion="wanda", recipe="default", targets="mlp", progress=False,
-                       batch_size=8, **kw)
+        res = prune_lm(m, calib, criterion="wanda", recipe="count-magnitude", update=None, targets="mlp",
+                       progress=False, batch_size=8, **kw)
         info = {"targets": [l["name"] for l in res.info["layers"]], "pruned_fraction": res.pruned_fraction}
     else:
         kw = {"keep": 0.75, "uniform": True} if row == "uniform25" else {}

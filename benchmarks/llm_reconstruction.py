@@ -8,8 +8,10 @@ fractions; EMP reaches a fraction through ``target_sparsity``), the rows are:
 * ``sparsegpt``      SparseGPT (OBS update, its per-block choice), uniform over the layers;
 * ``owl-wanda``      OWL's per-layer sparsities (M = 5, lambda = 0.08) with Wanda;
 * ``owl-sparsegpt``  OWL's per-layer sparsities with SparseGPT;
-* ``emp-wanda``      EMP, the default recipe (counts from N_eff of |W|, Wanda picks which);
-* ``emp-obs``        EMP's counts per row, OBS chooses which and updates the rest;
+* ``emp-wanda``      EMP, counts from N_eff of |W|, Wanda picks which (``--recipe count-magnitude
+                     --update none``: the default recipe before the OBS update joined it);
+* ``emp-obs``        EMP's counts per row, OBS chooses which and updates the rest (the default
+                     recipe, ``count-magnitude-obs``);
 
 and once per target set the 2:4 rows ``nm-wanda`` and ``nm-sparsegpt``. Every row uses the same
 calibration tokens and the same evaluation tokens; pruning time is given against the Wanda row of
@@ -60,9 +62,16 @@ ROWS = ("wanda", "sparsegpt", "owl-wanda", "owl-sparsegpt", "emp-wanda", "emp-ob
 NM_ROWS = ("nm-wanda", "nm-sparsegpt")
 LABELS = {
     "wanda": "Wanda uniform", "sparsegpt": "SparseGPT uniform", "owl-wanda": "OWL + Wanda",
-    "owl-sparsegpt": "OWL + SparseGPT", "emp-wanda": "EMP + Wanda (default recipe)", "emp-obs": "EMP + OBS update",
-    "nm-wanda": "Wanda 2:4", "nm-sparsegpt": "SparseGPT 2:4",
+    "owl-sparsegpt": "OWL + SparseGPT", "emp-wanda": "EMP + Wanda (count-magnitude, --update none)",
+    "emp-obs": "EMP + OBS update (default recipe)", "nm-wanda": "Wanda 2:4", "nm-sparsegpt": "SparseGPT 2:4",
 }
+
+
+def _label(r: dict[str, Any]) -> str:
+    """A row's name, from its key at render time (rows keep their meaning when names change)."""
+    kind = (r.get("options") or {}).get("damp_kind", "mean")
+    return LABELS.get(r["row"], r["label"]) + (f" (damp {r['damp']:g}{'' if kind == 'mean' else ' ' + kind})"
+                                               if r.get("damp") is not None else "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,13 +145,16 @@ def _kwargs(row: str, level: str, emp_p: float | None, damp: float, damp_kind: s
     """prune_lm's options for a row at a level (``emp``: EMP's own sparsity ``emp_p``)."""
     obs = {"update": "obs", "damp": damp, "damp_kind": damp_kind}
     p = emp_p if level == "emp" else None if level == "2:4" else float(level)
+    # EMP's counts from N_eff of |W| (the count-magnitude recipe), named explicitly so that the rows
+    # keep their meaning whatever the package's default recipe is
+    emp: dict[str, Any] = {"recipe": "count-magnitude"} | ({} if level == "emp" else {"target_sparsity": p})
     table: dict[str, dict[str, Any]] = {
         "wanda": {"sparsity": p},
         "sparsegpt": {"sparsity": p, **obs},
         "owl-wanda": {"sparsity": p, "allocation": "owl"},
         "owl-sparsegpt": {"sparsity": p, "allocation": "owl", **obs},
-        "emp-wanda": {} if level == "emp" else {"target_sparsity": p},
-        "emp-obs": ({} if level == "emp" else {"target_sparsity": p}) | obs,
+        "emp-wanda": emp | {"update": None},
+        "emp-obs": emp | obs,
         "nm-wanda": {"nm": "2:4"},
         "nm-sparsegpt": {"nm": "2:4", **obs},
     }
@@ -260,7 +272,8 @@ def _resumed(doc: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
 
 def _emp_sparsity(bench: Bench, targets: str, args: argparse.Namespace) -> float:
     """EMP's own pruned fraction at beta = 1 (default recipe: counts from |W|, no data needed)."""
-    res = prune_lm(bench.model, None, criterion="magnitude", targets=targets, progress=False)  # type: ignore[arg-type]
+    res = prune_lm(bench.model, None, criterion="magnitude", targets=targets, recipe="count-magnitude",
+                   update=None, progress=False)  # type: ignore[arg-type]
     bench.restore()
     return res.pruned_fraction
 
@@ -271,14 +284,13 @@ def _one(bench: Bench, targets: str, row: str, level: str, kw: dict[str, Any], d
     t0 = time.perf_counter()
     res = prune_lm(bench.model, bench.calib, targets=targets, progress=False, batch_size=bench.batch_size, **kw)
     prune_s = time.perf_counter() - t0
-    kind = kw.get("damp_kind", "mean")
-    rec = {"row": row, "label": LABELS[row] + (f" (damp {damp:g}{'' if kind == 'mean' else ' ' + kind})"
-                                                if damp is not None else ""), "level": level,
-           "damp": damp, "options": {k: v for k, v in kw.items()}, "pruned_fraction": res.pruned_fraction,
+    rec = {"row": row, "level": level, "damp": damp, "options": {k: v for k, v in kw.items()},
+           "pruned_fraction": res.pruned_fraction,
            "prune_seconds": prune_s, "update_seconds": (res.info.get("update") or {}).get("seconds"),
            "beta": res.info.get("beta"), "beta_for_target": res.info.get("beta_for_target"),
            "owl_layer_sparsity": (res.info.get("owl") or {}).get("layer_sparsity"),
            "max_unit_pruned_fraction": max(l["max_unit_pruned_fraction"] for l in res.info["layers"])}
+    rec["label"] = _label(rec)
     rec.update(bench.evaluate())
     print(f"    pruned {100 * rec['pruned_fraction']:.2f}%  ppl {rec['ppl']:.3f}  other {rec['ppl_other']:.3f}  "
           f"{prune_s:.1f} s", file=sys.stderr, flush=True)
@@ -338,7 +350,7 @@ def markdown(doc: dict[str, Any]) -> str:
                     other = f"**{other}**"
                 ws = wanda_s.get(lev)
                 lev_name = "EMP (beta=1)" if lev == "emp" else lev if lev == "2:4" else f"{100 * float(lev):.0f}%"
-                lines.append(f"| {lev_name} | {r['label']} | {100 * r['pruned_fraction']:.2f}% | "
+                lines.append(f"| {lev_name} | {_label(r)} | {100 * r['pruned_fraction']:.2f}% | "
                              f"{100 * r['max_unit_pruned_fraction']:.1f}% | {r['ppl']:.3f} | {_x(r['ppl'], d['ppl'])} | "
                              f"{other} | {_x(r['ppl_other'], d['ppl_other'])} | {r['prune_seconds']:.1f} | "
                              f"{'x%.2f' % (r['prune_seconds'] / ws) if ws else '-'} |")
@@ -369,9 +381,9 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         for i, (key, ref, name) in enumerate((("ppl", d["ppl"], "WikiText-2 test"),
                                               ("ppl_other", d["ppl_other"], doc["settings"]["other"]["text"]))):
             ax = axes[i][j]
-            labels = dict.fromkeys(r["label"] for r in sec["rows"])
+            labels = dict.fromkeys(_label(r) for r in sec["rows"])
             for lab in labels:
-                rs = sorted((r for r in sec["rows"] if r["label"] == lab), key=lambda r: r["pruned_fraction"])
+                rs = sorted((r for r in sec["rows"] if _label(r) == lab), key=lambda r: r["pruned_fraction"])
                 ax.plot([100 * r["pruned_fraction"] for r in rs], [r[key] / ref for r in rs],
                         marker=markers.get(rs[0]["row"], "."), label=lab, ms=8 if rs[0]["row"] == "emp-obs" else 6)
             ax.set_yscale("log")

@@ -3,8 +3,9 @@ EMP-pruned models (MLP targets), with paired bootstrap confidence intervals.
 
 For every model (default SmolLM2-135M and Gemma-3-270M, both offline from PyPI) the rows are:
 dense; magnitude 50 % and Wanda 50 % per row; EMP-magnitude and EMP-Wanda (the paper's rule,
-beta = 1); EMP-Wanda with the default recipe; and Wanda at each EMP row's overall sparsity (same
-fraction in every row). Every row is scored on the same calibration tokens, the same perplexity
+beta = 1); EMP with counts from N_eff of |W| (count-magnitude), Wanda choosing (``--update none``)
+and OBS choosing and updating (the default recipe, issue 13); and Wanda at each EMP row's overall
+sparsity (same fraction in every row). Every row is scored on the same calibration tokens, the same perplexity
 tokens (WikiText-2 test and the Python Language Reference as "other text") and the same
 zero-shot items (the first ``--limit`` items of each task, see ``emprune.llm.zeroshot``).
 
@@ -80,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="zero-shot positions per forward (default 2048)")
     p.add_argument("--rows", default="all",
                    help="comma-separated row keys of the plan (dense, magnitude-fixed, wanda-fixed, emp-magnitude-paper, "
-                        "emp-wanda-paper, emp-wanda-default) or all; Wanda at each EMP row's sparsity follows it")
+                        "emp-wanda-paper, emp-wanda-default, emp-obs-default) or all; Wanda at each EMP row's sparsity follows it")
     p.add_argument("--append", action="store_true",
                    help="add to OUT.json instead of starting afresh: with --rows, the model's finished rows are kept "
                         "and only the named rows (and the Wanda rows they need) are computed; without, the models "
@@ -140,8 +141,10 @@ def plan(sparsity: float) -> list[dict[str, Any]]:
         {"key": "emp-magnitude-paper", "label": "EMP-magnitude (paper)", "kind": "emp", "criterion": "magnitude",
          "recipe": "paper"},
         {"key": "emp-wanda-paper", "label": "EMP-Wanda (paper)", "kind": "emp", "criterion": "wanda", "recipe": "paper"},
-        {"key": "emp-wanda-default", "label": f"EMP-Wanda, default recipe ({get_recipe('default').name})",
-         "kind": "emp", "criterion": "wanda", "recipe": "default"},
+        {"key": "emp-wanda-default", "label": "EMP-Wanda, count-magnitude (--update none; the default before OBS)",
+         "kind": "emp", "criterion": "wanda", "recipe": "count-magnitude", "update": None},
+        {"key": "emp-obs-default", "label": f"EMP + OBS update, the {get_recipe('default').name} recipe",
+         "kind": "emp", "criterion": "wanda", "recipe": "default", "update": "obs"},
     ]
 
 
@@ -215,7 +218,7 @@ def run_model(spec: str, args: argparse.Namespace, docs: dict[str, list], doc: d
             if spec_row["kind"] == "fixed":
                 kw["sparsity"] = args.sparsity
             elif spec_row["kind"] == "emp":
-                kw.update(beta=args.beta, recipe=spec_row["recipe"])
+                kw.update(beta=args.beta, recipe=spec_row["recipe"], update=spec_row.get("update"))
             else:  # uniform: the reference's overall sparsity, equal in every row
                 kw.update(counts=uniform_counts(model, "mlp", spec_row["at"]), counts_from=f"uniform {spec_row['at']:.4f}")
             res = prune_lm(model, calib, **kw)

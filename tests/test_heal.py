@@ -361,7 +361,7 @@ def test_benchmark_quick(tmp_path):
         assert r["masks"]["zeros_unchanged"] and len(r["curve"]) >= 2 and r["tokens"] == 2 * 2 * 32
         assert (r["masks"]["masked_modules"] > 0) == (r["row"] == "default")
     md = out.with_suffix(".md").read_text()
-    assert "--quick" in md and "| EMP default recipe |" in md and out.with_suffix(".png").stat().st_size > 0
+    assert "--quick" in md and "| EMP count-magnitude (default then) |" in md and out.with_suffix(".png").stat().st_size > 0
 
     # the shrink default and its uniform baseline at the same kept size, healed the same way
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "heal_smollm2.py"), "--quick", "--rows",

@@ -3,7 +3,8 @@
 Eight families on tiny random configs (2 blocks, hidden 32, no downloads): LLaMA, Mistral, Qwen2
 (q/k/v bias), Qwen3 (q/k norm), Gemma-3 (text-only), Phi-3 (fused qkv_proj / gate_up_proj),
 GPT-2 (``Conv1D``, weights stored ``[in, out]``) and OPT (``model.decoder.layers``, fc1/fc2).
-For each: magnitude and Wanda, EMP (default recipe) and fixed 50 %, mlp and linear targets;
+For each: magnitude and Wanda, EMP (default recipe: with Wanda, the OBS update) and fixed 50 %, mlp
+and linear targets;
 ``save_pruned`` -> plain ``from_pretrained`` gives the in-memory model's logits, and the zeros
 counted here in the stored weights are the report's pruned fraction. GPT-2's rows are output
 units (each stored column is a unit). Unsupported layouts get one line naming the supported ones.
@@ -153,8 +154,13 @@ def _prune_save_reload(family: str, criterion: str, sparsity: float | None, targ
     assert res.pruned_fraction > 0.3
     for lay in res.info["layers"]:  # and per layer
         assert lay["total"] - lay["kept"] == int((stored[lay["name"]] == 0).sum()), lay["name"]
-    for n, w in stored.items():  # kept weights untouched
-        assert torch.equal(w[w != 0], dense[n][w != 0])
+    # EMP with Wanda gets the default recipe's OBS update (kept weights rewritten, every layout);
+    # the baselines and data-free runs keep their weights untouched
+    assert (res.info["update"] is not None) == (criterion == "wanda" and sparsity is None)
+    for n, w in stored.items():
+        if res.info["update"] is None:
+            assert torch.equal(w[w != 0], dense[n][w != 0])
+        assert torch.isfinite(w).all()
 
     out = save_pruned(model, None, tmp_path / "out", res.info, progress=False)
     assert json.loads((out / "emprune.json").read_text())["summary"]["pruned_fraction"] == res.pruned_fraction

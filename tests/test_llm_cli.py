@@ -62,11 +62,14 @@ def test_paper_recipe_is_per_row_emp_on_wanda_scores(model):
 
 
 def test_default_recipe_counts_equal_emp_magnitude_counts(model, tiny):
-    """count_by=magnitude: the counts are EMP-magnitude's (data-free); selection is by Wanda."""
+    """count_by=magnitude: the counts are EMP-magnitude's (data-free); OBS chooses which and
+    updates the rest (the default recipe's update, applied by update="auto")."""
     calib = _calib(model)
     dense = _mlp_weights(model)
     res = P.prune_lm(model, calib, criterion="wanda", recipe="default", progress=False)
-    assert P.DEFAULT_RECIPE == "count-magnitude" and res.info["recipe"]["count_by"] == "magnitude"
+    assert P.DEFAULT_RECIPE == "count-magnitude-obs" and res.info["recipe"]["count_by"] == "magnitude"
+    assert res.info["recipe"]["update"] == "obs" and res.info["update"]["method"] == "obs"
+    assert "(OBS update)" in P.summary_line(res)
     for name, w in dense.items():
         assert torch.equal(res.counts[name], rule.keep_count(w.abs(), 1.0, dim=1)), name
     other = models.load_causal_lm(tiny[0])[0]
@@ -74,6 +77,31 @@ def test_default_recipe_counts_equal_emp_magnitude_counts(model, tiny):
     assert mag.info["calibration"]["mode"].startswith("none")
     assert all(torch.equal(mag.counts[n], res.counts[n]) for n in dense)
     assert 0.3 < res.pruned_fraction < 0.45  # ~1 - 2/pi for Gaussian-like weights
+
+
+def test_auto_update_applies_only_where_emp_decides_with_activations(model, tiny):
+    """update="auto": OBS for the default recipe with an activation-aware criterion; never for
+    the fixed-sparsity/N:M baselines, data-free criteria (no calibration needed), the global
+    scope, the paper's recipe or update="none"; update="obs" stays available everywhere."""
+    calib = _calib(model)
+    dense = _mlp_weights(model)
+
+    def upd(**kw):
+        res = P.prune_lm(model, kw.pop("calib", calib), progress=False, **kw)
+        for name, mod in P.target_modules(model, "mlp").items():
+            mod.weight.data.copy_(dense[name])
+        return (res.info["update"] or {}).get("method")
+
+    assert upd(criterion="wanda") == "obs"
+    assert upd(criterion="wanda", update="none") is None and upd(criterion="wanda", update=None) is None
+    assert upd(criterion="wanda", sparsity=0.5) is None and upd(criterion="wanda", nm="2:4") is None
+    assert upd(criterion="wanda", recipe="paper") is None and upd(criterion="wanda", recipe="count-magnitude") is None
+    assert upd(criterion="wanda", scope="global") is None
+    assert upd(criterion="magnitude", calib=None) is None  # data-free stays data-free
+    assert upd(criterion="wanda", sparsity=0.5, update="obs") == "obs"  # SparseGPT
+    assert not P.needs_calibration("magnitude", P.get_recipe("default"), update="auto")
+    with pytest.raises(ValueError, match="update must be"):
+        P.check_lm_options(update="sgpt")
 
 
 def test_fixed_sparsity_and_matched_counts(model, tiny):
@@ -323,16 +351,24 @@ def test_cli_compare_and_matched_rows(tiny, tmp_path, capsys):
             if r["kind"] == "matched":  # exactly the reference's per-layer kept counts
                 ref = rows[r["ref"]]
                 assert r["per_layer_pruned_fraction"] == pytest.approx(ref["per_layer_pruned_fraction"])
-            if r["kind"] == "uniform":
-                assert r["pruned_fraction"] == pytest.approx(rows[r["ref"]]["pruned_fraction"], abs=0.02)
-                assert r["label"].startswith(f"{'Wanda' if r['criterion'] == 'wanda' else 'magnitude'} uniform "
-                                             f"@{100 * r['uniform_at']:.1f}%")
-        # Wanda at EMP-magnitude's counts is the default recipe (count by |W|): not run twice
+            if r["kind"] == "uniform":  # the reference's pruned fraction, and its update
+                ref = rows[r["ref"]]
+                assert r["pruned_fraction"] == pytest.approx(ref["pruned_fraction"], abs=0.02)
+                assert r["update"] == ref["update"]
+                name = "OBS" if ref["update"] else "Wanda" if r["criterion"] == "wanda" else "magnitude"
+                assert r["label"].startswith(f"{name} uniform @{100 * r['uniform_at']:.1f}%")
+        # the default recipe: counts of EMP-magnitude, then OBS; so magnitude at its counts is
+        # EMP-magnitude itself (run once), and Wanda at EMP-magnitude's counts is a run of its own
         default = next(r for r in sec["rows"] if r["label"] == "EMP-Wanda (default)")
-        assert default["same_as"] == ["Wanda @EMP-magnitude (paper) counts"]
+        assert default["update"] == "obs" and not default["same_as"]
+        assert rows[default["key"]]["per_layer_pruned_fraction"] == pytest.approx(
+            next(r for r in sec["rows"] if r["label"] == "Wanda @EMP-magnitude (paper) counts")["per_layer_pruned_fraction"])
+        mag = next(r for r in sec["rows"] if r["label"] == "EMP-magnitude (paper)")
+        assert mag["same_as"] == ["magnitude @EMP-Wanda (default) counts"] and mag["update"] is None
+        assert "OBS uniform @" in " ".join(labels)
     md = prefix.with_suffix(".md").read_text()
     assert "emprune compare" in md and "| dense |" in md and "targets: linear" in md
-    assert "| EMP-Wanda (default) [b] |" in md and "[b] also stands for Wanda @EMP-magnitude (paper) counts" in md
+    assert "| EMP-magnitude (paper) [a] |" in md and "[a] also stands for magnitude @EMP-Wanda (default) counts" in md
     assert "**matched**" in md and "**uniform**" in md  # the names are explained under the tables
     assert "results:" in capsys.readouterr().out
 

@@ -55,7 +55,7 @@ def _layer_error(model, dense, calib, names) -> float:
 def test_obs_keeps_emp_counts_exactly_and_reconstructs(tiny):
     calib = _calib()
     plain, obs = _fresh(tiny), _fresh(tiny)
-    a = prune_lm(plain, calib, progress=False)  # default recipe: counts of |W|, Wanda picks which
+    a = prune_lm(plain, calib, progress=False, update="none")  # counts of |W|, Wanda picks which
     b = prune_lm(obs, calib, progress=False, update="obs")
     assert a.counts.keys() == b.counts.keys()
     for n in a.counts:
@@ -194,7 +194,9 @@ def test_cli_bad_values_refused_at_parse_time(extra, fragment, capsys):
 @pytest.mark.parametrize("extra, fragment", [
     (["--nm", "2:4", "--sparsity", "0.5"], "--nm"),
     (["--allocation", "owl"], "--sparsity"),
-    (["--damp", "0.1"], "--update obs"),
+    (["--damp", "0.1", "--update", "none"], "--update obs"),
+    (["--damp", "0.1", "--sparsity", "0.5"], "--update obs"),  # a baseline: auto adds no update
+    (["--damp", "0.1", "--criterion", "magnitude"], "--update obs"),  # data-free: auto adds no update
     (["--target-sparsity", "0.5", "--sparsity", "0.3"], "--target-sparsity"),
     (["--update", "obs", "--scope", "global"], "--scope"),
 ])

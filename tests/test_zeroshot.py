@@ -290,6 +290,9 @@ def test_benchmark_quick_mode_on_tiny_model(tmp_path, monkeypatch):
     assert ref["sparsity"] == pytest.approx(emp["sparsity"], abs=1e-3)
     ci = emp["vs_dense"]["acc"]
     assert ci["lo"] <= ci["diff"] <= ci["hi"]
+    # the default recipe with and without the OBS update: the same counts, so one Wanda reference
+    obs, plain = (next(r for r in rows if r["key"] == k) for k in ("emp-obs-default", "emp-wanda-default"))
+    assert obs["sparsity"] == plain["sparsity"] and obs["matched"] == plain["matched"]
     assert "| dense |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
 
     # --append --rows: the named rows are computed again, the model's other finished rows are kept

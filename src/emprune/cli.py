@@ -286,10 +286,13 @@ def _add_prune_parser(sub) -> None:
     pr.add_argument("--count-unit", choices=("unit", "layer"), default=None,
                     help="override the recipe: one count per unit, or per layer spread over its rows")
     g = pr.add_argument_group("reconstruction and allocation")
-    g.add_argument("--update", choices=("obs",), default=None,
+    g.add_argument("--update", choices=("auto", "obs", "none"), default="auto",
                    help="obs: after the counts are decided, SparseGPT's second-order reconstruction chooses which "
                         "weights of each row go (exactly the decided count per row) and updates the others, "
-                        "layer-wise on the outputs of the already-pruned blocks; with --sparsity this is SparseGPT")
+                        "layer-wise on the outputs of the already-pruned blocks; with --sparsity this is SparseGPT. "
+                        "none: the criterion chooses, nothing is rewritten. auto (default): the recipe's (obs for "
+                        "the default recipe) when EMP decides the counts with an activation-aware criterion such "
+                        "as wanda; none for --sparsity/--nm baselines, data-free criteria and --scope global")
     g.add_argument("--damp", type=_damp, default=None,
                    help="dampening of the OBS update: the fraction of the Hessian's diagonal added to it (see "
                         f"--damp-kind; default {DEFAULT_DAMP:g}, chosen on text nobody calibrated on; larger values "
@@ -467,17 +470,19 @@ def _cmd_prune(args) -> int:
     _check_device(args.device)
     check_options(args.scope, args.beta, args.sparsity, mk)
     recipe = get_recipe(args.recipe, count_by=args.count_by, min_keep=mk, count_unit=args.count_unit)
-    if args.damp is not None and args.update is None:
-        raise ValueError("--damp sets the OBS update's dampening: give --update obs too")
     lm_opts = dict(update=args.update, damp=DEFAULT_DAMP if args.damp is None else args.damp,
                    damp_kind=args.damp_kind, nm=args.nm,
                    target_sparsity=args.target_sparsity, allocation=args.allocation)
     try:
-        check_lm_options(criterion=args.criterion, scope=args.scope, beta=args.beta, sparsity=args.sparsity,
+        plan = check_lm_options(criterion=args.criterion, scope=args.scope, beta=args.beta, sparsity=args.sparsity,
                          targets=args.targets, recipe=args.recipe, count_by=args.count_by, min_keep=mk,
                          count_unit=args.count_unit, **lm_opts)
     except ValueError as e:  # name the options as the command line spells them
         raise ValueError(_cli_names(str(e))) from None
+    if args.damp is not None and plan.update is None:
+        raise ValueError("--damp sets the OBS update's dampening, and this run has no update: give --update obs "
+                         "(--update auto adds it only where EMP decides the counts with an activation-aware "
+                         "criterion)")
     out = models.check_out_dir(args.out, args.overwrite)
     for note in models.clean_stale_temporaries(out):
         print(note, file=sys.stderr)

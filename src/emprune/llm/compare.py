@@ -38,7 +38,7 @@ import torch
 
 from .. import criteria as C
 from .memory import PeakMemory, fmt_bytes
-from .prune import (RECIPES, LMPruneResult, Recipe, _spread, criterion_choices, get_recipe, prune_lm,
+from .prune import (RECIPES, LMPruneResult, Recipe, _spread, auto_update, criterion_choices, get_recipe, prune_lm,
                     target_modules, versions)
 
 #: the criteria of the fixed-sparsity, matched and uniform baselines (the papers' two)
@@ -63,6 +63,7 @@ class RunSpec:
     recipe: Recipe | None = None
     ref: str | None = None  # key of the reference run (matched, uniform)
     how: str = ""
+    update: str | None = None  # the reconstruction the run applies (emp: its recipe's; uniform: its reference's)
     same_as: list[str] = field(default_factory=list)
 
 
@@ -71,20 +72,21 @@ def _count_source(spec: RunSpec) -> str:
     return spec.criterion if spec.recipe.count_by == "same" else spec.recipe.count_by
 
 
-def _emp_key(criterion: str, source: str, recipe: Recipe, beta: float) -> str:
-    return f"emp|{criterion}|{source}|{recipe.count_unit}|{recipe.min_keep}|{beta:g}"
+def _emp_key(criterion: str, source: str, recipe: Recipe, beta: float, update: str | None = None) -> str:
+    return f"emp|{criterion}|{source}|{recipe.count_unit}|{recipe.min_keep}|{beta:g}|{update}"
 
 
-def _how(criterion: str, r: Recipe, beta: float) -> str:
+def _how(criterion: str, r: Recipe, beta: float, update: str | None = None) -> str:
     src = r.count_by if r.count_by != "same" else criterion
     txt = f"EMP beta={beta:g}: N_eff of {_SCORES.get(src, src + ' scores')} per "
     txt += "layer, spread over rows" if r.count_unit == "layer" else "unit"
     if r.min_keep is not None:
         txt += f", floor {r.min_keep:g}" if isinstance(r.min_keep, float) else f", floor {r.min_keep}"
-    return txt
+    return txt + (f"; {update.upper()} chooses which and updates the rest" if update else "")
 
 
-def _emp_specs(beta: float, extra_recipes: Sequence[str], baselines: Sequence[str]) -> list[RunSpec]:
+def _emp_specs(beta: float, extra_recipes: Sequence[str], baselines: Sequence[str],
+               scope: str = "row") -> list[RunSpec]:
     """The EMP runs: each baseline criterion with the paper's recipe, then EMP-Wanda with the
     default recipe and the extra ones (duplicates of an earlier run dropped)."""
     paper = RECIPES["paper"]
@@ -92,18 +94,23 @@ def _emp_specs(beta: float, extra_recipes: Sequence[str], baselines: Sequence[st
                    how=_how(c, paper, beta)) for c in baselines]
     for name in ("default", *extra_recipes):
         r = get_recipe(name)
-        spec = RunSpec("", f"EMP-Wanda ({name})", "emp", "wanda", recipe=r, how=_how("wanda", r, beta))
-        spec.key = _emp_key("wanda", _count_source(spec), r, beta)
+        upd = auto_update(r, "wanda", scope)
+        spec = RunSpec("", f"EMP-Wanda ({name})", "emp", "wanda", recipe=r, how=_how("wanda", r, beta, upd),
+                       update=upd)
+        spec.key = _emp_key("wanda", _count_source(spec), r, beta, upd)
         out.append(spec)
     return list({r.key: r for r in out}.values())  # order kept, duplicates (default == paper) dropped
 
 
 def plan(beta: float = 1.0, sparsity: float = 0.5, extra_recipes: Sequence[str] = (),
-         uniform: bool = True, matched: bool = True, baselines: Sequence[str] = BASELINES) -> list[RunSpec]:
+         uniform: bool = True, matched: bool = True, baselines: Sequence[str] = BASELINES,
+         scope: str = "row") -> list[RunSpec]:
     """The runs of one target set, in execution order, duplicates folded into ``same_as``.
 
     ``baselines``: registered criteria (usable layer-wise) of the fixed-sparsity, matched and
-    uniform rows, and of the paper-recipe EMP rows."""
+    uniform rows, and of the paper-recipe EMP rows. A uniform run applies its reference's update
+    (an EMP run with OBS is set against OBS at the same pruned fraction in every row: only the
+    allocation differs); matched runs apply none (the criterion chooses at the reference's counts)."""
     for c in baselines:
         if c not in criterion_choices():
             raise ValueError(f"baselines must be among {', '.join(criterion_choices())}; got {c!r}")
@@ -122,7 +129,7 @@ def plan(beta: float = 1.0, sparsity: float = 0.5, extra_recipes: Sequence[str] 
     for c in baselines:
         add(RunSpec(f"fixed|{c}|{sparsity:.6f}", f"{_display(c)} {pct}", "fixed", c, sparsity,
                     how=f"{pct} of every unit"))
-    emp = [add(spec) for spec in _emp_specs(beta, extra_recipes, baselines)]
+    emp = [add(spec) for spec in _emp_specs(beta, extra_recipes, baselines, scope)]
     for ref in emp if matched else ():
         src = _count_source(ref)
         for crit in baselines:
@@ -138,8 +145,11 @@ def plan(beta: float = 1.0, sparsity: float = 0.5, extra_recipes: Sequence[str] 
     for ref in emp if uniform else ():
         crit = ref.criterion
         assert crit is not None
-        add(RunSpec(f"uniform|{crit}|{ref.key}", f"{_display(crit)} uniform @{ref.label}", "uniform", crit,
-                    ref=ref.key, how=f"pruned fraction of {ref.label}, equal in every unit"))
+        name = ref.update.upper() if ref.update else _display(crit)
+        add(RunSpec(f"uniform|{crit}|{ref.key}", f"{name} uniform @{ref.label}", "uniform", crit,
+                    ref=ref.key, how=f"pruned fraction of {ref.label}, equal in every unit"
+                    + (f"; {ref.update.upper()} chooses which and updates the rest" if ref.update else ""),
+                    update=ref.update))
     return runs
 
 
@@ -235,18 +245,20 @@ def _prune_kwargs(spec: RunSpec, bench: _Bench, targets: str, scope: str, beta: 
     if spec.kind == "fixed":
         kw["sparsity"] = spec.sparsity
     elif spec.kind == "emp":
-        kw.update(beta=beta, recipe=spec.recipe)
+        kw.update(beta=beta, recipe=spec.recipe, update=spec.update)
     elif spec.kind == "matched":
         kw.update(counts=counts[spec.ref], counts_from=done[spec.ref]["label"])  # type: ignore[index]
     elif spec.kind == "uniform":  # the reference's pruned fraction in every layer, rows within one entry
         p = done[spec.ref]["pruned_fraction"]  # type: ignore[index]
-        kw.update(counts=uniform_counts(bench.model, targets, p), counts_from=f"uniform {100 * p:.2f}%")
+        kw.update(counts=uniform_counts(bench.model, targets, p), counts_from=f"uniform {100 * p:.2f}%",
+                  update=spec.update)
     return kw
 
 
 def _uniform_label(spec: RunSpec, p: float, ref_label: str, taken: set[str]) -> str:
     """``Wanda uniform @37.6%`` (with the reference run named where that repeats a label)."""
-    label = f"{_display(spec.criterion or '')} uniform @{100 * p:.1f}%"
+    name = spec.update.upper() if spec.update else _display(spec.criterion or "")
+    label = f"{name} uniform @{100 * p:.1f}%"
     return label if label not in taken else f"{label} ({ref_label})"
 
 
@@ -260,6 +272,7 @@ def _row(spec: RunSpec, res: LMPruneResult, kw: dict[str, Any], label: str) -> d
         "key": spec.key, "label": label, "kind": spec.kind, "criterion": spec.criterion,
         "how": spec.how, "ref": spec.ref, "same_as": spec.same_as,
         "recipe": spec.recipe.to_dict() if spec.recipe else None,
+        "update": (res.info["update"] or {}).get("method"),
         "target_sparsity": kw.get("sparsity"),
         "pruned_fraction": res.pruned_fraction,
         "zeros_fraction": res.zeros_fraction,
@@ -345,7 +358,7 @@ def run_compare(
     for t in targets:
         if t not in ("mlp", "linear"):
             raise ValueError(f"targets must be mlp and/or linear; got {t!r}")
-    specs = {t: plan(beta, sparsity, extra_recipes, uniform, matched) for t in targets}
+    specs = {t: plan(beta, sparsity, extra_recipes, uniform, matched, scope=scope) for t in targets}
     t_start = time.perf_counter()
     out = Path(out)
     eval_seqlen = eval_seqlen or seqlen
@@ -446,10 +459,11 @@ def _cell(s: str) -> str:
 NAMES_NOTE = (
     "Method names: *X 50%* = criterion X pruning 50% of every row; *EMP-X (recipe)* = EMP with "
     "criterion X choosing which entries, the recipe saying where the counts come from (paper: X's own "
-    "scores; default: N_eff of \\|W\\|); *X @EMP-run counts* (**matched**) = criterion X keeping exactly "
-    "the per-row counts of that EMP run, so only which entries are kept differs; *X uniform @p%* "
-    "(**uniform**) = criterion X pruning the EMP run's overall pruned fraction p in every row, so only "
-    "the spread of the counts over the rows differs.")
+    "scores; default: N_eff of \\|W\\|, then OBS chooses which and updates the rest); *X @EMP-run "
+    "counts* (**matched**) = criterion X keeping exactly the per-row counts of that EMP run, so only "
+    "which entries are kept differs; *X uniform @p%* (**uniform**) = criterion X pruning the EMP run's "
+    "overall pruned fraction p in every row, so only the spread of the counts over the rows differs "
+    "(*OBS uniform @p%*: the same with OBS choosing and updating, for an EMP run with the OBS update).")
 
 
 def _section_table(sec: dict[str, Any], dense: dict[str, Any]) -> list[str]:

@@ -36,7 +36,7 @@ from .models import block_linears, decoder_layers
 
 #: defaults of :func:`heal` (chosen on SmolLM2-135M's held-out texts, not searched: benchmarks/results/
 #: heal_smollm2.md). The next-token loss at 2e-4 fits the healing text and makes other text worse on
-#: lightly pruned models (default recipe: python-docs 18.64 -> 20.36); at 3e-5 both texts improve
+#: lightly pruned models (EMP count-magnitude: python-docs 18.64 -> 20.36); at 3e-5 both texts improve
 #: (25.99 / 17.17). Distillation at 2e-4 improved both texts in every row measured. LoRA's 1e-3
 #: behaves like full fine-tuning at 2e-4 (fits the healing text); not searched further.
 DEFAULT_LR = 3e-5

