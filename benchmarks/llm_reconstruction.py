@@ -70,8 +70,10 @@ LABELS = {
 def _label(r: dict[str, Any]) -> str:
     """A row's name, from its key at render time (rows keep their meaning when names change)."""
     kind = (r.get("options") or {}).get("damp_kind", "mean")
-    return LABELS.get(r["row"], r["label"]) + (f" (damp {r['damp']:g}{'' if kind == 'mean' else ' ' + kind})"
-                                               if r.get("damp") is not None else "")
+    name = LABELS.get(r["row"]) or r.get("label") or r["row"]
+    if r.get("damp") is None:
+        return name
+    return f"{name} (damp {r['damp']:g}{'' if kind == 'mean' else ' ' + kind})"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
