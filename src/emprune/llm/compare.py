@@ -145,8 +145,7 @@ def plan(beta: float = 1.0, sparsity: float = 0.5, extra_recipes: Sequence[str] 
     for ref in emp if uniform else ():
         crit = ref.criterion
         assert crit is not None
-        name = ref.update.upper() if ref.update else _display(crit)
-        add(RunSpec(f"uniform|{crit}|{ref.key}", f"{name} uniform @{ref.label}", "uniform", crit,
+        add(RunSpec(f"uniform|{crit}|{ref.key}", f"{_uniform_name(crit, ref.update)} uniform @{ref.label}", "uniform", crit,
                     ref=ref.key, how=f"pruned fraction of {ref.label}, equal in every unit"
                     + (f"; {ref.update.upper()} chooses which and updates the rest" if ref.update else ""),
                     update=ref.update))
@@ -255,10 +254,14 @@ def _prune_kwargs(spec: RunSpec, bench: _Bench, targets: str, scope: str, beta: 
     return kw
 
 
+def _uniform_name(criterion: str, update: str | None) -> str:
+    """Who chooses in a uniform run: the update (``OBS``) if it has one, else the criterion."""
+    return update.upper() if update else _display(criterion)
+
+
 def _uniform_label(spec: RunSpec, p: float, ref_label: str, taken: set[str]) -> str:
     """``Wanda uniform @37.6%`` (with the reference run named where that repeats a label)."""
-    name = spec.update.upper() if spec.update else _display(spec.criterion or "")
-    label = f"{name} uniform @{100 * p:.1f}%"
+    label = f"{_uniform_name(spec.criterion or '', spec.update)} uniform @{100 * p:.1f}%"
     return label if label not in taken else f"{label} ({ref_label})"
 
 
