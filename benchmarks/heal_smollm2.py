@@ -12,11 +12,13 @@ Rows (each built from the same dense model, calibration 32 x 256 tokens of WikiT
 * ``emp60``: the same at ``--emp-beta`` (0.64: about 60 %);
 * ``uniform25``: 25 % of the MLP neurons of every layer removed (``shrink_lm(keep=0.75,
   uniform=True)``: fluctuation scores, no compensation; a stock config);
-* ``shrink``: ``emprune shrink``'s default (global z-score allocation of fluctuation scores,
-  bias compensation; about 22 % of the non-embedding parameters);
+* ``shrink``: ``emprune shrink``'s default until session 8, recipe ``zscore`` (global z-score
+  allocation of fluctuation scores, bias compensation; about 22 % of the non-embedding parameters);
 * ``uniform-shrink``: its fixed-size baseline, the same fraction of MLP neurons removed in every
   layer by the activation score, at the ``shrink`` row's kept parameter count (as
-  ``shrink_smollm2.py``'s "uniform activation @default"), so the two compare healed at equal size.
+  ``shrink_smollm2.py``'s "uniform activation @default"), so the two compare healed at equal size;
+* ``shrink-sens`` / ``uniform-sens``: the same pair for the default since, recipe ``sensitivity``
+  (EMP's total removed where the measured loss increase is smallest).
 
 Each row is healed by full fine-tuning and by LoRA (``--modes``) with the same token budget
 (``--steps`` x ``--batch`` x ``--seqlen`` tokens of WikiText-2 *validation*, the calibration text),
@@ -46,15 +48,17 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 
-ROWS = ("dense", "default", "wanda50", "emp60", "uniform25", "shrink", "uniform-shrink")
+ROWS = ("dense", "default", "wanda50", "emp60", "uniform25", "shrink", "uniform-shrink", "shrink-sens", "uniform-sens")
 LABELS = {
     "dense": "dense (control)",
     "default": "EMP count-magnitude (default then)",
     "wanda50": "Wanda 50%",
     "emp60": "EMP count-magnitude, beta<1",
     "uniform25": "uniform 25% MLP neurons removed",
-    "shrink": "emprune shrink default",
+    "shrink": "emprune shrink zscore (default then)",
     "uniform-shrink": "uniform activation, shrink's size",
+    "shrink-sens": "emprune shrink default (sensitivity)",
+    "uniform-sens": "uniform activation, sensitivity's size",
 }
 
 
@@ -77,9 +81,10 @@ def build(row: str, dense: nn.Module, calib: torch.Tensor, args) -> tuple[nn.Mod
                        progress=False, batch_size=8, **kw)
         info = {"targets": [l["name"] for l in res.info["layers"]], "pruned_fraction": res.pruned_fraction}
     else:
-        kw = {"keep": 0.75, "uniform": True} if row == "uniform25" else {}
-        if row == "uniform-shrink":  # the shrink default's kept MLP parameters, the same share in every layer
-            ref, _ = shrink_lm(copy.deepcopy(dense), calib, units="mlp", progress=False)
+        recipe = {"shrink": "zscore", "uniform-shrink": "zscore"}.get(row, "sensitivity")
+        kw = {"keep": 0.75, "uniform": True} if row == "uniform25" else {"recipe": recipe, "scope": "global"}
+        if row in ("uniform-shrink", "uniform-sens"):  # the EMP row's kept MLP parameters, the same share everywhere
+            ref, _ = shrink_lm(copy.deepcopy(dense), calib, units="mlp", progress=False, **kw)
             kw = {"criterion": "activation", "keep": {"params": sum(g.params_after for g in ref.groups)}}
         report, summ = shrink_lm(m, calib, units="mlp", progress=False, **kw)
         info = {"targets": None, "pruned_fraction": summ["summary"]["removed_fraction_non_embedding"],

@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO / "benchmarks" / "small_models"))
 
 from emprune.structured import find_groups, score_units, shrink  # noqa: E402
 from emprune.structured.scores import activation, magnitude  # noqa: E402
-from emprune.structured.shrink import (DEFAULT_CRITERION, DEFAULT_RECIPE, DEFAULT_RECIPE_MIXED,  # noqa: E402
+from emprune.structured.shrink import (DEFAULT_CRITERION, DEFAULT_RECIPE, DEFAULT_RECIPE_LM, DEFAULT_RECIPE_MIXED,  # noqa: E402
                                        DEFAULT_SCOPE, macs_lm)
 
 
@@ -62,19 +62,44 @@ def median_time(fn, runs: int) -> float:
     return statistics.median(ts)
 
 
+def paired_times(fa, fb, runs: int) -> tuple[list[float], list[float]]:
+    """Times of ``fa`` and ``fb`` run alternately (one warm-up each): load changes on the box hit
+    both members of a pair, so per-pair ratios are far less noisy than ratios of separate medians."""
+    fa(), fb()
+    ta, tb = [], []
+    for _ in range(runs):
+        for f, ts in ((fa, ta), (fb, tb)):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+    return ta, tb
+
+
 @torch.no_grad()
-def latency(model: nn.Module, vocab: int, args) -> dict:
+def latency(model: nn.Module, vocab: int, args, dense: nn.Module | None = None) -> dict:
+    """Prefill and decode medians; with ``dense``, measured in alternation with it and the
+    speedups as medians of the per-pair ratios (``prefill_speedup``, ``decode_speedup``)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (args.prefill_batch, args.prefill_len), generator=g)
-    prefill = median_time(lambda: model(x, use_cache=False), args.latency_runs)
     prompt = torch.randint(0, vocab, (1, 16), generator=g)
 
-    def decode():
-        model.generate(prompt, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens,
+    def fns(m):
+        def decode():
+            m.generate(prompt, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens,
                        do_sample=False, pad_token_id=0)
+        return (lambda: m(x, use_cache=False)), decode
 
-    dec = median_time(decode, args.latency_runs)
-    return {"prefill_s": prefill, "decode_s": dec}
+    (pre, dec), out = fns(model), {}
+    if dense is None:
+        return {"prefill_s": median_time(pre, args.latency_runs), "decode_s": median_time(dec, args.latency_runs)}
+    dpre, ddec = fns(dense)
+    for key, fd, fm in (("prefill", dpre, pre), ("decode", ddec, dec)):
+        td, tm = paired_times(fd, fm, args.latency_runs)
+        out[f"{key}_s"], out[f"{key}_dense_s"] = statistics.median(tm), statistics.median(td)
+        ratios = sorted(a / b for a, b in zip(td, tm))
+        out[f"{key}_speedup"] = statistics.median(ratios)
+        out[f"{key}_speedup_range"] = [ratios[0], ratios[-1]]
+    return out
 
 
 def disk_bytes(model: nn.Module) -> int:
@@ -128,7 +153,7 @@ def run_llm(args, R: dict) -> None:
                "macs_per_token": macs_lm(m, 512)}
         row["ppl_wikitext"] = perplexity(m, wt, args.eval_seqlen, progress=False)["ppl"]
         row["ppl_other"] = perplexity(m, py, args.eval_seqlen, progress=False)["ppl"]
-        row.update(latency(m, vocab, args))
+        row.update(latency(m, vocab, args, None if m is model else model))
         if rep is not None:
             row["removed_non_embedding"] = rep.removed_fraction_non_embedding
             row["widths"] = rep.widths()
@@ -143,7 +168,7 @@ def run_llm(args, R: dict) -> None:
             m = copy.deepcopy(model)
             g = find_groups(m, units)
             sc = [by_name[criterion][x.name] for x in g]
-            rep = shrink(m, units=units, criterion=criterion, scored=(g, sc, stats), **kw)
+            rep = shrink(m, units=units, criterion=criterion, scored=(g, sc, stats), calibration=calib, **kw)
             row = evaluate(m, label, units, rep)
             kept = sum(x.params_after for x in rep.groups)
             del m
@@ -156,6 +181,9 @@ def run_llm(args, R: dict) -> None:
             continue
         row, p_pap = make("EMP paper (activation, layer)", "activation", recipe="paper", scope="layer")
         R["llm"]["rows"].append(row)
+        # the other allocation of EMP's total: the previous default (one kind) or the LM default (several)
+        other = DEFAULT_RECIPE if "," not in units else DEFAULT_RECIPE_LM
+        R["llm"]["rows"].append(make(f"EMP {other}", DEFAULT_CRITERION, recipe=other, scope="global")[0])
         for label, crit, kw in (("uniform fluct+comp @default", DEFAULT_CRITERION, {"compensate": True}),
                                 ("uniform activation @default", "activation", {}),
                                 ("magnitude @default", "magnitude", {})):
@@ -258,15 +286,18 @@ def write(args, R: dict) -> None:
 def markdown(R: dict) -> str:
     a = R["args"]
     L = [f"# emprune shrink: structured EMP on {a['model']}{' (QUICK smoke run)' if a['quick'] else ''}", "",
-         f"Command: `{R['command']}`  ", f"Machine: {R['env']}. Latencies are medians of the runs, ratios against dense measured in the "
-         "same run; on this 2-core box prefill medians of rows with equal MACs differ by up to ~10 %, so "
-         "the 70% target column is only indicative. " + R.get("conditions", ""), "",
+         f"Command: `{R['command']}`  ", f"Machine: {R['env']}. Latency: every row is timed in alternation with "
+         "the dense model (dense, row, dense, row, ...); a speedup is the median of the per-pair ratios "
+         "(range of the pairs in the JSON), which cancels most of the drift of a shared 2-core box. "
+         + R.get("conditions", ""), "",
          f"Calibration: {a['calib_samples']} x {a['seqlen']} tokens of WikiText-2 validation. Perplexity: first "
          f"{a['eval_tokens']} tokens of WikiText-2 test and of python-docs (held out), windows of {a['eval_seqlen']}. "
          f"Latency: prefill {a['prefill_batch']} x {a['prefill_len']} tokens, batch-1 greedy decode of "
-         f"{a['decode_tokens']} tokens, median of {a['latency_runs']}. MACs per token at context 512, LM head included. "
-         f"EMP default = criterion `{DEFAULT_CRITERION}`, scope `{DEFAULT_SCOPE}`, recipe `{DEFAULT_RECIPE}` for one unit "
-         f"kind, `{DEFAULT_RECIPE_MIXED}` for mlp,heads.", ""]
+         f"{a['decode_tokens']} tokens, {a['latency_runs']} pairs. MACs per token at context 512, LM head included. "
+         f"EMP default = criterion `{DEFAULT_CRITERION}`, scope `{DEFAULT_SCOPE}`, recipe `{DEFAULT_RECIPE_LM}` for one unit "
+         f"kind, `{DEFAULT_RECIPE_MIXED}` for mlp,heads. `sensitivity`: EMP's total (per-layer N_eff of sqrt(fluctuation)), "
+         "removed where the loss measured on 1,024 calibration tokens rises least when one layer alone loses half its "
+         "units; `zscore` (the default before): the same total, removed in the order of per-layer standardised scores.", ""]
     rows = R["llm"]["rows"]
     if rows:
         d = rows[0]
@@ -275,11 +306,12 @@ def markdown(R: dict) -> str:
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             mr = d["macs_per_token"] / r["macs_per_token"]
-            sp = d["prefill_s"] / r["prefill_s"]
+            sp = r.get("prefill_speedup", d["prefill_s"] / r["prefill_s"])
+            dsp = r.get("decode_speedup", d["decode_s"] / r["decode_s"])
             ok = "" if r is d else ("yes" if sp - 1 >= 0.7 * (mr - 1) else "no")
             rem = 1 - r["params_non_embedding"] / d["params_non_embedding"]
             L.append(f"| {r['units']} | {r['label']} | {r['params']:,} | {100 * rem:.1f}% | {r['disk_bytes'] / 1e6:.1f} | "
-                     f"{r['macs_per_token']:,} (x{mr:.3f}) | x{sp:.3f} | {ok} | x{d['decode_s'] / r['decode_s']:.3f} | "
+                     f"{r['macs_per_token']:,} (x{mr:.3f}) | x{sp:.3f} | {ok} | x{dsp:.3f} | "
                      f"{r['ppl_wikitext']:.2f} (x{r['ppl_wikitext'] / d['ppl_wikitext']:.3f}) | "
                      f"{r['ppl_other']:.2f} (x{r['ppl_other'] / d['ppl_other']:.3f}) |")
         L += ["", "70% target: (prefill speedup - 1) >= 0.7 x (MACs_dense / MACs_shrunk - 1).", ""]
@@ -359,6 +391,7 @@ def main(argv=None) -> int:
                     help="JSON of another run: its non-dense rows replace the rows with the same units and label")
     ap.add_argument("--lean", action="store_true", help="skip the 'uniform activation @paper' rows")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny LLaMA, tiny sizes")
+    ap.add_argument("--conditions", default="", help="a sentence on the machine's state during the run (for the table)")
     args = ap.parse_args(argv)
     if args.quick:
         args.calib_samples, args.seqlen, args.eval_tokens, args.eval_seqlen = 4, 32, 256, 32
@@ -369,7 +402,7 @@ def main(argv=None) -> int:
          "args": {**vars(args), "units": args.units},
          "env": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
          "llm": {"rows": []}, "cnn": {"rows": []},
-         "exploration": None}
+         "exploration": None, "conditions": args.conditions}
     t0 = time.perf_counter()
     if not args.no_llm:
         run_llm(args, R)

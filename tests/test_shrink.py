@@ -213,6 +213,103 @@ def test_default_removes_what_counts_say():
     assert removed(default) > 0
 
 
+def _params(m: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in m.named_parameters()}
+
+
+@pytest.mark.parametrize("units", ["mlp", "heads"])
+def test_sensitivity_leaves_the_model_as_it_was(units):
+    """Measuring every group's loss increase masks, compensates and restores: nothing changes,
+    no bias is left behind, and removing half of a group never costs nothing on every group."""
+    from emprune.structured.sensitivity import group_sensitivity
+    from emprune.structured.shrink import _lm_loss, lm_batches
+
+    model = tiny_llama()
+    before = _params(model)
+    groups, scores, stats = score_units(model, units, "fluctuation", CALIB)
+    sens = group_sensitivity(model, groups, scores, lm_batches(CALIB), _lm_loss, fraction=0.5, compensate=True,
+                             means=[stats.mean(g) for g in groups])
+    after = _params(model)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert len(sens) == len(groups) and any(abs(x) > 0 for x in sens)
+
+
+@given(st.lists(st.floats(1e-4, 10.0), min_size=2, max_size=6), st.floats(0.05, 0.6))
+@settings(max_examples=40, deadline=None)
+def test_sensitivity_allocation_law(sens, share):
+    """Equal groups: the removed total is what was asked (to one unit per group), no group goes
+    below its floor, and a more sensitive group never loses more units than a less sensitive one."""
+    from emprune.structured.sensitivity import allocate_by_sensitivity
+
+    model = tiny_llama(layers=len(sens))
+    groups = find_groups(model, "mlp")
+    ppu, n = groups[0].params_per_unit(), groups[0].n
+    target = share * n * ppu * len(groups)
+    ks = allocate_by_sensitivity(groups, sens, target, 0.5, [0.75] * len(groups))
+    removed = sum(n - k for k in ks) * ppu
+    assert abs(removed - target) <= len(groups) * ppu
+    assert all(k >= n - round(0.75 * n) for k in ks)
+    for i in range(len(sens)):
+        for j in range(len(sens)):
+            if sens[i] > sens[j]:
+                assert ks[i] >= ks[j]
+
+
+def test_lm_default_is_sensitivity_and_reports_it():
+    """With calibration tokens a decoder LM gets the sensitivity recipe (one unit kind), every
+    group reports its measured loss increase, and the total is EMP's (the zscore recipe's)."""
+    model = tiny_llama(layers=4)
+    rep = shrink(copy.deepcopy(model), units="mlp", calibration=CALIB)
+    assert rep.recipe["name"] == "sensitivity" and rep.scope == "global"
+    assert all(g.sensitivity is not None for g in rep.groups)
+    assert all(g.units_after >= math.ceil(0.25 * g.units_before) for g in rep.groups)
+    # the total is EMP's, unaffected by the 25 % floor (which only bounds where it goes)
+    z = shrink(copy.deepcopy(model), units="mlp", calibration=CALIB, recipe="zscore", scope="global")
+    removed = lambda r: sum(g.units_before - g.units_after for g in r.groups)
+    assert abs(removed(rep) - removed(z)) <= len(rep.groups)
+    # several unit kinds keep the measured mixed default; no calibration keeps the data-free one
+    assert shrink(copy.deepcopy(model), units="mlp,heads", calibration=CALIB).recipe["name"] == "mean-joint"
+    assert shrink(copy.deepcopy(model), units="mlp").recipe["name"] == "zscore"
+    assert shrink(copy.deepcopy(model), units="mlp", calibration=CALIB, scope="layer").recipe["name"] == "zscore"
+
+
+def test_sensitivity_total_is_emps_even_below_the_floor():
+    """A heavy-tailed group whose EMP count is under the 25 % floor: the floor bounds where the
+    total goes, it does not shrink the total (it did once: 0.9 % fewer parameters removed)."""
+    from emprune.structured.shrink import RECIPES, _decide
+
+    groups = find_groups(tiny_llama(), "mlp")
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.rand(96, generator=g, dtype=torch.float64) + 1 for _ in groups]
+    scores[0] = torch.full((96,), 1e-6, dtype=torch.float64)
+    scores[0][0] = 1.0  # N_eff of sqrt(score) ~ 1: EMP keeps 1 of 96 here
+    kept = {}
+    for name in ("zscore", "sensitivity"):
+        masks, _, emp_k, _ = _decide(groups, scores, scores, RECIPES[name], 1.0, "global", None, "query",
+                                     sens=[1.0, 2.0, 3.0])
+        kept[name] = sum(int(m.sum()) for m in masks)
+        if name == "sensitivity":
+            assert emp_k[0] == 1 and all(int(m.sum()) >= 24 for m in masks)
+    assert abs(kept["sensitivity"] - kept["zscore"]) <= len(groups)
+
+
+def test_sensitivity_recipe_refusals():
+    model = tiny_llama(layers=1)
+    with pytest.raises(ValueError, match="use scope='global'"):
+        shrink(model, units="mlp", recipe="sensitivity", scope="layer", calibration=CALIB)
+    with pytest.raises(ValueError, match="measures the loss"):
+        shrink(model, units="mlp", recipe="sensitivity", criterion="magnitude")
+    small = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="loss_fn"):
+        shrink(small, units="neurons", criterion="activation", recipe="sensitivity", calibration=[torch.randn(5, 4)])
+    # with a loss it runs on a plain network too
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    rep = shrink(small, units="neurons", criterion="activation", recipe="sensitivity", calibration=[(x, y)],
+                 loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
+    assert rep.groups[0].sensitivity is not None
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(units="attention"), "units must be"), (dict(scope="row"), "scope must be"),
     (dict(criterion="wanda"), "criterion must be"), (dict(keep=1.5), "keep as a fraction"),

@@ -72,7 +72,8 @@ def shrink_lm(
     """Shrink ``model`` in place; returns the report and the JSON summary for ``emprune.json``.
 
     ``calib_tokens`` ``[n, seqlen]`` feed activation / fluctuation / Taylor scores and the bias
-    compensation (one dense pass). Other options as in :func:`emprune.shrink`."""
+    compensation (one dense pass); the default recipe (``sensitivity``) also measures the loss on
+    their first 1,024 tokens once per group. Other options as in :func:`emprune.shrink`."""
     from tqdm.auto import tqdm
 
     for u in units.split(","):
@@ -86,7 +87,8 @@ def shrink_lm(
         batches = tqdm(batches, desc="calibrate", unit="batch")
     scored = score_units(model, units, crit, batches, forward=_lm_forward, loss_fn=_lm_loss)
     t_cal = time.perf_counter() - t0
-    kw = dict(units=units, criterion=crit, scope=scope, beta=beta, recipe=recipe, head_mode=head_mode)
+    kw = dict(units=units, criterion=crit, scope=scope, beta=beta, recipe=recipe, head_mode=head_mode,
+              calibration=calib_tokens, progress=progress)
     if uniform:
         comp = (rec.compensate if keep is None else False) if compensate is None else compensate
         dry = shrink(model, keep=keep, scored=scored, compensate=False, dry_run=True, **kw)

@@ -18,8 +18,8 @@ HELP = "remove MLP neurons / attention heads physically with EMP and save a smal
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``shrink`` sub-command to ``subparsers`` (an ``argparse`` sub-parsers object)."""
     from ..structured.scores import UNIT_SCORES
-    from ..structured.shrink import (DEFAULT_CRITERION, DEFAULT_RECIPE, DEFAULT_RECIPE_MIXED, DEFAULT_SCOPE,
-                                     RECIPE_CHOICES, RECIPES)
+    from ..structured.shrink import (DEFAULT_CRITERION, DEFAULT_RECIPE, DEFAULT_RECIPE_LM, DEFAULT_RECIPE_MIXED,
+                                     DEFAULT_SCOPE, RECIPE_CHOICES, RECIPES)
 
     p = subparsers.add_parser(
         "shrink", help=HELP,
@@ -30,7 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "--uniform gives one width per model that plain transformers loads. Default: "
                     f"--units mlp --criterion {DEFAULT_CRITERION} --scope {DEFAULT_SCOPE} --recipe "
                     f"{DEFAULT_RECIPE_MIXED} for several unit kinds ({RECIPES[DEFAULT_RECIPE_MIXED].summary}), "
-                    f"{DEFAULT_RECIPE} for one ({RECIPES[DEFAULT_RECIPE].summary}); "
+                    f"{DEFAULT_RECIPE_LM} for one ({RECIPES[DEFAULT_RECIPE_LM].summary}; {DEFAULT_RECIPE} without "
+                    "calibration data or with --scope layer); "
                     "--recipe paper --scope layer is the paper's exact rule.")
     p.add_argument("model", help="causal LM: a transformers folder, a .gguf file, a hub id (online) or smollm2-135m")
     p.add_argument("--out", required=True, help="output folder (created; see --overwrite)")
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
     criterion = args.criterion or DEFAULT_CRITERION
     comp = args.compensate if args.compensate is not None else (rec.compensate and keep is None)
-    needs_data = NEEDS[criterion] is not None or comp
+    needs_data = NEEDS[criterion] is not None or comp or rec.allocate == "sensitivity"
     src = text = None
     if needs_data:  # the text is read before the (slow) model load
         src = args.calib_text if args.calib_text is not None else str(data.default_text_path("calib"))

@@ -1,0 +1,117 @@
+"""Measured per-group sensitivity and the allocation it implies.
+
+Why: EMP's per-layer counts collapse on heavy-tailed unit scores, and allocations that compare
+normalised scores across layers only tie uniform removal (``benchmarks/results/shrink_smollm2.md``).
+What a layer can lose is better read from the loss itself: remove a fixed fraction ``F`` of one
+group's units (the lowest scored, masked, with the recipe's bias compensation), measure the loss
+increase ``d_g`` on a few calibration batches, restore the group, next group.
+
+Allocation: with the quadratic model ``loss_g(f) ~ a_g f^2`` (``a_g = d_g / F^2``), removing a
+given number of parameters ``R`` at least cost (``sum_g a_g f_g^2`` subject to
+``sum_g f_g P_g = R``, ``P_g`` the group's parameters) gives ``f_g = lambda P_g / a_g``, clipped to
+the recipe's per-group ceiling; ``lambda`` is found by bisection. EMP still decides ``R`` (how
+many); the sensitivities only decide where.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .units import KANGroup, UnitGroup
+
+
+@torch.no_grad()
+def _loss(model: nn.Module, batches: list[Any], loss_fn: Callable[[nn.Module, Any], Tensor]) -> float:
+    """Mean loss over ``batches`` (float64 accumulation)."""
+    total = 0.0
+    for b in batches:
+        total += float(loss_fn(model, b).double())
+    return total / max(len(batches), 1)
+
+
+@torch.no_grad()
+def group_sensitivity(model: nn.Module, groups: list[UnitGroup], scores: list[Tensor], batches: Iterable[Any],
+                      loss_fn: Callable[[nn.Module, Any], Tensor], *, fraction: float = 0.5,
+                      compensate: bool = False, means: list[Tensor] | None = None,
+                      select: Callable[[UnitGroup, Tensor, int], Tensor] | None = None,
+                      progress: bool = False) -> list[float]:
+    """Loss increase when each group alone loses ``fraction`` of its units (lowest ``scores``).
+
+    The model is left exactly as it was (the consumer's parameters are restored, a bias created
+    by the compensation is dropped again). ``means``: per-group consumer input means, needed for
+    ``compensate``. ``select(g, s, k)``: keep mask of ``k`` units (default: top-``k``). Returns one
+    float per group (may be slightly negative: removing units can lower the loss)."""
+    from .. import rule
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"sensitivity fraction must lie in (0, 1), got {fraction}")
+    if compensate and means is None:
+        raise ValueError("compensate=True needs the consumers' input means")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("sensitivity needs at least one calibration batch")
+    was = model.training
+    model.eval()
+    base = _loss(model, batches, loss_fn)
+    out: list[float] = []
+    it = enumerate(zip(groups, scores))
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=len(groups), desc="sensitivity", unit="group")
+    try:
+        for j, (g, s) in it:
+            k = max(1, round((1 - fraction) * g.n))
+            keep = select(g, s, k) if select is not None else rule.topk_mask(s, k)
+            c = g.consumer
+            saved = {n: p.detach().clone() for n, p in c.named_parameters(recurse=False)}
+            had_bias = getattr(c, "bias", None) is not None
+            try:
+                if compensate and not isinstance(g, KANGroup):
+                    g.compensate(keep, means[j])
+                g.zero(keep)
+                out.append(_loss(model, batches, loss_fn) - base)
+            finally:
+                if not had_bias and getattr(c, "bias", None) is not None and "bias" not in saved:
+                    c.bias = None
+                for n, p in c.named_parameters(recurse=False):
+                    p.copy_(saved[n])
+    finally:
+        model.train(was)
+    return out
+
+
+def allocate_by_sensitivity(groups: list[UnitGroup], sens: list[float], removed_params: float, fraction: float,
+                            max_remove: list[float]) -> list[int]:
+    """Units to keep per group: ``f_g = min(max_remove_g, lambda P_g / a_g)`` with
+    ``a_g = max(sens_g, tiny) / fraction^2``, ``lambda`` bisected so that the removed
+    parameters (``sum f_g n_g * params_per_unit``) reach ``removed_params``."""
+    n = torch.tensor([g.n for g in groups], dtype=torch.float64)
+    ppu = torch.tensor([g.params_per_unit() for g in groups], dtype=torch.float64)
+    size = n * ppu
+    pos = [x for x in sens if x > 0]
+    tiny = (min(pos) if pos else 1.0) * 1e-3  # a group that did not hurt is the cheapest, not free
+    a = torch.tensor([max(x, tiny) for x in sens], dtype=torch.float64) / fraction ** 2
+    cap = torch.tensor(max_remove, dtype=torch.float64)
+    if removed_params <= 0:
+        return [g.n for g in groups]
+
+    def removed(lam: float) -> float:
+        return float(((lam * size / a).clamp(max=1.0).minimum(cap) * size).sum())
+
+    lo, hi = 0.0, 1.0
+    while removed(hi) < removed_params and hi < 1e300:
+        if bool(((hi * size / a).minimum(cap) >= cap).all()):
+            break  # every group at its ceiling
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if removed(mid) < removed_params:
+            lo = mid
+        else:
+            hi = mid
+    f = (hi * size / a).clamp(max=1.0).minimum(cap)
+    return [max(1, g.n - int(round(float(x) * g.n))) for g, x in zip(groups, f)]
+
