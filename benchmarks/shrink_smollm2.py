@@ -182,7 +182,7 @@ def run_llm(args, R: dict) -> None:
         row, p_pap = make("EMP paper (activation, layer)", "activation", recipe="paper", scope="layer")
         R["llm"]["rows"].append(row)
         # the other allocation of EMP's total: the previous default (one kind) or the LM default (several)
-        other = DEFAULT_RECIPE if "," not in units else DEFAULT_RECIPE_LM
+        other = DEFAULT_RECIPE if "," not in units else DEFAULT_RECIPE_MIXED
         R["llm"]["rows"].append(make(f"EMP {other}", DEFAULT_CRITERION, recipe=other, scope="global")[0])
         for label, crit, kw in (("uniform fluct+comp @default", DEFAULT_CRITERION, {"compensate": True}),
                                 ("uniform activation @default", "activation", {}),
@@ -294,10 +294,11 @@ def markdown(R: dict) -> str:
          f"{a['eval_tokens']} tokens of WikiText-2 test and of python-docs (held out), windows of {a['eval_seqlen']}. "
          f"Latency: prefill {a['prefill_batch']} x {a['prefill_len']} tokens, batch-1 greedy decode of "
          f"{a['decode_tokens']} tokens, {a['latency_runs']} pairs. MACs per token at context 512, LM head included. "
-         f"EMP default = criterion `{DEFAULT_CRITERION}`, scope `{DEFAULT_SCOPE}`, recipe `{DEFAULT_RECIPE_LM}` for one unit "
-         f"kind, `{DEFAULT_RECIPE_MIXED}` for mlp,heads. `sensitivity`: EMP's total (per-layer N_eff of sqrt(fluctuation)), "
+         f"EMP default = criterion `{DEFAULT_CRITERION}`, scope `{DEFAULT_SCOPE}`, recipe `{DEFAULT_RECIPE_LM}` "
+         f"(`{DEFAULT_RECIPE}` and `{DEFAULT_RECIPE_MIXED}`: the defaults before, for mlp and mlp,heads). `sensitivity`: EMP's total (per-layer N_eff of sqrt(fluctuation)), "
          "removed where the loss measured on 1,024 calibration tokens rises least when one layer alone loses half its "
-         "units; `zscore` (the default before): the same total, removed in the order of per-layer standardised scores.", ""]
+         "units; `zscore`: the same total, removed in the order of per-layer standardised scores, per unit kind; "
+         "`mean-joint`: scores divided by their layer's mean, heads and neurons in one order.", ""]
     rows = R["llm"]["rows"]
     if rows:
         d = rows[0]

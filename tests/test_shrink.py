@@ -268,8 +268,9 @@ def test_lm_default_is_sensitivity_and_reports_it():
     z = shrink(copy.deepcopy(model), units="mlp", calibration=CALIB, recipe="zscore", scope="global")
     removed = lambda r: sum(g.units_before - g.units_after for g in r.groups)
     assert abs(removed(rep) - removed(z)) <= len(rep.groups)
-    # several unit kinds keep the measured mixed default; no calibration keeps the data-free one
-    assert shrink(copy.deepcopy(model), units="mlp,heads", calibration=CALIB).recipe["name"] == "mean-joint"
+    # several unit kinds too; without calibration (no loss to measure) the data-free defaults
+    assert shrink(copy.deepcopy(model), units="mlp,heads", calibration=CALIB).recipe["name"] == "sensitivity"
+    assert shrink(copy.deepcopy(model), units="mlp,heads").recipe["name"] == "mean-joint"
     assert shrink(copy.deepcopy(model), units="mlp").recipe["name"] == "zscore"
     assert shrink(copy.deepcopy(model), units="mlp", calibration=CALIB, scope="layer").recipe["name"] == "zscore"
 
