@@ -29,9 +29,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "Per-layer widths load with emprune.llm.from_pretrained(DIR) (and emprune eval DIR); "
                     "--uniform gives one width per model that plain transformers loads. Default: "
                     f"--units mlp --criterion {DEFAULT_CRITERION} --scope {DEFAULT_SCOPE} --recipe "
-                    f"{DEFAULT_RECIPE_MIXED} for several unit kinds ({RECIPES[DEFAULT_RECIPE_MIXED].summary}), "
-                    f"{DEFAULT_RECIPE_LM} for one ({RECIPES[DEFAULT_RECIPE_LM].summary}; {DEFAULT_RECIPE} without "
-                    "calibration data or with --scope layer); "
+                    f"{DEFAULT_RECIPE_LM} ({RECIPES[DEFAULT_RECIPE_LM].summary}); without calibration data "
+                    f"(--criterion magnitude --no-compensate) or with --scope layer, {DEFAULT_RECIPE} for one unit "
+                    f"kind and {DEFAULT_RECIPE_MIXED} for several; "
                     "--recipe paper --scope layer is the paper's exact rule.")
     p.add_argument("model", help="causal LM: a transformers folder, a .gguf file, a hub id (online) or smollm2-135m")
     p.add_argument("--out", required=True, help="output folder (created; see --overwrite)")

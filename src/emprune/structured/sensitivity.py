@@ -74,8 +74,8 @@ def group_sensitivity(model: nn.Module, groups: list[UnitGroup], scores: list[Te
                 g.zero(keep)
                 out.append(_loss(model, batches, loss_fn) - base)
             finally:
-                if not had_bias and getattr(c, "bias", None) is not None and "bias" not in saved:
-                    c.bias = None
+                if not had_bias and getattr(c, "bias", None) is not None:
+                    c.bias = None  # created by the compensation
                 for n, p in c.named_parameters(recurse=False):
                     p.copy_(saved[n])
     finally:
@@ -114,4 +114,3 @@ def allocate_by_sensitivity(groups: list[UnitGroup], sens: list[float], removed_
             hi = mid
     f = (hi * size / a).clamp(max=1.0).minimum(cap)
     return [max(1, g.n - int(round(float(x) * g.n))) for g, x in zip(groups, f)]
-

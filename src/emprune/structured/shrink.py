@@ -89,9 +89,9 @@ RECIPES: dict[str, Recipe] = {
                           "increase (each layer alone losing half its units) is smallest; bias compensation; "
                           "25 % floor per group", joint=True),
 }
-#: the recipe used unless told otherwise, with its scope and criterion (chosen by measurement on
-#: SmolLM2-135M, see benchmarks/results/shrink_smollm2.md): ``zscore`` for one unit kind,
-#: ``mean-joint`` when several kinds are shrunk together (DEFAULT_RECIPE_MIXED)
+#: the defaults where no loss is measured (models other than decoder LMs, no calibration data,
+#: ``scope="layer"``), chosen by measurement on SmolLM2-135M (benchmarks/results/shrink_smollm2.md):
+#: ``zscore`` for one unit kind, ``mean-joint`` when several kinds are shrunk together
 DEFAULT_RECIPE = "zscore"
 DEFAULT_RECIPE_MIXED = "mean-joint"
 #: the default for a decoder LM with calibration tokens (measured on SmolLM2-135M, see the results
