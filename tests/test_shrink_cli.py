@@ -110,3 +110,26 @@ def test_emprune_command_shrinks_and_evaluates_the_folder(dense, tmp_path, capsy
 
     model, _ = models.load_causal_lm(out)
     assert model.model.layers[0].mlp.down_proj.weight.shape[1] == 48  # 96 neurons -> 48 kept
+
+
+def test_default_is_sensitivity_recorded_and_reloads(dense, tmp_path, capsys):
+    """The default run measures each layer's loss increase, prints it (``loss+``), records it per
+    group in emprune.json, and the folder reloads (exact round trips: test_shrink.test_round_trip)."""
+    import emprune.llm
+
+    out = tmp_path / "d"
+    assert _run(dense, out) == 0
+    printed = capsys.readouterr().out
+    assert "loss+" in printed and "recipe=sensitivity" in printed
+    meta = json.loads((out / "emprune.json").read_text())
+    assert meta["recipe"]["name"] == "sensitivity"
+    groups = meta["report"]["groups"] if "report" in meta else meta["groups"]
+    assert all(isinstance(g["sensitivity"], float) for g in groups)
+    # data-free: no calibration text is read, the zscore default runs without compensation
+    out2 = tmp_path / "free"
+    assert _run(dense, out2, "--criterion", "magnitude", "--no-compensate") == 0
+    assert json.loads((out2 / "emprune.json").read_text())["recipe"]["name"] == "zscore"
+    m = emprune.llm.from_pretrained(out)
+    x = torch.randint(0, 100, (1, 7))
+    with torch.no_grad():
+        assert torch.isfinite(m(x).logits).all()
