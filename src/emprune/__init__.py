@@ -11,7 +11,7 @@ from . import criteria
 from .apply import apply_mask, make_permanent, prune, restore, select_targets
 from .report import LayerReport, PruneReport
 from . import io  # noqa: F401  (emprune.io.save_pruned / load_state_dict right after `import emprune`)
-from .structured import ShrinkReport, shrink
+from .structured import ShrinkReport, shrink, shrink_traced
 from .rule import (
     effective_number,
     global_effective_number,
@@ -32,6 +32,6 @@ __all__ = [
     "effective_number", "keep_count", "keep_mask", "topk_mask", "mass_bound", "retained_mass",
     "global_threshold", "global_masks", "global_mask", "global_effective_number",
     "prune", "make_permanent", "restore", "apply_mask", "select_targets",
-    "PruneReport", "LayerReport", "Target", "decide", "Decision", "criteria", "shrink", "ShrinkReport",
+    "PruneReport", "LayerReport", "Target", "decide", "Decision", "criteria", "shrink", "shrink_traced", "ShrinkReport",
     "__version__",
 ]
