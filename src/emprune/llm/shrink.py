@@ -90,8 +90,9 @@ def shrink_lm(
     kw = dict(units=units, criterion=crit, scope=scope, beta=beta, recipe=recipe, head_mode=head_mode,
               calibration=calib_tokens, progress=progress)
     if uniform:
-        comp = (rec.compensate if keep is None else False) if compensate is None else compensate
-        dry = shrink(model, keep=keep, scored=scored, compensate=False, dry_run=True, **kw)
+        comp = (rec.compensate and keep is None and calib_tokens is not None) if compensate is None else compensate
+        # the sensitivities (default recipe) are measured with the compensation the final model gets
+        dry = shrink(model, keep=keep, scored=scored, compensate=comp, dry_run=True, **kw)
         widths = _uniform_widths(dry, scored[0])
         report = shrink(model, keep=widths, scored=scored, compensate=comp, **kw)
         report.extra["uniform_from"] = {"recipe": dry.recipe, "widths_before_rounding": dry.widths()}
