@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from .. import rule
 from .units import KANGroup, UnitGroup
 
 
@@ -43,8 +44,6 @@ def group_sensitivity(model: nn.Module, groups: list[UnitGroup], scores: list[Te
     by the compensation is dropped again). ``means``: per-group consumer input means, needed for
     ``compensate``. ``select(g, s, k)``: keep mask of ``k`` units (default: top-``k``). Returns one
     float per group (may be slightly negative: removing units can lower the loss)."""
-    from .. import rule
-
     if not 0 < fraction < 1:
         raise ValueError(f"sensitivity fraction must lie in (0, 1), got {fraction}")
     if compensate and means is None:
@@ -88,29 +87,28 @@ def allocate_by_sensitivity(groups: list[UnitGroup], sens: list[float], removed_
     """Units to keep per group: ``f_g = min(max_remove_g, lambda P_g / a_g)`` with
     ``a_g = max(sens_g, tiny) / fraction^2``, ``lambda`` bisected so that the removed
     parameters (``sum f_g n_g * params_per_unit``) reach ``removed_params``."""
-    n = torch.tensor([g.n for g in groups], dtype=torch.float64)
-    ppu = torch.tensor([g.params_per_unit() for g in groups], dtype=torch.float64)
-    size = n * ppu
+    if removed_params <= 0:
+        return [g.n for g in groups]
+    size = torch.tensor([g.n * g.params_per_unit() for g in groups], dtype=torch.float64)
     pos = [x for x in sens if x > 0]
     tiny = (min(pos) if pos else 1.0) * 1e-3  # a group that did not hurt is the cheapest, not free
     a = torch.tensor([max(x, tiny) for x in sens], dtype=torch.float64) / fraction ** 2
-    cap = torch.tensor(max_remove, dtype=torch.float64)
-    if removed_params <= 0:
-        return [g.n for g in groups]
+    cap = torch.tensor(max_remove, dtype=torch.float64).clamp(max=1.0)
 
-    def removed(lam: float) -> float:
-        return float(((lam * size / a).clamp(max=1.0).minimum(cap) * size).sum())
+    def share(lam: float) -> Tensor:
+        return (lam * size / a).minimum(cap)
 
-    lo, hi = 0.0, 1.0
-    while removed(hi) < removed_params and hi < 1e300:
-        if bool(((hi * size / a).minimum(cap) >= cap).all()):
-            break  # every group at its ceiling
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if removed(mid) < removed_params:
-            lo = mid
-        else:
-            hi = mid
-    f = (hi * size / a).clamp(max=1.0).minimum(cap)
+    if float((cap * size).sum()) <= removed_params:
+        f = cap  # every group at its ceiling
+    else:
+        lo, hi = 0.0, 1.0
+        while float((share(hi) * size).sum()) < removed_params:
+            hi *= 2
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            if float((share(mid) * size).sum()) < removed_params:
+                lo = mid
+            else:
+                hi = mid
+        f = share(hi)
     return [max(1, g.n - int(round(float(x) * g.n))) for g, x in zip(groups, f)]

@@ -20,6 +20,7 @@ Recipes say where EMP's counts come from and how units are allocated:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -246,6 +247,11 @@ def _realised(g: UnitGroup, k: int, head_mode: str) -> int:
     return k
 
 
+def _removed_params(groups: list[UnitGroup], counts: list[int], head_mode: str) -> int:
+    """Parameters the groups lose when each keeps ``counts`` units (heads rounded as realised)."""
+    return sum((g.n - _realised(g, k, head_mode)) * g.params_per_unit() for g, k in zip(groups, counts))
+
+
 def _select(g: UnitGroup, s: Tensor, k: int, head_mode: str) -> Tensor:
     """Top-``k`` mask by ``s`` (GQA-consistent for heads)."""
     k = max(1, min(int(k), g.n))
@@ -410,15 +416,13 @@ def _lm_forward(model: nn.Module, b: Tensor) -> Any:
     return model(b.to(next(model.parameters()).device), use_cache=False)
 
 
-def _loss_batches(calibration: Iterable[Any] | Tensor | None, lm: bool, tokens: int = 0) -> list[Any]:
-    """The batches the sensitivity is measured on: the first ``tokens`` (default
-    :data:`SENSITIVITY_TOKENS`) calibration tokens of an LM, else the first 4 batches."""
-    import itertools
-
+def _loss_batches(calibration: Iterable[Any] | Tensor | None, lm: bool) -> list[Any]:
+    """The batches the sensitivity is measured on: the first :data:`SENSITIVITY_TOKENS`
+    calibration tokens of an LM, else the first 4 batches."""
     if calibration is None:
         return []
     if lm and isinstance(calibration, Tensor):
-        rows = max(1, (tokens or SENSITIVITY_TOKENS) // max(int(calibration.shape[-1]), 1))
+        rows = max(1, SENSITIVITY_TOKENS // max(int(calibration.shape[-1]), 1))
         return lm_batches(calibration[:rows])
     return list(itertools.islice(iter(calibration), 4))
 
@@ -603,8 +607,7 @@ def _decide(groups: list[UnitGroup], scores: list[Tensor], count_scores: list[Te
             raw = [m | rule.topk_mask(s, f) if f > 1 else m for m, s, f in zip(raw, scores, floors)]
             masks = _consistent_heads(groups, scores, raw, head_mode)
         elif rec.allocate == "sensitivity":
-            removed = sum((g.n - _realised(g, k, head_mode)) * g.params_per_unit() for g, k in zip(groups, emp_k))
-            ks = allocate_by_sensitivity(groups, sens, removed, rec.sens_fraction,
+            ks = allocate_by_sensitivity(groups, sens, _removed_params(groups, emp_k, head_mode), rec.sens_fraction,
                                          [(g.n - f) / g.n for g, f in zip(groups, floors)])
             masks = [_select(g, s, k, head_mode) for g, s, k in zip(groups, scores, ks)]
         else:
@@ -614,8 +617,7 @@ def _decide(groups: list[UnitGroup], scores: list[Tensor], count_scores: list[Te
             parts = [list(range(len(groups)))] if rec.joint else [
                 [j for j, g in enumerate(groups) if g.kind == kind] for kind in dict.fromkeys(g.kind for g in groups)]
             for idx in parts:
-                removed = sum((groups[j].n - _realised(groups[j], emp_k[j], head_mode)) * groups[j].params_per_unit()
-                              for j in idx)
+                removed = _removed_params([groups[j] for j in idx], [emp_k[j] for j in idx], head_mode)
                 on = [scores[j] if rec.allocate_on == "score" else _count_scores(count_scores[j], rec.count)
                       for j in idx]
                 sub = _allocate_global([groups[j] for j in idx], on, removed, rec.allocate, [floors[j] for j in idx])
