@@ -12,7 +12,7 @@ Rows (each built from the same dense model, calibration 32 x 256 tokens of WikiT
 * ``emp60``: the same at ``--emp-beta`` (0.64: about 60 %);
 * ``uniform25``: 25 % of the MLP neurons of every layer removed (``shrink_lm(keep=0.75,
   uniform=True)``: fluctuation scores, no compensation; a stock config);
-* ``shrink``: ``emprune shrink``'s default until session 8, recipe ``zscore`` (global z-score
+* ``shrink``: ``emprune shrink``'s default before the ``sensitivity`` recipe, ``zscore`` (global z-score
   allocation of fluctuation scores, bias compensation; about 22 % of the non-embedding parameters);
 * ``uniform-shrink``: its fixed-size baseline, the same fraction of MLP neurons removed in every
   layer by the activation score, at the ``shrink`` row's kept parameter count (as

@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / "benchmarks" / "small_models"))
 from emprune.structured import find_groups, score_units, shrink  # noqa: E402
 from emprune.structured.scores import activation, magnitude  # noqa: E402
 from emprune.structured.shrink import (DEFAULT_CRITERION, DEFAULT_RECIPE, DEFAULT_RECIPE_LM, DEFAULT_RECIPE_MIXED,  # noqa: E402
-                                       DEFAULT_SCOPE, macs_lm)
+                                       DEFAULT_SCOPE, SENSITIVITY_TOKENS, macs_lm)
 
 
 def log(*a):
@@ -181,7 +181,7 @@ def run_llm(args, R: dict) -> None:
             continue
         row, p_pap = make("EMP paper (activation, layer)", "activation", recipe="paper", scope="layer")
         R["llm"]["rows"].append(row)
-        # the other allocation of EMP's total: the previous default (one kind) or the LM default (several)
+        # the earlier allocation of EMP's total (zscore for one kind, mean-joint for several)
         other = DEFAULT_RECIPE if "," not in units else DEFAULT_RECIPE_MIXED
         R["llm"]["rows"].append(make(f"EMP {other}", DEFAULT_CRITERION, recipe=other, scope="global")[0])
         for label, crit, kw in (("uniform fluct+comp @default", DEFAULT_CRITERION, {"compensate": True}),
@@ -296,7 +296,7 @@ def markdown(R: dict) -> str:
          f"{a['decode_tokens']} tokens, {a['latency_runs']} pairs. MACs per token at context 512, LM head included. "
          f"EMP default = criterion `{DEFAULT_CRITERION}`, scope `{DEFAULT_SCOPE}`, recipe `{DEFAULT_RECIPE_LM}` "
          f"(`{DEFAULT_RECIPE}` and `{DEFAULT_RECIPE_MIXED}`: the defaults before, for mlp and mlp,heads). `sensitivity`: EMP's total (per-layer N_eff of sqrt(fluctuation)), "
-         "removed where the loss measured on 1,024 calibration tokens rises least when one layer alone loses half its "
+         f"removed where the loss measured on {SENSITIVITY_TOKENS:,} calibration tokens rises least when one layer alone loses half its "
          "units; `zscore`: the same total, removed in the order of per-layer standardised scores, per unit kind; "
          "`mean-joint`: scores divided by their layer's mean, heads and neurons in one order.", ""]
     rows = R["llm"]["rows"]
