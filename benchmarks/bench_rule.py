@@ -117,6 +117,7 @@ def reference_row_mask(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def case_row(dtype: torch.dtype, device: str, quick: bool, repeat: int) -> dict:
     import emprune
+    from emprune.core import kernels
 
     rows, cols = (2752, 4096) if quick else (11008, 4096)
     g = torch.Generator().manual_seed(0)
@@ -143,7 +144,7 @@ def case_row(dtype: torch.dtype, device: str, quick: bool, repeat: int) -> dict:
         "exact_counts": bool(torch.equal(mask.sum(1), k)),
         "mask_equal_reference": bool(torch.equal(mask, ref)),
         "rows_with_ties": ties,
-        "path": "numba kernel" if emprune._kernels.usable(x) else "pytorch",
+        "path": "numba kernel" if kernels.usable(x) else "pytorch",
         "targets": {"ours_over_clone_max": 4.0, "reference_over_ours_min": 10.0},
     }
 
@@ -188,6 +189,7 @@ def case_prune(scope: str, device: str, quick: bool, repeat: int) -> dict:
     """emprune.prune(model, "magnitude", scope, permanent=True) on LLaMA-7B MLP shapes (one
     block quick, two otherwise), end to end: scores, N_eff, selection, masks applied, report."""
     import emprune
+    from emprune.act.report import count_zeros
 
     torch.manual_seed(0)
     blocks = 1 if quick else 2
@@ -206,7 +208,7 @@ def case_prune(scope: str, device: str, quick: bool, repeat: int) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter() - t0
-    zeros = sum(emprune.report.count_zeros(w) for w in ws)
+    zeros = sum(count_zeros(w) for w in ws)
     return {"case": f"prune-{scope}-{n // 10**6}m", "scope": scope, "weights": n, "device": device,
             "seconds": t, "clone_s": t_clone, "ours_over_clone": t / t_clone,
             "peak_extra_mb": pk.mb, "largest_tensor_mb": largest_mb, "peak_over_largest": pk.mb / largest_mb,
@@ -218,7 +220,7 @@ def case_prune(scope: str, device: str, quick: bool, repeat: int) -> dict:
 def _pytorch_only(fn):
     """Run a case with the compiled kernel disabled (the pure PyTorch fallback)."""
     def run(d, q, r):
-        from emprune import _kernels
+        from emprune.core import kernels as _kernels
 
         _kernels.AVAILABLE = False
         res = fn(d, q, r)

@@ -42,7 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from emprune import rule  # noqa: E402
+from emprune.core import rule  # noqa: E402
 
 
 def _sync(dev: torch.device) -> None:
@@ -81,7 +81,7 @@ def part_select(dev: torch.device, quick: bool) -> dict[str, Any]:
     ok = True
     for name, s in cases.items():
         s_dev = s.to(dev)
-        from emprune import _kernels
+        from emprune.core import kernels as _kernels
 
         compiled = _kernels.AVAILABLE
         ref, t_cpu = _timed(lambda: rule.keep_mask(s.abs(), dim=1), torch.device("cpu"))
@@ -153,7 +153,7 @@ def _random_llama(hidden: int, layers: int, vocab: int, seed: int = 0):
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
-    from emprune.llm.prune import target_modules
+    from emprune.structure.targets import block_targets as target_modules
 
     return {n: m.weight.detach().to("cpu", torch.float32) for n, m in target_modules(model, "mlp").items()}
 
@@ -171,7 +171,7 @@ def _agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[s
 
 
 def part_llm(dev: torch.device, args: argparse.Namespace) -> dict[str, Any]:
-    from emprune.llm.prune import prune_lm
+    from emprune.jobs.prune_lm import prune_lm
 
     g = torch.Generator().manual_seed(1)
     calib = torch.randint(0, args.vocab, (args.calib_samples, args.seqlen), generator=g)
@@ -256,7 +256,7 @@ def part_obs(dev: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     on the GPU: EMP counts (default recipe), then SparseGPT at 50 % and 2:4."""
     import copy
 
-    from emprune.llm.prune import prune_lm
+    from emprune.jobs.prune_lm import prune_lm
 
     g = torch.Generator().manual_seed(1)
     calib = torch.randint(0, args.vocab, (args.calib_samples, args.seqlen), generator=g)
@@ -290,7 +290,7 @@ def part_gpt2(dev: torch.device, args: argparse.Namespace) -> dict[str, Any]:
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from emprune.llm.prune import prune_lm
+    from emprune.jobs.prune_lm import prune_lm
 
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(n_embd=256, n_layer=4, n_head=4, vocab_size=1000, n_positions=256)).eval()

@@ -68,8 +68,8 @@ def log(*a):
 
 def build(row: str, dense: nn.Module, calib: torch.Tensor, args) -> tuple[nn.Module, dict]:
     """A fresh copy of ``dense`` pruned / shrunk as ``row`` says, and what it is."""
-    from emprune.llm.prune import prune_lm
-    from emprune.llm.shrink import shrink_lm
+    from emprune.jobs.prune_lm import prune_lm
+    from emprune.jobs.shrink_lm import shrink_lm
 
     m = copy.deepcopy(dense)
     t = time.perf_counter()
@@ -95,16 +95,16 @@ def build(row: str, dense: nn.Module, calib: torch.Tensor, args) -> tuple[nn.Mod
 
 
 def evaluate(m: nn.Module, wt: torch.Tensor, py: torch.Tensor, args) -> dict:
-    from emprune.llm.eval import perplexity
+    from emprune.jobs.eval import perplexity
 
     return {"wikitext": perplexity(m, wt, args.eval_seqlen, batch_size=4, progress=False)["ppl"],
             "other": perplexity(m, py, args.eval_seqlen, batch_size=4, progress=False)["ppl"]}
 
 
 def run(args, R: dict, save) -> None:
-    from emprune.llm.data import calibration_batches, eval_tokens, load_text, tokenize
-    from emprune.llm.heal import heal
-    from emprune.llm.models import load_causal_lm
+    from emprune.models.data import calibration_batches, eval_tokens, load_text, tokenize
+    from emprune.jobs.heal import heal
+    from emprune.models.loading import load_causal_lm
 
     if args.quick:
         sys.path.insert(0, str(REPO / "tests"))
@@ -277,7 +277,7 @@ def plot(R: dict, path: Path) -> None:
 
 
 def write(R: dict, out: Path, final: bool) -> None:
-    from emprune.io import atomic_path
+    from emprune.models.io import atomic_path
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out.with_suffix(".json")) as tmp:

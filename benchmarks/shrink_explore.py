@@ -4,11 +4,14 @@ on SmolLM2-135M (calibration 16 x 256 WikiText-2 validation tokens; perplexity o
 of WikiText-2 test and python-docs). A development tool kept for provenance, not a product
 script: the committed table was assembled from its printed rows."""
 import copy, json, sys, time, torch
-from emprune.llm.models import load_causal_lm
-from emprune.llm.data import load_text, calibration_batches, eval_tokens
-from emprune.llm.eval import perplexity
-from emprune.structured import score_units, shrink, find_groups, RECIPES, Recipe
-from emprune import rule
+from emprune.models.loading import load_causal_lm
+from emprune.models.data import load_text, calibration_batches, eval_tokens
+from emprune.jobs.eval import perplexity
+from emprune.jobs.shrink import score_units, shrink
+from emprune.structure.units import find_groups
+from emprune.criteria.unit_scores import activation, magnitude
+from emprune.decide.recipes import Recipe  # a plan's recipe dicts: the fields of Recipe
+from emprune.core import rule
 torch.set_num_threads(2)
 units = sys.argv[1] if len(sys.argv) > 1 else "mlp"
 mode = sys.argv[2] if len(sys.argv) > 2 else "counts"
@@ -19,8 +22,8 @@ wt = eval_tokens(tok, load_text(None, "eval"), NT)
 py = eval_tokens(tok, load_text("python-docs"), NT)
 t = time.time()
 G, S_fl, stats = score_units(model, units, "fluctuation", calib)
-S_act = [ __import__("emprune").structured.scores.activation(g, stats).cpu() for g in G]
-S_mag = [ __import__("emprune").structured.scores.magnitude(g, stats).cpu() for g in G]
+S_act = [ activation(g, stats).cpu() for g in G]
+S_mag = [ magnitude(g, stats).cpu() for g in G]
 print("scores", time.time()-t, flush=True)
 def frac_removed(S, how="score", beta=1.0):
     rem = tot = 0

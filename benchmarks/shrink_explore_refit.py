@@ -4,10 +4,12 @@ benchmarks/results/shrink_smollm2_exploration.md: `python benchmarks/shrink_expl
 WikiText-2 test and python-docs). A development tool kept for provenance, not a product script;
 it writes res_*.json and greedy.pt into $OUT (default: the current folder)."""
 import copy, json, sys, time, torch, os
-from emprune.llm.models import load_causal_lm, decoder_layers
-from emprune.llm.data import load_text, calibration_batches, eval_tokens
-from emprune.llm.eval import perplexity
-from emprune.structured import score_units, shrink, find_groups
+from emprune.models.loading import load_causal_lm
+from emprune.structure.layouts import decoder_layers
+from emprune.models.data import load_text, calibration_batches, eval_tokens
+from emprune.jobs.eval import perplexity
+from emprune.jobs.shrink import score_units, shrink
+from emprune.structure.units import find_groups
 torch.set_num_threads(2)
 NT = int(os.environ.get("NT", "2048"))
 model, tok = load_causal_lm("smollm2-135m"); model.eval()
@@ -87,7 +89,7 @@ for gr in rep.groups:
     k = torch.zeros(gr.units_before, dtype=torch.bool); k[torch.tensor(gr.kept)] = True; dmasks.append(k)
 total_keep = sum(int(k.sum()) for k in dmasks)
 print("default keeps", total_keep, [int(k.sum()) for k in dmasks], flush=True)
-from emprune import rule
+from emprune.core import rule
 frac = total_keep / (len(dmasks) * 1536)
 ku = round(frac * 1536)
 umasks_fl = [rule.topk_mask(s, ku) for s in S_fl]

@@ -5,12 +5,13 @@ the first NS calibration rows; perplexity on NT=2048 tokens of WikiText-2 test a
 library recipe `sensitivity` (emprune/structured/sensitivity.py) is this allocation; kept for
 provenance, not a product script."""
 import copy, json, time, torch, os
-from emprune.llm.models import load_causal_lm
-from emprune.llm.data import load_text, calibration_batches, eval_tokens
-from emprune.llm.eval import perplexity
-from emprune.structured import score_units, find_groups
-from emprune.structured.scores import activation
-from emprune import rule
+from emprune.models.loading import load_causal_lm
+from emprune.models.data import load_text, calibration_batches, eval_tokens
+from emprune.jobs.eval import perplexity
+from emprune.jobs.shrink import score_units
+from emprune.structure.units import find_groups
+from emprune.criteria.unit_scores import activation
+from emprune.core import rule
 torch.set_num_threads(2)
 NT = int(os.environ.get("NT", "2048"))
 model, tok = load_causal_lm("smollm2-135m"); model.eval()

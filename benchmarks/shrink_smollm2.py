@@ -2,7 +2,7 @@
 
 For each unit set (``--units mlp``, ``heads``, ``mlp,heads``) the model is shrunk by
 
-* ``EMP default``: the default recipe (see ``emprune.structured.shrink.DEFAULT_RECIPE``);
+* ``EMP default``: the default recipe (see ``emprune.decide.recipes.DEFAULT_SHRINK``);
 * ``EMP paper``: the paper's rule, per layer, on the activation score ``||X|| * ||W_out||``;
 * baselines at the *same* kept parameter count as EMP default (``keep={"params": P}``: the same
   fraction of units in every layer): ``uniform fluct+comp`` (the default's own score and bias
@@ -39,10 +39,13 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks" / "small_models"))
 
-from emprune.structured import find_groups, score_units, shrink  # noqa: E402
-from emprune.structured.scores import activation, magnitude  # noqa: E402
-from emprune.structured.shrink import (DEFAULT_CRITERION, DEFAULT_RECIPE, DEFAULT_RECIPE_LM, DEFAULT_RECIPE_MIXED,  # noqa: E402
-                                       DEFAULT_SCOPE, SENSITIVITY_TOKENS, macs_lm)
+from emprune.structure.units import find_groups  # noqa: E402
+
+from emprune.jobs.shrink import score_units, shrink  # noqa: E402
+from emprune.criteria.unit_scores import activation, magnitude  # noqa: E402
+from emprune.decide.recipes import (DEFAULT_SHRINK as DEFAULT_RECIPE, DEFAULT_SHRINK_LM as DEFAULT_RECIPE_LM,  # noqa: E402
+                                    DEFAULT_SHRINK_MIXED as DEFAULT_RECIPE_MIXED)
+from emprune.jobs.shrink import DEFAULT_CRITERION, DEFAULT_SCOPE, SENSITIVITY_TOKENS, macs_lm  # noqa: E402
 
 
 def log(*a):
@@ -117,9 +120,9 @@ def params(model: nn.Module, emb: int) -> dict:
 
 
 def run_llm(args, R: dict) -> None:
-    from emprune.llm.data import calibration_batches, eval_tokens, load_text
-    from emprune.llm.eval import perplexity
-    from emprune.llm.models import load_causal_lm
+    from emprune.models.data import calibration_batches, eval_tokens, load_text
+    from emprune.jobs.eval import perplexity
+    from emprune.models.loading import load_causal_lm
 
     if args.quick:
         sys.path.insert(0, str(REPO / "tests"))
@@ -203,7 +206,7 @@ def run_cnn(args, R: dict) -> None:
     except ImportError as e:  # mlxtend missing
         R["cnn"]["skipped"] = str(e)
         return
-    from emprune.structured.shrink import macs_plain
+    from emprune.jobs.shrink import macs_plain
 
     xtr, ytr, xte, yte = mnist_split("standard")
     if args.quick:
@@ -263,7 +266,7 @@ def uniform_like(model: nn.Module, units: str, target: int, ex: torch.Tensor):
 
 
 def write(args, R: dict) -> None:
-    from emprune.io import atomic_path
+    from emprune.models.io import atomic_path
 
     if getattr(args, "merge_rows", None) and Path(args.merge_rows).is_file():
         new = {(r["units"], r["label"]): r for r in json.loads(Path(args.merge_rows).read_text())["llm"]["rows"][1:]}

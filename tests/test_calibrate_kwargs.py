@@ -11,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from emprune.llm.calibrate import prune_layerwise  # noqa: E402
+from emprune.models.layerwise import prune_layerwise  # noqa: E402
 
 
 def _tiny_gemma3():

@@ -23,12 +23,14 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from emprune import cli  # noqa: E402
 from emprune.cli import main  # noqa: E402
-from emprune.io import usual_mode  # noqa: E402
-from emprune.llm import data, models  # noqa: E402
-from emprune.llm import prune as P  # noqa: E402
-from emprune.llm.eval import NonFiniteLossError, perplexity  # noqa: E402
+from emprune.cli.common import Parser  # noqa: E402
+from emprune.models.io import usual_mode  # noqa: E402
+from emprune.models import data  # noqa: E402
+from emprune.models import checkpoint, loading, runtime  # noqa: E402
+from emprune.decide import recipes as P  # noqa: E402
+from emprune.jobs.eval import NonFiniteLossError, perplexity  # noqa: E402
 
-SRC = str(Path(cli.__file__).resolve().parents[1])
+SRC = str(Path(cli.__file__).resolve().parents[2])
 TINY = ["--calib-samples", "3", "--seqlen", "16", "--quiet"]
 MAG = ["--criterion", "magnitude", "--sparsity", "0.5", "--quiet"]  # no calibration: fastest prune
 
@@ -38,7 +40,7 @@ def no_load(monkeypatch):
     """Make loading the model fail loudly: a check that passes this ran before the load."""
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the check")
-    monkeypatch.setattr(models, "load_causal_lm", boom)
+    monkeypatch.setattr(loading, "load_causal_lm", boom)
 
 
 def _env() -> dict:
@@ -78,7 +80,7 @@ def test_help_survives_percent_in_data(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["prune", "--help"])
     assert "keeps 100%s; 5% (x)" in " ".join(capsys.readouterr().out.split())
-    p = cli._Parser(prog="x")
+    p = Parser(prog="x")
     p.add_argument("--a", help="raw 50% of it; default %(default)s")
     assert "raw 50% of it" in p.format_help()
 
@@ -173,7 +175,7 @@ def test_out_never_the_current_folder_or_a_parent(tiny, tmp_path, no_load, monke
     work = tmp_path / "thesis" / "code"
     work.mkdir(parents=True)
     (work / "chapter1.tex").write_text("precious")
-    (work / models.REPORT_NAME).write_text("{}")  # even a folder that looks like an output
+    (work / checkpoint.REPORT_NAME).write_text("{}")  # even a folder that looks like an output
     monkeypatch.chdir(work)
     for out in (".", "..", str(tmp_path), "./"):
         assert main(["prune", str(folder), "--out", out, "--overwrite", *MAG]) == 2
@@ -231,7 +233,7 @@ def test_symlinked_out_is_followed_and_kept(tiny, tmp_path, capsys):
     assert main(["prune", str(folder), "--out", str(link), "--overwrite", "--criterion", "magnitude",
                  "--sparsity", "0.25", "--quiet"]) == 0
     assert link.is_symlink() and link.resolve() == real.resolve()
-    rep = json.loads((link / models.REPORT_NAME).read_text())
+    rep = json.loads((link / checkpoint.REPORT_NAME).read_text())
     assert rep["target_sparsity"] == 0.25 and (real / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no temporaries left
 
@@ -255,18 +257,18 @@ def test_leftovers_of_killed_runs(tmp_path):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"half")
         if owner is not None:
-            (d / models.WRITING_MARK).write_text(json.dumps({"pid": owner, "host": socket.gethostname()}))
+            (d / checkpoint.WRITING_MARK).write_text(json.dumps({"pid": owner, "host": socket.gethostname()}))
         return d
 
     dead, alive, unmarked = leftover("tmp", pid), leftover("tmp", os.getpid()), leftover("tmp", None)
     old = leftover("old", pid)
     (old / "dir").mkdir()
-    (old / "dir" / models.REPORT_NAME).write_text("{}")
+    (old / "dir" / checkpoint.REPORT_NAME).write_text("{}")
     unrelated = tmp_path / ".outside.tmp-1-x"
     unrelated.mkdir()
-    notes = models.clean_stale_temporaries(out)
+    notes = checkpoint.clean_stale_temporaries(out)
     assert not dead.exists() and not old.exists()
-    assert (out / models.REPORT_NAME).is_file()  # the previous output, restored
+    assert (out / checkpoint.REPORT_NAME).is_file()  # the previous output, restored
     assert alive.exists() and unmarked.exists() and unrelated.exists()
     text = "\n".join(notes)
     assert str(dead) in text and str(alive) in text and str(unmarked) in text and "restored" in text
@@ -277,7 +279,7 @@ KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
 from torch import nn
-from emprune.llm import models
+from emprune.models import checkpoint, runtime
 
 class Slow(nn.Linear):
     def save_pretrained(self, d):
@@ -285,7 +287,7 @@ class Slow(nn.Linear):
         print("writing", flush=True)
         time.sleep(120)
 
-models.save_pruned(Slow(2, 2), None, sys.argv[1], {})
+checkpoint.save_pruned(Slow(2, 2), None, sys.argv[1], {})
 """
 
 
@@ -437,7 +439,7 @@ def test_quiet_silences_loading_and_saving_bars(tiny, tmp_path, capsys):
     assert hf_logging.is_progress_bar_enabled()  # restored afterwards
     import transformers.modeling_gguf_pytorch_utils as gguf_mod
 
-    with models.quiet_progress():
+    with runtime.quiet_progress():
         assert gguf_mod.tqdm(range(2)).disable  # the GGUF de-quantisation bar
     assert not gguf_mod.tqdm(range(2), file=open(os.devnull, "w")).disable
 
@@ -448,7 +450,7 @@ def test_saved_files_have_the_usual_mode(tiny, tmp_path):
     assert main(["prune", str(folder), "--out", str(out), *MAG]) == 0
     assert out.stat().st_mode & 0o777 == usual_mode(folder=True)
     files = list(out.iterdir())
-    assert "model.safetensors" in [f.name for f in files] and models.WRITING_MARK not in [f.name for f in files]
+    assert "model.safetensors" in [f.name for f in files] and checkpoint.WRITING_MARK not in [f.name for f in files]
     for f in files:
         assert f.stat().st_mode & 0o777 == usual_mode(), f.name
 
@@ -459,7 +461,7 @@ def test_save_dtype(tiny, tmp_path, save_dtype):
     out = tmp_path / "o"
     extra = ["--save-dtype", save_dtype] if save_dtype else []
     assert main(["prune", str(folder), "--out", str(out), *MAG, *extra]) == 0
-    rep = json.loads((out / models.REPORT_NAME).read_text())
+    rep = json.loads((out / checkpoint.REPORT_NAME).read_text())
     want = save_dtype or "float32"  # default: the dtype it was loaded in
     assert rep["saved_dtype"] == want
     back = AutoModelForCausalLM.from_pretrained(out)

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 import emprune
-from emprune.cli import inspect_checkpoint, main
-from emprune.io import atomic_path, load_state_dict, save_state_dict
+from emprune.cli import main
+from emprune.jobs.inspect import inspect_checkpoint
+from emprune.models.io import atomic_path, load_state_dict, save_state_dict
 
 
 @pytest.fixture
@@ -98,8 +99,8 @@ def test_save_shared_tensors_and_torch_format(tmp_path):
 def test_read_report_absent_damaged_and_strict(tmp_path):
     """models.read_report: None without emprune.json; a damaged or non-object report is None for
     readers that only annotate, and one ValueError naming the file for commands that act on it."""
-    from emprune.llm.models import REPORT_NAME, read_report
-    from emprune.llm.shrink import is_shrunk
+    from emprune.models.checkpoint import REPORT_NAME, read_report
+    from emprune.models.checkpoint import is_shrunk
 
     assert read_report(tmp_path) is None and read_report(tmp_path, strict=True) is None
     (tmp_path / REPORT_NAME).write_text('{"kind": "shrunk", "summary": {}}')

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from emprune.cli import main  # noqa: E402
-from emprune.llm import zeroshot as zs  # noqa: E402
+from emprune.jobs import zeroshot as zs  # noqa: E402
 
 
 def test_bad_tasks_and_limit_fail_before_the_model_is_loaded(capsys, tmp_path):

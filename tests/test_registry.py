@@ -15,8 +15,8 @@ from torch import nn
 import emprune
 from emprune import criteria as C
 from emprune.criteria import Criterion, InputNorms, Wanda
-from emprune.report import PruneReport
-from emprune.scopes import Target, decide
+from emprune.act.report import PruneReport
+from emprune.decide.scopes import Target, decide
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,19 +56,20 @@ def test_registered_criterion_works_in_prune_and_prune_lm(row_l1):
     assert row_l1 in C.names(layerwise=True)
 
     pytest.importorskip("transformers")
-    from emprune.llm import prune as P
+    from emprune.jobs import prune_lm as P
+    from emprune.structure.targets import block_targets
     from tiny_llama import save_tiny
-    from emprune.llm import models
+    from emprune.models import loading
 
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         save_tiny(Path(d) / "m")
-        model = models.load_causal_lm(Path(d) / "m")[0]
+        model = loading.load_causal_lm(Path(d) / "m")[0]
     assert row_l1 in P.criterion_choices() and row_l1 in P.count_by_choices()
-    dense = {n: mod.weight.detach().clone() for n, mod in P.target_modules(model).items()}
+    dense = {n: mod.weight.detach().clone() for n, mod in block_targets(model).items()}
     res = P.prune_lm(model, None, criterion=row_l1, recipe="paper", progress=False)
     assert res.info["criterion"] == row_l1 and res.info["calibration"]["tokens"] == 0
-    for name, mod in P.target_modules(model).items():
+    for name, mod in block_targets(model).items():
         s = dense[name].abs() / dense[name].abs().sum(1, keepdim=True)
         assert torch.equal(mod.weight != 0, emprune.keep_mask(s, 1.0, dim=1) & (dense[name] != 0)), name
     # the CLI's choices are read from the registry when the parser is built
@@ -88,7 +89,7 @@ def test_registry_capabilities_and_errors():
         C.get("nope")
     assert isinstance(C.get("WANDA"), Wanda)  # names are case-insensitive
     assert C.get("taylor", loss_fn=len).loss_fn is len and C.get("random", seed=3).seed == 3
-    from emprune.llm import prune as P
+    from emprune.jobs import prune_lm as P
 
     with pytest.raises(ValueError, match="criterion must be one of"):
         P.prune_lm(nn.Linear(2, 2), None, criterion="taylor", progress=False)
@@ -202,7 +203,7 @@ def test_report_for_run_records_beta_only_for_emp():
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.floats(0, 1), min_size=1, max_size=12), st.data())
 def test_spread_labels_never_overlap(centres, data):
-    from emprune.llm.compare import spread_labels
+    from emprune.jobs.compare import spread_labels
 
     centres = sorted(centres)
     widths = data.draw(st.lists(st.floats(0.01, 0.08), min_size=len(centres), max_size=len(centres)))

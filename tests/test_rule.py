@@ -8,14 +8,14 @@ import torch
 from hypothesis import given, strategies as st
 
 import emprune
-from emprune import rule
+from emprune.core import rule
 from reference import ref_neff, ref_topk_mask
 
 @pytest.fixture(params=["kernel", "torch"], autouse=True)
 def selection_path(request, monkeypatch):
     """Run every rule test on both selection paths: the compiled per-row kernel (numba) and
     the pure PyTorch one; they must agree exactly."""
-    from emprune import _kernels
+    from emprune.core import kernels as _kernels
     if request.param == "kernel":
         if not _kernels.AVAILABLE:
             pytest.skip(f"the compiled kernel is off: {_kernels.WHY_NOT}")
@@ -75,7 +75,7 @@ def test_exact_counts_and_reference_agreement(w, beta):
 @given(matrices, st.floats(0.05, 5.0))
 def test_streamed_long_rows_agree_with_reference(w, beta):
     """The same law when every row is longer than a working block (the streaming engine)."""
-    from emprune import _select
+    from emprune.core import engine as _select
     x = torch.from_numpy(w)
     old, _select._BLOCK_ELEMS = _select._BLOCK_ELEMS, 16
     try:
@@ -319,7 +319,7 @@ def test_float64_overflowing_squares():
 
 @pytest.mark.parametrize("selection_path", ["both"])  # runs once: it switches paths itself
 def test_kernel_and_torch_paths_agree(monkeypatch, selection_path):
-    from emprune import _kernels
+    from emprune.core import kernels as _kernels
     if not _kernels.AVAILABLE:
         pytest.skip(f"the compiled kernel is off: {_kernels.WHY_NOT}")
     g = torch.Generator().manual_seed(5)
@@ -341,7 +341,7 @@ def test_kernel_and_torch_paths_agree(monkeypatch, selection_path):
 def test_long_rows_are_streamed_with_the_same_answers(monkeypatch):
     """Rows longer than a working block go through the streaming engine (no row-sized
     scratch); their counts, masks and masses equal the block path's and the reference's."""
-    from emprune import _select
+    from emprune.core import engine as _select
     g = torch.Generator().manual_seed(6)
     xs = [torch.randn(5, 3000, generator=g), torch.randint(-2, 3, (5, 3000), generator=g).float(),
           torch.randn(5, 3000, generator=g).bfloat16()]

@@ -15,7 +15,8 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import emprune
-from emprune.structured import (HeadGroup, KANGroup, find_groups, head_keep_mask, score_units, shrink)
+from emprune.structure.units import HeadGroup, KANGroup, find_groups, head_keep_mask
+from emprune.jobs.shrink import score_units, shrink
 
 transformers = pytest.importorskip("transformers")
 
@@ -204,7 +205,7 @@ def test_default_removes_what_counts_say():
     """The default recipe (global allocation) removes about the parameters the per-layer EMP
     counts remove, just elsewhere."""
     model = tiny_llama()
-    per_layer = shrink(copy.deepcopy(model), units="mlp", criterion="fluctuation", recipe="sqrt", scope="layer",
+    per_layer = shrink(copy.deepcopy(model), units="mlp", criterion="fluctuation", recipe="sqrt-comp", scope="layer",
                        calibration=CALIB)
     default = shrink(copy.deepcopy(model), units="mlp", calibration=CALIB)
     removed = lambda r: sum(g.params_before - g.params_after for g in r.groups)
@@ -221,13 +222,13 @@ def _params(m: nn.Module) -> dict:
 def test_sensitivity_leaves_the_model_as_it_was(units):
     """Measuring every group's loss increase masks, compensates and restores: nothing changes,
     no bias is left behind, and removing half of a group never costs nothing on every group."""
-    from emprune.structured.sensitivity import group_sensitivity
-    from emprune.structured.shrink import _lm_loss, lm_batches
+    from emprune.decide.sensitivity import group_sensitivity
+    from emprune.jobs.shrink import lm_batches, lm_loss
 
     model = tiny_llama()
     before = _params(model)
     groups, scores, stats = score_units(model, units, "fluctuation", CALIB)
-    sens = group_sensitivity(model, groups, scores, lm_batches(CALIB), _lm_loss, fraction=0.5, compensate=True,
+    sens = group_sensitivity(model, groups, scores, lm_batches(CALIB), lm_loss, fraction=0.5,
                              means=[stats.mean(g) for g in groups])
     after = _params(model)
     assert before.keys() == after.keys()
@@ -240,13 +241,13 @@ def test_sensitivity_leaves_the_model_as_it_was(units):
 def test_sensitivity_allocation_law(sens, share):
     """Equal groups: the removed total is what was asked (to one unit per group), no group goes
     below its floor, and a more sensitive group never loses more units than a less sensitive one."""
-    from emprune.structured.sensitivity import allocate_by_sensitivity
+    from emprune.decide.allocate import by_sensitivity
 
     model = tiny_llama(layers=len(sens))
     groups = find_groups(model, "mlp")
     ppu, n = groups[0].params_per_unit(), groups[0].n
     target = share * n * ppu * len(groups)
-    ks = allocate_by_sensitivity(groups, sens, target, 0.5, [0.75] * len(groups))
+    ks = by_sensitivity(groups, sens, target, 0.5, [0.75] * len(groups))
     removed = sum(n - k for k in ks) * ppu
     assert abs(removed - target) <= len(groups) * ppu
     assert all(k >= n - round(0.75 * n) for k in ks)
@@ -278,7 +279,9 @@ def test_lm_default_is_sensitivity_and_reports_it():
 def test_sensitivity_total_is_emps_even_below_the_floor():
     """A heavy-tailed group whose EMP count is under the 25 % floor: the floor bounds where the
     total goes, it does not shrink the total (it did once: 0.9 % fewer parameters removed)."""
-    from emprune.structured.shrink import RECIPES, _decide
+    from emprune.decide import allocate as A
+    from emprune.decide.recipes import count_scores
+    from emprune.decide.scopes import Target, decide
 
     groups = find_groups(tiny_llama(), "mlp")
     g = torch.Generator().manual_seed(0)
@@ -287,11 +290,14 @@ def test_sensitivity_total_is_emps_even_below_the_floor():
     scores[0][0] = 1.0  # N_eff of sqrt(score) ~ 1: EMP keeps 1 of 96 here
     kept = {}
     for name in ("zscore", "sensitivity"):
-        masks, _, emp_k, _ = _decide(groups, scores, scores, RECIPES[name], 1.0, "global", None, "query",
-                                     sens=[1.0, 2.0, 3.0])
-        kept[name] = sum(int(m.sum()) for m in masks)
+        alloc = (A.BySensitivity([1.0, 2.0, 3.0], 0.5) if name == "sensitivity"
+                 else A.ByNormalisedScores("zscore"))
+        targets = [Target(gr.name, torch.Size([gr.n]), (lambda s=s: s), (lambda s=s: count_scores(s, "sqrt")),
+                          group=gr) for gr, s in zip(groups, scores)]
+        ds = list(decide(targets, "layer", 1.0, min_keep=0.25 if name == "sensitivity" else None, allocate=alloc))
+        kept[name] = sum(int(d.mask.sum()) for d in ds)
         if name == "sensitivity":
-            assert emp_k[0] == 1 and all(int(m.sum()) >= 24 for m in masks)
+            assert ds[0].emp_k == 1 and all(int(d.mask.sum()) >= 24 for d in ds)
     assert abs(kept["sensitivity"] - kept["zscore"]) <= len(groups)
 
 
@@ -427,9 +433,10 @@ def test_round_trip(tmp_path, uniform, units):
     from tiny_llama import save_tiny
     from transformers import AutoModelForCausalLM
 
-    import emprune.llm
-    from emprune.llm.models import load_causal_lm
-    from emprune.llm.shrink import is_shrunk, save_shrunk, shrink_lm
+    import emprune
+    from emprune.models.loading import load_causal_lm
+    from emprune.models.checkpoint import is_shrunk, save_shrunk
+    from emprune.jobs.shrink_lm import shrink_lm
 
     save_tiny(tmp_path / "dense")
     model, tok = load_causal_lm(tmp_path / "dense")
@@ -442,7 +449,7 @@ def test_round_trip(tmp_path, uniform, units):
     meta = json.loads((out / "emprune.json").read_text())
     assert meta["layout"] == ("uniform" if uniform else "per-layer") and meta["kind"] == "shrunk"
     x = torch.randint(0, 300, (2, 10))
-    back = emprune.llm.from_pretrained(out)
+    back = emprune.from_pretrained(out)
     assert (_logits(model, x) - _logits(back, x)).abs().max() < TOL
     assert sum(p.numel() for p in back.parameters()) == rep.params_after == sum(p.numel() for p in model.parameters())
     assert rep.params_after < rep.params_before
@@ -457,7 +464,7 @@ def test_round_trip(tmp_path, uniform, units):
 
 
 def test_save_refuses_foreign_folder(tmp_path):
-    from emprune.llm.shrink import save_shrunk
+    from emprune.models.checkpoint import save_shrunk
 
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "notes.txt").write_text("mine")

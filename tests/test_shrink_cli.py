@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from emprune.llm.shrink_cli import main  # noqa: E402
+from emprune.cli import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +29,19 @@ def dense(tmp_path_factory):
 
 def _run(dense, out, *extra):
     d, text = dense
-    return main([str(d), "--out", str(out), "--calib-text", str(text), "--calib-samples", "4", "--seqlen", "16",
+    return main(["shrink", str(d), "--out", str(out), "--calib-text", str(text), "--calib-samples", "4", "--seqlen", "16",
                  "--quiet", *extra])
 
 
 def test_shrink_writes_loadable_folder(dense, tmp_path, capsys):
-    import emprune.llm
+    import emprune
 
     out = tmp_path / "small"
     assert _run(dense, out, "--units", "mlp,heads", "--keep", "0.5") == 0
     meta = json.loads((out / "emprune.json").read_text())
     assert meta["kind"] == "shrunk" and meta["summary"]["params_after"] < meta["summary"]["params_before"]
     assert meta["command"].startswith("emprune ")
-    model = emprune.llm.from_pretrained(out)
+    model = emprune.from_pretrained(out)
     assert [l.mlp.down_proj.in_features for l in model.model.layers] == [48, 48, 48]
     assert "saved to" in capsys.readouterr().out
     # --overwrite replaces an emprune output
@@ -94,7 +94,7 @@ def test_refuses_the_current_folder(dense, tmp_path, capsys, monkeypatch):
 
 def test_emprune_command_shrinks_and_evaluates_the_folder(dense, tmp_path, capsys):
     """Through the `emprune` entry point: `emprune shrink` writes a per-layer folder and
-    `emprune eval` loads it (models.load_causal_lm's shrunk hook) with the shrunk shapes."""
+    `emprune eval` loads it (loading.load_causal_lm's shrunk hook) with the shrunk shapes."""
     from emprune.cli import main as emprune_main
 
     d, text = dense
@@ -106,16 +106,16 @@ def test_emprune_command_shrinks_and_evaluates_the_folder(dense, tmp_path, capsy
                          "--seqlen", "32", "--quiet", "--json", str(res)]) == 0
     ppl = json.loads(res.read_text())["ppl"]
     assert torch.isfinite(torch.tensor(ppl)) and ppl > 1
-    from emprune.llm import models
+    from emprune.models import loading
 
-    model, _ = models.load_causal_lm(out)
+    model, _ = loading.load_causal_lm(out)
     assert model.model.layers[0].mlp.down_proj.weight.shape[1] == 48  # 96 neurons -> 48 kept
 
 
 def test_default_is_sensitivity_recorded_and_reloads(dense, tmp_path, capsys):
     """The default run measures each layer's loss increase, prints it (``loss+``), records it per
     group in emprune.json, and the folder reloads (exact round trips: test_shrink.test_round_trip)."""
-    import emprune.llm
+    import emprune
 
     out = tmp_path / "d"
     assert _run(dense, out) == 0
@@ -129,7 +129,7 @@ def test_default_is_sensitivity_recorded_and_reloads(dense, tmp_path, capsys):
     out2 = tmp_path / "free"
     assert _run(dense, out2, "--criterion", "magnitude", "--no-compensate") == 0
     assert json.loads((out2 / "emprune.json").read_text())["recipe"]["name"] == "zscore"
-    m = emprune.llm.from_pretrained(out)
+    m = emprune.from_pretrained(out)
     x = torch.randint(0, 100, (1, 7))
     with torch.no_grad():
         assert torch.isfinite(m(x).logits).all()

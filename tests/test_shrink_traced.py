@@ -1,4 +1,4 @@
-"""emprune.structured.traced: EMP on a residual CNN through Torch-Pruning's dependency graph."""
+"""emprune.jobs.traced: EMP on a residual CNN through Torch-Pruning's dependency graph."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from torch import nn
 
 tp = pytest.importorskip("torch_pruning")
 
-from emprune.structured.traced import shrink_traced  # noqa: E402
+from emprune.jobs.traced import shrink_traced  # noqa: E402
 
 
 class Block(nn.Module):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from emprune.llm import data
+from emprune.models import data
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,7 +45,7 @@ def test_texts_carry_attribution_and_licence():
 def test_package_data_globs_cover_every_text_file():
     """pyproject's package-data lists every file of texts/ (else a wheel would ship without it)."""
     cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    globs = cfg["emprune.llm"]
+    globs = cfg["emprune.models"]
     files = [p.relative_to(data.PACKAGED_DIR.parent).as_posix() for p in data.PACKAGED_DIR.iterdir()]
     assert sorted(files) == sorted(["texts/README.md", "texts/wiki.test.raw.xz", "texts/wiki.valid.tokens.xz"])
     for f in files:

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from emprune.llm import zeroshot as zs  # noqa: E402
+from emprune.jobs import zeroshot as zs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_llama import tokenizer as tiny_tokenizer  # noqa: E402
@@ -235,13 +235,13 @@ def test_smollm2_agrees_with_naive_harness_scoring():
     """Dense SmolLM2-135M on 40 PIQA + 40 ARC-easy items: the batched, context-sharing engine
     gives the naive per-(context + continuation) log-likelihoods within 1e-3 and the same
     accuracy within 1 point."""
-    from emprune.llm import models
+    from emprune.models import loading
 
     try:
-        models.resolve_short_name("smollm2-135m")
+        loading.resolve_short_name("smollm2-135m")
     except FileNotFoundError as err:
         pytest.skip(str(err))
-    model, tok = models.load_causal_lm("smollm2-135m")
+    model, tok = loading.load_causal_lm("smollm2-135m")
     res = zs.evaluate_tasks(model, tok, ["piqa", "arc_easy"], limit=40, progress=False, return_items=True)
     for task in ("piqa", "arc_easy"):
         docs = zs.load_docs(task, 40)
@@ -266,7 +266,7 @@ def test_benchmark_quick_mode_on_tiny_model(tmp_path, monkeypatch):
     table, the JSON (paired differences included) and the plot."""
     import importlib.util as iu
 
-    from emprune.llm import data
+    from emprune.models import data
     from tiny_llama import save_tiny
 
     try:

@@ -12,7 +12,7 @@ edge) and no biases.  Inputs: pixels scaled to [-1, 1].  Training: Adam lr 1e-3,
 EMP, as in the paper: node score of hidden node j = max(mean |C| over its incoming edges, mean |C|
 over its outgoing edges) (spline coefficients only); ``emprune.keep_mask(scores, beta)`` on the
 64 scores decides which nodes stay; the KAN is then physically shrunk into a [784, k, 10] KAN
-(rows of layer 1 and columns of layer 2 removed, by ``emprune.structured``'s KAN node removal) - checked to give the same logits as zeroing
+(rows of layer 1 and columns of layer 2 removed, by ``emprune.structure.units.KANGroup``) - checked to give the same logits as zeroing
 the removed nodes in the original.  Baselines at the same node count k: random nodes, and the top-k
 nodes by a data-driven activation score (mean |node value| over the train digits).  No fine-tuning.
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import emprune
-from emprune.structured import find_groups
+from emprune.structure.units import find_groups
 from _common import (accuracy, base_parser, command_line, count_params, environment, md_table, mean_std,
                      mnist_info, mnist_split, pct, plt, start, train, train_cached, write_json)
 
@@ -113,7 +113,7 @@ def node_scores(model: KAN) -> dict[str, torch.Tensor]:
 
 def shrink(model: KAN, keep: torch.Tensor) -> KAN:
     """A physically smaller KAN [784, k, 10] holding only the kept hidden nodes (a copy; the
-    removal itself is the library's: ``emprune.structured.KANGroup``)."""
+    removal itself is the library's: ``emprune.structure.units.KANGroup``)."""
     new = copy.deepcopy(model)
     find_groups(new, "kan")[0].remove(keep)
     new.width[1] = int(keep.sum())

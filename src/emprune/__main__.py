@@ -1,4 +1,4 @@
 """``python -m emprune``: the command-line interface (same as the ``emprune`` command)."""
-from .cli import main
+from .cli.main import main
 
 raise SystemExit(main())

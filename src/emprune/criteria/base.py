@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
+from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from torch import Tensor, nn
@@ -141,3 +142,44 @@ class Custom(Criterion):
             raise ValueError(f"criterion {self.name!r} returned {got} for {name}, expected a tensor "
                              f"of the weight's shape {tuple(w.shape)}")
         return s.detach()
+
+
+class TargetStats:
+    """Statistics of target modules gathered by forward hooks, one entry per target name in
+    :attr:`data` (subclasses fill it in :meth:`add`): the shared mechanics of Wanda's input norms
+    and the OBS update's input Hessians (hook while observing, list what is missing, drop)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+
+    @contextmanager
+    def observe(self, targets: Mapping[str, nn.Module]) -> Iterator[None]:
+        """Hook ``targets`` (name -> module) for the duration of the ``with`` block."""
+        self.check_targets(targets)
+        handles = [mod.register_forward_hook(partial(self.add, name)) for name, mod in targets.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self.after_observe()
+
+    def check_targets(self, targets: Mapping[str, nn.Module]) -> None:
+        """Refuse targets these statistics cannot be gathered for (default: none)."""
+
+    def after_observe(self) -> None:
+        """Called when the hooks are removed (default: nothing)."""
+
+    def add(self, name: str, module: nn.Module, inputs: tuple, output: object) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def missing(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` no input was seen for."""
+        return [n for n in names if n not in self.data]
+
+    def drop(self, names: Iterable[str] | None = None) -> None:
+        """Forget the statistics of ``names`` (all when None)."""
+        if names is None:
+            self.data = {}
+        for n in names or ():
+            self.data.pop(n, None)

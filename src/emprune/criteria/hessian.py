@@ -12,47 +12,43 @@ Linears fed the same input tensor in one forward call (q/k/v, gate/up) share the
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from functools import partial
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Mapping
 
-import torch
 from torch import Tensor, nn
 
-from ..obs import HessianSum
+from ..core.obs import HessianSum
+from .base import TargetStats
 
 
-class InputHessians:
+class InputHessians(TargetStats):
     """``2 sum_t x_t x_t^T`` (float64) of the inputs of every hooked Linear, summed over all
-    forward passes made while :meth:`observe` is active."""
+    forward passes made while :meth:`observe` is active (:attr:`sums`: target name -> sum)."""
 
     name = "hessian"
 
     def __init__(self) -> None:
-        self.sums: dict[str, HessianSum] = {}
+        super().__init__()
         # (input tensor, its version, its X^T X) of the last call: holding the tensor keeps its
         # identity unique (a freed tensor's address could be reused by the next batch's input)
         self._last: tuple[Tensor, int, Tensor] | None = None
 
-    @contextmanager
-    def observe(self, targets: Mapping[str, nn.Module]) -> Iterator[None]:
-        """Hook ``targets`` (name -> Linear) for the duration of the ``with`` block."""
+    @property
+    def sums(self) -> dict[str, HessianSum]:
+        return self.data
+
+    def check_targets(self, targets: Mapping[str, nn.Module]) -> None:
         for name, mod in targets.items():
             if not isinstance(mod, nn.Linear):
                 raise TypeError(f"{name}: input Hessians are gathered for Linear layers only, got {type(mod).__name__}")
-        handles = [mod.register_forward_hook(partial(self._add, name)) for name, mod in targets.items()]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-            self._last = None
 
-    def _add(self, name: str, module: nn.Module, inputs: tuple, _out: object) -> None:
+    def after_observe(self) -> None:
+        self._last = None
+
+    def add(self, name: str, module: nn.Module, inputs: tuple, _out: object) -> None:
         x = inputs[0]
-        s = self.sums.get(name)
+        s = self.data.get(name)
         if s is None:
-            s = self.sums[name] = HessianSum(x.shape[-1], device=x.device)
+            s = self.data[name] = HessianSum(x.shape[-1], device=x.device)
         if self._last is not None and self._last[0] is x and self._last[1] == x._version:
             prod = self._last[2]  # the same input as the Linear hooked just before (q/k/v, gate/up)
         else:
@@ -64,18 +60,11 @@ class InputHessians:
 
     def hessian(self, name: str) -> Tensor:
         """``2 X^T X`` (float64) of target ``name``."""
-        if name not in self.sums:
+        if name not in self.data:
             raise KeyError(f"no input Hessian was gathered for {name}")
-        return self.sums[name].value
-
-    def missing(self, names: Iterable[str]) -> list[str]:
-        """Those of ``names`` no input was seen for."""
-        return [n for n in names if n not in self.sums]
+        return self.data[name].value
 
     def release(self, names: Iterable[str] | None = None) -> None:
         """Forget the Hessians of ``names`` (all when None)."""
-        if names is None:
-            self.sums = {}
-        for n in names or ():
-            self.sums.pop(n, None)
+        self.drop(names)
         self._last = None

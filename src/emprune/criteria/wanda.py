@@ -14,14 +14,12 @@ layer's median norm; ``norm="sqrt"`` uses ``sqrt(||X_j||)``.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from functools import partial
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .base import Batch, Criterion, run_model, weight_of
+from .base import Batch, Criterion, TargetStats, run_model, weight_of
 
 NORMS = ("l2", "clip", "sqrt")
 
@@ -34,37 +32,18 @@ def _feature_sq(module: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).pow(2).sum(0)
 
 
-class InputNorms:
+class InputNorms(TargetStats):
     """Per-input-feature sums of squares ``sum_t x_tj^2`` (float64) of the inputs of target
-    modules, accumulated over every forward pass made while :meth:`observe` is active."""
+    modules, accumulated over every forward pass made while :meth:`observe` is active
+    (:attr:`sq`: target name -> sums)."""
 
-    def __init__(self) -> None:
-        self.sq: dict[str, Tensor] = {}
+    @property
+    def sq(self) -> dict[str, Tensor]:
+        return self.data
 
-    @contextmanager
-    def observe(self, targets: Mapping[str, nn.Module]) -> Iterator[None]:
-        """Hook ``targets`` (name -> module) for the duration of the ``with`` block."""
-        handles = [mod.register_forward_hook(partial(self._add, name)) for name, mod in targets.items()]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _add(self, name: str, module: nn.Module, inputs: tuple, _out: object) -> None:
+    def add(self, name: str, module: nn.Module, inputs: tuple, _out: object) -> None:
         s = _feature_sq(module, inputs[0])
-        self.sq[name] = s if name not in self.sq else self.sq[name] + s
-
-    def missing(self, names: Iterable[str]) -> list[str]:
-        """Those of ``names`` no input was seen for."""
-        return [n for n in names if n not in self.sq]
-
-    def drop(self, names: Iterable[str] | None = None) -> None:
-        """Forget the sums of ``names`` (all when None)."""
-        if names is None:
-            self.sq = {}
-        for n in names or ():
-            self.sq.pop(n, None)
+        self.data[name] = s if name not in self.data else self.data[name] + s
 
 
 class Wanda(Criterion):

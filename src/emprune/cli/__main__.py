@@ -1,0 +1,4 @@
+"""``python -m emprune.cli``: the command line."""
+from .main import main
+
+raise SystemExit(main())

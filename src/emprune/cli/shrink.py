@@ -1,0 +1,133 @@
+"""The ``emprune shrink`` command: structured EMP on a causal LM, saved as a smaller model.
+
+``cli.py`` wires it in with :func:`add_parser` (on its sub-parsers) and :func:`run` (returns an
+exit code; bad input raises ``ValueError`` / ``FileExistsError`` / ``FileNotFoundError``, which the
+main entry point prints as one line). ``python -m emprune.llm.shrink_cli ...`` runs it alone.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+
+from ..jobs.options import keep_size
+from .common import add_calib_args
+
+HELP = "remove MLP neurons / attention heads physically with EMP and save a smaller model"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``shrink`` sub-command to ``subparsers`` (an ``argparse`` sub-parsers object)."""
+    from .. import criteria as C
+    from ..decide.recipes import (DEFAULT_SHRINK as DEFAULT_RECIPE, DEFAULT_SHRINK_LM as DEFAULT_RECIPE_LM,
+                                  DEFAULT_SHRINK_MIXED as DEFAULT_RECIPE_MIXED, RECIPES, choices, names)
+    from ..jobs.shrink import DEFAULT_CRITERION, DEFAULT_SCOPE
+
+    p = subparsers.add_parser(
+        "shrink", help=HELP,
+        description="Score the MLP neurons and/or attention heads of every decoder block, let EMP decide how "
+                    "many to keep, and remove the rest physically (smaller Linear layers, fewer heads; "
+                    "head_dim unchanged, GQA-consistent). Saves safetensors + config + tokenizer + emprune.json. "
+                    "Per-layer widths load with emprune.from_pretrained(DIR) (and emprune eval DIR); "
+                    "--uniform gives one width per model that plain transformers loads. Default: "
+                    f"--units mlp --criterion {DEFAULT_CRITERION} --scope {DEFAULT_SCOPE} --recipe "
+                    f"{DEFAULT_RECIPE_LM} ({RECIPES[DEFAULT_RECIPE_LM].summary}); without calibration data "
+                    f"(--criterion magnitude --no-compensate) or with --scope layer, {DEFAULT_RECIPE} for one unit "
+                    f"kind and {DEFAULT_RECIPE_MIXED} for several; "
+                    "--recipe paper --scope layer is the paper's exact rule.")
+    p.add_argument("model", help="causal LM: a transformers folder, a .gguf file, a hub id (online) or smollm2-135m")
+    p.add_argument("--out", required=True, help="output folder (created; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an earlier emprune output (holds emprune.json)")
+    p.add_argument("--units", default="mlp", help="mlp, heads or mlp,heads (default mlp: at equal size it kept "
+                   "lower perplexity than mlp,heads on SmolLM2-135M, see benchmarks/results/shrink_smollm2.md)")
+    p.add_argument("--criterion", choices=C.names(level="unit"), default=None,
+                   help=f"unit score (default {DEFAULT_CRITERION}): magnitude (weight norms), activation "
+                        "(||X|| * ||W_out||), fluctuation (FLAP: Var(X) * ||W_out||^2), taylor (|dL/dX * X|)")
+    p.add_argument("--scope", choices=("layer", "global"), default=None,
+                   help=f"layer: EMP per layer; global: one decision over all layers and unit kinds "
+                        f"(default {DEFAULT_SCOPE} with the default recipe, layer otherwise)")
+    p.add_argument("--recipe", choices=choices("shrink"), default="default",
+                   help="; ".join(f"{k}: {RECIPES[k].summary}" for k in names("shrink")).replace("%", "%%"))
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--beta", type=float, default=None, help="keep floor(beta * N_eff) (default 1)")
+    size.add_argument("--keep", default=None,
+                      help="fixed size instead of EMP: a fraction (0.75) or a count (1024) of units per layer")
+    p.add_argument("--uniform", action="store_true",
+                   help="one width per model (intermediate size a multiple of 64, heads a multiple of the "
+                        "KV-group count) so that plain AutoModelForCausalLM.from_pretrained loads the folder")
+    p.add_argument("--head-mode", choices=("query", "group"), default="query",
+                   help="query: every KV group keeps the same number of query heads; group: whole KV groups")
+    comp = p.add_mutually_exclusive_group()
+    comp.add_argument("--compensate", dest="compensate", action="store_true", default=None,
+                      help="fold removed units' mean output into a bias (FLAP; default: the recipe's)")
+    comp.add_argument("--no-compensate", dest="compensate", action="store_false", help="no bias compensation")
+    add_calib_args(p, 32, 512, "calibration (activation, fluctuation and Taylor scores)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weights dtype (default float32)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``emprune shrink`` for parsed ``args``; returns 0 on success."""
+    import torch
+
+    from .. import criteria as C
+    from ..decide.recipes import get_recipe
+    from ..jobs.shrink import DEFAULT_CRITERION
+    from ..jobs.shrink_lm import shrink_lm
+    from ..models import checkpoint, data, loading
+
+    t0 = time.perf_counter()
+    units = ",".join(u.strip() for u in args.units.split(",") if u.strip())
+    if not units or any(u not in ("mlp", "heads") for u in units.split(",")):
+        raise ValueError(f"--units must be mlp, heads or mlp,heads; got {args.units!r}")
+    if args.beta is not None and (args.beta <= 0 or args.beta != args.beta or args.beta == float("inf")):
+        raise ValueError(f"--beta must be a positive finite number, got {args.beta}")
+    if args.calib_samples < 1 or args.seqlen < 2:
+        raise ValueError("--calib-samples must be >= 1 and --seqlen >= 2")
+    try:
+        keep = keep_size(args.keep)
+    except ValueError as e:
+        raise ValueError(f"--keep {e}") from None
+    rec = get_recipe(args.recipe, "shrink")
+    # the same output-folder rules as `emprune prune` (never the current folder or a parent, only
+    # an earlier emprune output is replaced, symlinks followed, writability probed), before loading
+    out = checkpoint.check_out_dir(args.out, args.overwrite)
+    for note in checkpoint.clean_stale_temporaries(out):
+        print(note, file=sys.stderr)
+    criterion = args.criterion or DEFAULT_CRITERION
+    comp = args.compensate if args.compensate is not None else (rec.compensate and keep is None)
+    needs_data = C.entry(criterion, level="unit").needs_calibration or comp or rec.allocate == "sensitivity"
+    src = text = None
+    if needs_data:  # the text is read before the (slow) model load
+        src = args.calib_text if args.calib_text is not None else str(data.default_text_path("calib"))
+        text = data.load_text(src, "calib")
+    print(f"loading {args.model} ...", file=sys.stderr)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model, tok = loading.load_causal_lm(args.model, dtype=dtype, progress=not args.quiet)
+    calib = None
+    if text is not None:
+        calib = data.calibration_batches(tok, text, args.calib_samples, args.seqlen, args.seed)
+    report, info = shrink_lm(model, calib, units=units, criterion=criterion, scope=args.scope,
+                             beta=1.0 if args.beta is None else args.beta, keep=keep, recipe=args.recipe,
+                             head_mode=args.head_mode, compensate=args.compensate, uniform=args.uniform,
+                             batch_size=args.batch_size, progress=not args.quiet)
+    info["model"] = args.model
+    info["command"] = "emprune " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", []))
+    info["calibration"].update(text=src, seed=args.seed)
+    info["total_seconds"] = time.perf_counter() - t0
+    saved = checkpoint.save_shrunk(model, tok, out, info, overwrite=args.overwrite)
+    lines = str(report).split("\n")
+    if len(lines) > 40:
+        lines = lines[:20] + [f"... ({len(lines) - 36} more rows in emprune.json) ..."] + lines[-16:]
+    print("\n".join(lines))
+    how = ("AutoModelForCausalLM.from_pretrained(DIR) or emprune.from_pretrained(DIR)"
+           if info["layout"] == "uniform" else "emprune.from_pretrained(DIR) (per-layer widths)")
+    if args.uniform and info["layout"] != "uniform":
+        print("WARNING: --uniform could not give a stock config for this model (see emprune.json); "
+              "load it with emprune.from_pretrained(DIR)")
+    print(f"saved to {saved}; load with {how}; report: {saved / checkpoint.REPORT_NAME}")
+    return 0

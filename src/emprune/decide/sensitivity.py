@@ -1,0 +1,79 @@
+"""Measured per-group sensitivity and the allocation it implies.
+
+Why: EMP's per-layer counts collapse on heavy-tailed unit scores, and allocations that compare
+normalised scores across layers only tie uniform removal (``benchmarks/results/shrink_smollm2.md``).
+What a layer can lose is better read from the loss itself: remove a fixed fraction ``F`` of one
+group's units (the lowest scored, masked, with the recipe's bias compensation), measure the loss
+increase ``d_g`` on a few calibration batches, restore the group, next group.
+
+Allocation: with the quadratic model ``loss_g(f) ~ a_g f^2`` (``a_g = d_g / F^2``), removing a
+given number of parameters ``R`` at least cost (``sum_g a_g f_g^2`` subject to
+``sum_g f_g P_g = R``, ``P_g`` the group's parameters) gives ``f_g = lambda P_g / a_g``, clipped to
+the recipe's per-group ceiling; ``lambda`` is found by bisection. EMP still decides ``R`` (how
+many); the sensitivities only decide where.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..structure.units import KANGroup, UnitGroup
+
+
+@torch.no_grad()
+def _loss(model: nn.Module, batches: list[Any], loss_fn: Callable[[nn.Module, Any], Tensor]) -> float:
+    """Mean loss over ``batches`` (float64 accumulation)."""
+    total = 0.0
+    for b in batches:
+        total += float(loss_fn(model, b).double())
+    return total / max(len(batches), 1)
+
+
+@torch.no_grad()
+def group_sensitivity(model: nn.Module, groups: list[UnitGroup], scores: list[Tensor], batches: Iterable[Any],
+                      loss_fn: Callable[[nn.Module, Any], Tensor], *, fraction: float = 0.5,
+                      means: list[Tensor] | None = None, progress: bool = False) -> list[float]:
+    """Loss increase when each group alone loses ``fraction`` of its units (the lowest
+    ``scores``, kept by the group's own rule: ``g.keep_mask``).
+
+    The model is left exactly as it was (the consumer's parameters are restored, a bias created
+    by the compensation is dropped again). ``means``: per-group consumer input means; given,
+    the removed units' mean output is folded into the consumer's bias (the recipe's bias
+    compensation) before the loss is measured. Returns one float per group (may be slightly
+    negative: removing units can lower the loss)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"sensitivity fraction must lie in (0, 1), got {fraction}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("sensitivity needs at least one calibration batch")
+    was = model.training
+    model.eval()
+    base = _loss(model, batches, loss_fn)
+    out: list[float] = []
+    it = enumerate(zip(groups, scores))
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=len(groups), desc="sensitivity", unit="group")
+    try:
+        for j, (g, s) in it:
+            k = max(1, round((1 - fraction) * g.n))
+            keep = g.keep_mask(s, k)
+            c = g.consumer
+            saved = {n: p.detach().clone() for n, p in c.named_parameters(recurse=False)}
+            had_bias = getattr(c, "bias", None) is not None
+            try:
+                if means is not None and not isinstance(g, KANGroup):
+                    g.compensate(keep, means[j])
+                g.zero(keep)
+                out.append(_loss(model, batches, loss_fn) - base)
+            finally:
+                if not had_bias and getattr(c, "bias", None) is not None:
+                    c.bias = None  # created by the compensation
+                for n, p in c.named_parameters(recurse=False):
+                    p.copy_(saved[n])
+    finally:
+        model.train(was)
+    return out

@@ -1,0 +1,502 @@
+"""Heal a pruned causal LM: a short recovery fine-tune that keeps every pruned weight at zero.
+
+:func:`heal` trains a model in memory with transformers' ``Trainer`` (so devices, mixed
+precision, gradient accumulation, gradient checkpointing and multi-GPU launches come from the
+ecosystem, not from a hand-written loop) on non-overlapping windows of a healing text:
+
+* **Unstructured** outputs (``emprune prune``: weights with exact zeros): the targeted weights'
+  zeros at the start are the mask. The gradients of masked entries are zeroed as they are
+  computed (a tensor hook, so AdamW's moments of those entries stay zero and the gradient norm
+  used for clipping ignores them), and the masked entries are set to zero again after every
+  optimizer step (:class:`MaskCallback`). A weight that was already zero in the dense model
+  (GGUF quantisation leaves some) is held at zero too. The exact zero count per targeted module
+  is compared before and after.
+* **Structured** outputs (``emprune shrink``): the removed units are gone from the shapes, so
+  the model trains at its smaller shapes with no mask.
+* ``lora=R``: low-rank adapters (``peft``, optional) on the Linears of the decoder blocks,
+  merged into the weights afterwards; the merge writes dense deltas, so the masks are applied
+  again after merging and the number of entries that had to be re-zeroed is reported.
+
+The healing text should be separate from the evaluation text (the CLI defaults to the
+calibration text, WikiText-2 validation, and refuses the evaluation text itself).
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..structure.layouts import block_linears, decoder_layers
+from ..structure.targets import select_targets
+from .options import HealOptions, build
+
+#: defaults of :func:`heal` (chosen on SmolLM2-135M's held-out texts, not searched: benchmarks/results/
+#: heal_smollm2.md). The next-token loss at 2e-4 fits the healing text and makes other text worse on
+#: lightly pruned models (EMP count-magnitude: python-docs 18.64 -> 20.36); at 3e-5 both texts improve
+#: (25.99 / 17.17). Distillation at 2e-4 improved both texts in every row measured. LoRA's 1e-3
+#: behaves like full fine-tuning at 2e-4 (fits the healing text); not searched further.
+DEFAULT_LR = 3e-5
+DEFAULT_DISTILL_LR = 2e-4
+DEFAULT_LORA_LR = 1e-3
+DEFAULT_SEQLEN = 256
+DEFAULT_BATCH = 4
+DEFAULT_STEPS = 200
+DEFAULT_WARMUP = 0.1
+DEFAULT_SCHEDULE = "cosine"
+SCHEDULES = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+@dataclass
+class HealResult:
+    """What :func:`heal` did. ``model`` is the healed model (for LoRA: merged, plain modules
+    again); ``record`` is the JSON-ready ``healing`` entry of ``emprune.json``."""
+
+    model: nn.Module
+    record: dict[str, Any]
+    loss_curve: list[dict[str, float]] = field(default_factory=list)
+    eval_curve: list[dict[str, float]] = field(default_factory=list)
+    zeros_before: dict[str, int] = field(default_factory=dict)
+    zeros_after: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def zeros_unchanged(self) -> bool:
+        """Whether every targeted module has exactly as many zeros as before healing."""
+        return self.zeros_before == self.zeros_after
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def target_modules(model: nn.Module, targets: str | Sequence[str] | None) -> dict[str, nn.Linear]:
+    """The Linears whose zeros are held at zero, by full module name: none for ``None`` (a dense
+    or a shrunk model), else :func:`emprune.structure.targets.select_targets`'s reading of
+    ``targets`` (``"mlp"`` / ``"linear"``, or module names such as the ``layers[*].name`` of an
+    ``emprune.json``), each of which must be an ``nn.Linear`` (``ValueError`` otherwise)."""
+    if targets is None or (not isinstance(targets, str) and len(targets) == 0):
+        return {}
+    out = select_targets(model, targets)
+    for n, mod in out.items():
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(f"masked module {n!r} is not a Linear of this model")
+    return out  # type: ignore[return-value]
+
+
+def zero_masks(mods: dict[str, nn.Linear]) -> dict[str, Tensor]:
+    """``name -> bool tensor``, True where the weight is exactly zero now (1 byte per weight,
+    on the weight's device)."""
+    return {n: m.weight.detach() == 0 for n, m in mods.items()}
+
+
+def count_module_zeros(mods: dict[str, nn.Linear]) -> dict[str, int]:
+    """Exact zeros of each module's weight."""
+    return {n: m.weight.numel() - int(torch.count_nonzero(m.weight.detach())) for n, m in mods.items()}
+
+
+@torch.no_grad()
+def apply_masks(mods: dict[str, nn.Linear], masks: dict[str, Tensor], count: bool = True) -> int:
+    """Set the masked entries to zero; returns how many of them were not zero (were refilled),
+    or 0 with ``count=False`` (no temporary copy of the masked entries: the per-step path)."""
+    refilled = 0
+    for n, m in mods.items():
+        w, mask = m.weight, masks[n]
+        if mask.device != w.device:
+            mask = masks[n] = mask.to(w.device)
+        if count:
+            refilled += int(torch.count_nonzero(w.masked_select(mask)))
+        w.masked_fill_(mask, 0)
+    return refilled
+
+
+class _GradMask:
+    """Zero the gradient of masked entries as it is computed (a tensor hook on the weight)."""
+
+    def __init__(self, mask: Tensor) -> None:
+        self.mask = mask
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        if self.mask.device != grad.device:
+            self.mask = self.mask.to(grad.device)
+        return grad.masked_fill(self.mask, 0)
+
+
+# ------------------------------------------------------------------------- data and callbacks
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Non-overlapping windows of ``seqlen`` tokens of one token stream, as causal-LM examples
+    (``input_ids`` = ``labels``; the model shifts them). A trailing partial window is dropped."""
+
+    def __init__(self, tokens: Tensor, seqlen: int) -> None:
+        tokens = tokens.reshape(-1).long()
+        n = tokens.numel() // seqlen
+        if seqlen < 2 or n < 1:
+            raise ValueError(f"the healing text has {tokens.numel()} tokens: too few for one window of {seqlen}")
+        self.windows = tokens[: n * seqlen].reshape(n, seqlen)
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        w = self.windows[i]
+        return {"input_ids": w, "labels": w}
+
+
+def _callbacks():
+    """The Trainer callbacks (built lazily: transformers is imported only when healing)."""
+    from transformers import TrainerCallback
+
+    class MaskCallback(TrainerCallback):
+        """Set the masked entries to zero again after every optimizer step."""
+
+        def __init__(self, mods: dict[str, nn.Linear], masks: dict[str, Tensor]) -> None:
+            self.mods, self.masks = mods, masks
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            apply_masks(self.mods, self.masks, count=False)
+
+    class CurveCallback(TrainerCallback):
+        """Loss curve (every logged step), periodic held-out perplexity, and a tqdm bar."""
+
+        def __init__(self, model: nn.Module, eval_fn, eval_every: int | None, tokens_per_step: int,
+                     max_steps: int, progress: bool) -> None:
+            self.model, self.eval_fn, self.eval_every = model, eval_fn, eval_every
+            self.tokens_per_step, self.max_steps, self.progress = tokens_per_step, max_steps, progress
+            self.loss: list[dict[str, float]] = []
+            self.evals: list[dict[str, float]] = []
+            self.bar = None
+            self.eval_seconds = 0.0
+            self._postfix: dict[str, str] = {}
+
+        def _eval(self, step: int) -> None:
+            if self.eval_fn is None or (self.evals and self.evals[-1]["step"] == step):
+                return
+            t = time.perf_counter()
+            res = self.eval_fn(self.model)
+            self.eval_seconds += time.perf_counter() - t
+            self.evals.append({"step": step, "tokens": step * self.tokens_per_step, "ppl": res["ppl"]})
+            self._postfix["ppl"] = f"{res['ppl']:.2f}"
+            if self.bar is not None:
+                self.bar.set_postfix(self._postfix, refresh=False)
+
+        def on_train_begin(self, args, state, control, **kw):
+            from tqdm.auto import tqdm
+
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=self.max_steps, desc="heal", unit="step", disable=not self.progress)
+                self._eval(0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs and state.is_world_process_zero:
+                self.loss.append({"step": state.global_step, "loss": float(logs["loss"]),
+                                  "lr": float(logs.get("learning_rate", float("nan")))})
+                self._postfix["loss"] = f"{logs['loss']:.3f}"
+                if self.bar is not None:
+                    self.bar.set_postfix(self._postfix, refresh=False)
+
+        def on_step_end(self, args, state, control, **kw):
+            if not state.is_world_process_zero:
+                return
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+            if self.eval_every and state.global_step % self.eval_every == 0:
+                self._eval(state.global_step)
+
+        def on_train_end(self, args, state, control, **kw):
+            if state.is_world_process_zero and self.eval_every:
+                self._eval(state.global_step)
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return MaskCallback, CurveCallback
+
+
+def _distill_trainer_class():
+    """A ``Trainer`` whose loss is distillation from a frozen teacher (built lazily)."""
+    import torch.nn.functional as F
+    from transformers import Trainer
+
+    class DistillTrainer(Trainer):
+        """Loss = ``w`` x KL(teacher || student) over the next-token distributions of every position
+        + (1 - ``w``) x the usual cross-entropy. The teacher runs in eval mode without gradients on
+        the student's device."""
+
+        def __init__(self, *a, teacher: nn.Module, weight: float, **kw) -> None:
+            super().__init__(*a, **kw)
+            # no_grad below keeps the teacher out of autograd; its requires_grad flags are left alone
+            # (the caller's model: freezing it would silently freeze every later copy of it)
+            self.teacher = teacher.to(self.args.device).eval()
+            self.kd_weight = weight
+            self.model_accepts_loss_kwargs = False  # a mean loss: Trainer scales it for accumulation
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids = inputs["input_ids"]
+            out = model(input_ids=ids, use_cache=False)
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            s_logp = F.log_softmax(out.logits[:, :-1].float(), dim=-1)
+            t_logp = F.log_softmax(t_logits, dim=-1)
+            del t_logits
+            kd = F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean")
+            loss = kd
+            if self.kd_weight < 1:
+                ce = F.nll_loss(s_logp.flatten(0, 1), inputs["labels"][:, 1:].flatten().to(s_logp.device))
+                loss = self.kd_weight * kd + (1 - self.kd_weight) * ce
+            return (loss, out) if return_outputs else loss
+
+    return DistillTrainer
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def _lora_wrap(model: nn.Module, r: int, alpha: float | None) -> nn.Module:
+    """``model`` with peft LoRA adapters (rank ``r``) on every Linear of its decoder blocks."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("--lora needs peft: pip install peft (or pip install 'emprune[heal]')") from None
+    names = {m: n for n, m in model.named_modules()}
+    modules = [names[m] for block in decoder_layers(model) for m in block_linears(block, "linear").values()]
+    cfg = LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=0.0,
+                     target_modules=modules, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+# ----------------------------------------------------------------------------- healing
+
+
+def _checkpointing_args(on: bool) -> dict[str, Any]:
+    """Gradient (activation) checkpointing options under the name this transformers uses
+    (``activation_checkpointing`` from v5.x, ``gradient_checkpointing`` before)."""
+    if not on:
+        return {}
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in fields(TrainingArguments)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: True, f"{key}_kwargs": {"use_reentrant": False}}
+
+
+def plan_steps(steps: int | None, train_tokens: int | None, tokens_per_step: int) -> int:
+    """Optimizer steps for a step count or a token budget (rounded up to whole steps)."""
+    if steps is not None and train_tokens is not None:
+        raise ValueError("give steps or a token budget, not both")
+    if train_tokens is not None:
+        if train_tokens < 1:
+            raise ValueError(f"the token budget must be >= 1, got {train_tokens}")
+        return max(1, math.ceil(train_tokens / tokens_per_step))
+    steps = DEFAULT_STEPS if steps is None else steps
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return steps
+
+
+def heal(
+    model: nn.Module,
+    tokens: Tensor,
+    options: HealOptions | None = None,
+    *,
+    teacher: nn.Module | None = None,
+    eval_tokens: Tensor | None = None,
+    **fields: Any,
+) -> HealResult:
+    """Fine-tune ``model`` in place on ``tokens`` (a 1-D token stream) with ``Trainer``,
+    holding the zeros of the ``targets`` modules at zero; returns a :class:`HealResult`.
+
+    The options are the fields of :class:`~emprune.jobs.options.HealOptions`, given as
+    ``options=`` or as keywords; ``teacher`` and ``eval_tokens`` are tensors and models, not
+    options.
+
+    Each optimizer step sees ``batch * grad_accum`` random non-overlapping windows of ``seqlen``
+    tokens (per process). ``steps`` or ``train_tokens`` (a budget, rounded up to whole steps)
+    sets the length (default :data:`DEFAULT_STEPS` steps). AdamW with ``lr`` (default
+    :data:`DEFAULT_LR`, :data:`DEFAULT_DISTILL_LR` with a ``teacher``, :data:`DEFAULT_LORA_LR` with
+    ``lora``), ``warmup`` (a fraction of the
+    steps, or a count >= 1) and the ``schedule``. ``targets``: ``None`` (no masks: dense or
+    shrunk models), ``"mlp"`` / ``"linear"`` or module names (see :func:`target_modules`).
+    ``lora=R``: train rank-R adapters on every Linear of the decoder blocks (peft), merge them
+    and re-apply the masks (the record says how many merged entries were re-zeroed).
+    ``eval_tokens`` with ``eval_every=N``: held-out perplexity (:func:`emprune.llm.eval.perplexity`,
+    windows of ``eval_seqlen``, default ``seqlen``) before training, every N steps and at the end.
+    ``teacher`` (e.g. the dense model the pruned one came from, same tokenizer): distillation
+    instead of plain next-token loss, ``distill_weight`` x KL(teacher || student) + (1 -
+    ``distill_weight``) x cross-entropy; the student then learns the teacher's distribution rather
+    than the healing text's own style (see docs/llm.md for why that matters on other text).
+    ``bf16``: mixed precision (GPU); ``gradient_checkpointing`` saves activation memory.
+    Trainer writes nothing (no checkpoints, no reports; its output folder is a temporary one) and
+    seeds the global random generators with ``seed``, as it always does. Interrupted (Ctrl-C), the
+    model is left part-trained (and, with ``lora``, still wrapped): reload it.
+    Raises ``ValueError`` for bad options and ``RuntimeError`` if a masked entry is not zero
+    at the end (a bug, never expected).
+    """
+    from transformers import Trainer, TrainingArguments, default_data_collator
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from .eval import perplexity
+
+    o = build(HealOptions, options, fields)
+    steps, train_tokens, lr, seqlen, batch, grad_accum = o.steps, o.train_tokens, o.lr, o.seqlen, o.batch, o.grad_accum
+    lora, lora_alpha, targets, schedule, warmup = o.lora, o.lora_alpha, o.targets, o.schedule, o.warmup
+    weight_decay, max_grad_norm, eval_every, eval_seqlen = o.weight_decay, o.max_grad_norm, o.eval_every, o.eval_seqlen
+    eval_batch, distill_weight, bf16, gradient_checkpointing = o.eval_batch, o.distill_weight, o.bf16, o.gradient_checkpointing
+    use_cpu, seed, progress = o.use_cpu, o.seed, o.progress
+    if lora is not None and lora < 1:
+        raise ValueError(f"the LoRA rank must be >= 1, got {lora}")
+    if batch < 1 or grad_accum < 1 or seqlen < 2:
+        raise ValueError(f"need batch >= 1, grad_accum >= 1 and seqlen >= 2, got {batch}, {grad_accum}, {seqlen}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if warmup < 0 or (warmup >= 1 and warmup != int(warmup)):
+        raise ValueError(f"warmup must be a fraction in [0, 1) or a whole number of steps, got {warmup}")
+    if eval_every is not None and (eval_every < 1 or eval_tokens is None):
+        raise ValueError("eval_every needs eval_tokens and must be >= 1")
+    if not 0 < distill_weight <= 1:
+        raise ValueError(f"distill_weight must lie in (0, 1], got {distill_weight}")
+    if teacher is not None:
+        tv, sv = teacher.get_output_embeddings(), model.get_output_embeddings()
+        if tv is None or sv is None or tv.weight.shape[0] != sv.weight.shape[0]:
+            raise ValueError("the teacher must be a causal LM with the student's vocabulary (same tokenizer)")
+    if lr is None:
+        lr = DEFAULT_LORA_LR if lora else DEFAULT_DISTILL_LR if teacher is not None else DEFAULT_LR
+    lr = float(lr)
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"the learning rate must be a positive finite number, got {lr}")
+    dataset = TokenWindows(tokens, seqlen)
+    if len(dataset) < batch:
+        raise ValueError(f"the healing text gives {len(dataset)} windows of {seqlen} tokens, fewer than one "
+                         f"batch of {batch}; use a longer text or a smaller --seqlen/--batch")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tokens_per_step = batch * grad_accum * seqlen * world
+    max_steps = plan_steps(steps, train_tokens, tokens_per_step)
+    eval_seqlen = seqlen if eval_seqlen is None else eval_seqlen
+
+    mods = target_modules(model, targets)
+    masks = zero_masks(mods)
+    zeros_before = count_module_zeros(mods)
+    t0 = time.perf_counter()
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False  # no KV cache while training (and none with checkpointing)
+    if lora:
+        from transformers import set_seed
+
+        set_seed(seed)  # the adapters' initialisation (Trainer seeds only later, for training)
+    train_model = _lora_wrap(model, lora, lora_alpha) if lora else model
+    hooks = []
+    if not lora:  # LoRA leaves the base weights frozen: nothing to mask until the merge
+        hooks = [m.weight.register_hook(_GradMask(masks[n])) for n, m in mods.items() if m.weight.requires_grad]
+    trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
+
+    def eval_fn(m: nn.Module) -> dict[str, Any]:
+        return perplexity(m, eval_tokens, eval_seqlen, batch_size=eval_batch, progress=False)
+
+    MaskCallback, CurveCallback = _callbacks()
+    mask_cb = MaskCallback(mods, masks)
+    # evaluated on ``model`` itself: peft injects its adapters into it, and emprune's perplexity
+    # reads the transformers model's base/head split
+    curve_cb = CurveCallback(model, eval_fn if eval_every else None, eval_every, tokens_per_step,
+                             max_steps, progress)
+    try:
+        with tempfile.TemporaryDirectory(prefix="emprune-heal-") as tmp:
+            args = TrainingArguments(
+                output_dir=tmp, max_steps=max_steps, per_device_train_batch_size=batch,
+                gradient_accumulation_steps=grad_accum, learning_rate=lr, lr_scheduler_type=schedule,
+                warmup_steps=warmup, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                optim="adamw_torch", logging_steps=1, logging_strategy="steps", save_strategy="no",
+                eval_strategy="no", report_to="none", disable_tqdm=True, seed=seed, data_seed=seed,
+                bf16=bf16, dataloader_drop_last=True, dataloader_num_workers=0,
+                dataloader_pin_memory=torch.cuda.is_available() and not use_cpu, remove_unused_columns=False,
+                label_names=["labels"], use_cpu=use_cpu, **_checkpointing_args(gradient_checkpointing))
+            kw: dict[str, Any] = dict(model=train_model, args=args, train_dataset=dataset,
+                                      data_collator=default_data_collator, callbacks=[mask_cb, curve_cb])
+            if teacher is not None:
+                trainer = _distill_trainer_class()(teacher=teacher, weight=distill_weight, **kw)
+            else:
+                trainer = Trainer(**kw)
+            for cb in (PrinterCallback, ProgressCallback):  # our own bar and curve instead
+                trainer.remove_callback(cb)
+            apply_masks(mods, masks, count=False)  # masks on the training device from the start
+            out = trainer.train()
+    finally:
+        for h in hooks:
+            h.remove()
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    train_seconds = time.perf_counter() - t0 - curve_cb.eval_seconds
+    rezeroed = 0
+    if lora:
+        model = train_model.merge_and_unload()
+        mods = target_modules(model, list(mods))  # the same Linear objects, base weights now merged
+        rezeroed = apply_masks(mods, masks)
+    else:
+        apply_masks(mods, masks)
+    model.eval()
+    leaked = sum(int(torch.count_nonzero(m.weight.detach().masked_select(masks[n].to(m.weight.device))))
+                 for n, m in mods.items())
+    if leaked:
+        raise RuntimeError(f"{leaked} masked weights are not zero after healing (a bug in emprune heal)")
+    zeros_after = count_module_zeros(mods)
+    changed = {n: [zeros_before[n], zeros_after[n]] for n in mods if zeros_before[n] != zeros_after[n]}
+    record: dict[str, Any] = {
+        "steps": max_steps,
+        "tokens": max_steps * tokens_per_step,
+        "tokens_per_step": tokens_per_step,
+        "seqlen": seqlen, "batch": batch, "grad_accum": grad_accum, "processes": world,
+        "text_tokens": int(tokens.numel()), "windows": len(dataset),
+        "epochs": max_steps * batch * grad_accum * world / len(dataset),
+        "lr": lr, "schedule": schedule, "warmup": warmup, "weight_decay": weight_decay,
+        "max_grad_norm": max_grad_norm, "optimizer": "adamw_torch", "seed": seed,
+        "bf16": bf16, "gradient_checkpointing": gradient_checkpointing,
+        "mode": "lora" if lora else "full",
+        "loss": ("distillation" + (f" x {distill_weight:g} + cross-entropy x {1 - distill_weight:g}"
+                                   if distill_weight < 1 else "") if teacher is not None else "cross-entropy"),
+        "lora": ({"r": lora, "alpha": 2 * lora if lora_alpha is None else lora_alpha,
+                  "modules": "every Linear of the decoder blocks", "merged": True,
+                  "rezeroed_after_merge": rezeroed} if lora else None),
+        "trainable_parameters": trainable,
+        "seconds": train_seconds,  # training only: the held-out evaluations are in eval_seconds
+        "eval_seconds": curve_cb.eval_seconds,
+        "train_loss": float(out.training_loss),
+        "loss_curve": curve_cb.loss,
+        "eval": ({"tokens": int(eval_tokens.numel()), "seqlen": eval_seqlen, "curve": curve_cb.evals}
+                 if eval_every else None),
+        "masks": {
+            "masked_modules": len(mods),
+            "masked_entries": int(sum(int(m.sum()) for m in masks.values())),
+            "zeros_before": int(sum(zeros_before.values())),
+            "zeros_after": int(sum(zeros_after.values())),
+            "zeros_unchanged": not changed,
+            "modules_with_changed_zeros": changed,
+            "how": ("gradients of the masked entries zeroed in backward and the entries set to zero after "
+                    "every optimizer step" + ("; after the LoRA merge the masks were applied again" if lora else "")
+                    ) if mods else "no masks (dense or shrunk model)",
+        },
+    }
+    return HealResult(model=model, record=record, loss_curve=curve_cb.loss, eval_curve=curve_cb.evals,
+                      zeros_before=zeros_before, zeros_after=zeros_after)
+
+
+def masked_targets_from_report(report: dict[str, Any] | None) -> list[str] | None:
+    """The module names whose zeros are masks, from a folder's ``emprune.json``: the pruned
+    layers of an ``emprune prune`` output (``layers[*].name``, else its ``targets``); ``None``
+    for a shrunk folder (its units are gone) or no report. A healed folder keeps the report
+    of what it came from, so healing again masks the same modules."""
+    if not report or report.get("kind") == "shrunk":
+        return None
+    layers = report.get("layers")
+    if isinstance(layers, list) and layers and all(isinstance(l, dict) and "name" in l for l in layers):
+        return [str(l["name"]) for l in layers]
+    t = report.get("targets")
+    return t if t in ("mlp", "linear") else None  # type: ignore[return-value]
+
+
+__all__ = ["heal", "HealResult", "TokenWindows", "target_modules", "zero_masks", "apply_masks",
+           "count_module_zeros", "masked_targets_from_report", "plan_steps"]

@@ -1,0 +1,143 @@
+"""``emprune shrink`` on a causal LM (LLaMA family): calibrate, shrink, make the result a stock
+config where it can be.
+
+:func:`shrink_lm`: one dense calibration pass over the calibration tokens (activation and
+fluctuation scores, FLAP bias compensation; a backward pass for Taylor), then :func:`~.shrink.shrink`
+(EMP decides, MLP neurons and/or attention heads are removed). ``uniform=True`` rounds the per-layer
+widths to one width per model (intermediate size a multiple of 64, heads a multiple of the KV-group
+size) so that the result is a stock config. :func:`summary`: the ``emprune.json`` of the result.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..act.report import ShrinkReport
+from ..decide import recipes
+from ..models.checkpoint import SHRUNK_KIND, versions
+from ..structure.layouts import decoder_layers
+from .options import ShrinkOptions, build
+from .shrink import DEFAULT_CRITERION, lm_batches, lm_forward, lm_loss, score_units, shrink
+
+INTERMEDIATE_MULTIPLE = 64
+
+
+def _uniform_widths(report: ShrinkReport, groups: list, multiple: int = INTERMEDIATE_MULTIPLE) -> dict[str, int]:
+    """One width per kind from a (dry-run) decision: the mean kept count, rounded to a
+    multiple of ``multiple`` (MLP) or of the KV-group count (heads, query mode)."""
+    out: dict[str, int] = {}
+    by_kind: dict[str, list] = {}
+    for g, gr in zip(groups, report.groups):
+        by_kind.setdefault(g.kind, []).append((g, gr))
+    for kind, items in by_kind.items():
+        mean = sum(gr.units_after for _, gr in items) / len(items)
+        n = items[0][0].n
+        if kind == "mlp":
+            w = int(round(mean / multiple)) * multiple
+            w = min(n, max(multiple if n >= multiple else 1, w))
+        else:
+            g0 = items[0][0]
+            w = g0.n_kv * min(g0.group_size, max(1, int(round(mean / g0.n_kv))))
+        for g, _ in items:
+            out[g.name] = w
+    return out
+
+@torch.no_grad()
+def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOptions | None = None, *,
+              progress: bool = True, **fields: Any) -> tuple[ShrinkReport, dict[str, Any]]:
+    """Shrink ``model`` in place; returns the report and the JSON summary for ``emprune.json``.
+
+    ``calib_tokens`` ``[n, seqlen]`` feed activation / fluctuation / Taylor scores and the bias
+    compensation (one dense pass, in batches of ``batch_size``); the default recipe
+    (``sensitivity``) also measures the loss on their first 1,024 tokens once per group. Options
+    as in :func:`~.shrink.shrink` (``units`` default ``mlp``; ``uniform``: one width per model);
+    ``progress``: bars over the calibration and the sensitivity measurement."""
+    from tqdm.auto import tqdm
+
+    o = build(ShrinkOptions, options, {"units": "mlp", **fields} if options is None else fields)
+    units = o.units if isinstance(o.units, str) else ",".join(o.units)
+    for u in units.split(","):
+        if u.strip() not in ("mlp", "heads"):
+            raise ValueError(f"--units must be mlp, heads or mlp,heads; got {units!r}")
+    rec = recipes.get_recipe(o.recipe, "shrink")
+    crit = o.criterion or (DEFAULT_CRITERION if calib_tokens is not None else "magnitude")
+    t0 = time.perf_counter()
+    batches = None if calib_tokens is None else lm_batches(calib_tokens, o.batch_size)
+    if batches is not None and progress:
+        batches = tqdm(batches, desc="calibrate", unit="batch")
+    scored = score_units(model, units, crit, batches, forward=lm_forward, loss_fn=lm_loss)
+    t_cal = time.perf_counter() - t0
+    o = o.replace(units=units, criterion=crit, progress=progress, uniform=False)
+    if uniform := fields.get("uniform", options.uniform if options is not None else False):
+        comp = ((rec.compensate and o.keep is None and calib_tokens is not None) if o.compensate is None
+                else o.compensate)
+        # the sensitivities (default recipe) are measured with the compensation the final model gets
+        dry = shrink(model, calibration=calib_tokens, scored=scored, options=o.replace(compensate=comp, dry_run=True))
+        widths = _uniform_widths(dry, scored[0])
+        report = shrink(model, calibration=calib_tokens, scored=scored, options=o.replace(compensate=comp, keep=widths))
+        report.extra["uniform_from"] = {"recipe": dry.recipe, "widths_before_rounding": dry.widths()}
+    else:
+        report = shrink(model, calibration=calib_tokens, scored=scored, options=o)
+    report.extra["calibration_seconds"] = t_cal
+    if uniform:
+        _make_stock(model)  # zero biases where the stock bias flags create them
+        report.params_after = sum(p.numel() for p in model.parameters())
+    info = summary(model, report, calib_tokens, uniform)
+    return report, info
+
+
+def summary(model: nn.Module, report: ShrinkReport, calib_tokens: Tensor | None, uniform: bool) -> dict[str, Any]:
+    """The JSON written to ``emprune.json`` (``kind: shrunk``)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    shr = dict(getattr(cfg, "emprune_shrunk", {}))
+    d = report.to_dict()
+    return {
+        "kind": SHRUNK_KIND,
+        "versions": versions(),
+        "layout": "uniform" if shr.get("uniform") else "per-layer",
+        "loads_with": ("AutoModelForCausalLM.from_pretrained(DIR) or emprune.from_pretrained(DIR)"
+                       if shr.get("uniform") else "emprune.from_pretrained(DIR)"),
+        "uniform_requested": uniform,
+        "widths": shr,
+        "summary": {k: d[k] for k in ("params_before", "params_after", "embedding_params", "removed_fraction",
+                                      "removed_fraction_non_embedding", "macs_before", "macs_after",
+                                      "macs_note", "bound_ok", "global_neff", "seconds")},
+        "criterion": report.criterion, "scope": report.scope, "beta": report.beta, "keep": report.keep,
+        "recipe": report.recipe,
+        "calibration": {"n_samples": int(calib_tokens.shape[0]) if calib_tokens is not None else 0,
+                        "seqlen": int(calib_tokens.shape[1]) if calib_tokens is not None else 0,
+                        "seconds": report.extra.get("calibration_seconds", 0.0)},
+        "groups": [{k: v for k, v in g.items() if k != "kept"} for g in d["groups"]],
+        "kept_units": {g["name"]: g["kept"] for g in d["groups"]},
+        "extra": {k: v for k, v in report.extra.items() if k != "calibration_seconds"},
+    }
+
+@torch.no_grad()
+def _make_stock(model: nn.Module) -> None:
+    """For a uniform layout with compensation biases: switch on the config's bias flags and give
+    every projection those flags create a (zero) bias, so plain transformers loads the folder."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    shr = getattr(cfg, "emprune_shrunk", {})
+    if not shr.get("uniform"):
+        return
+    layers = decoder_layers(model)
+    plans = []
+    if shr.get("mlp_bias"):
+        plans.append(("mlp_bias", [("mlp", n) for n in ("gate_proj", "up_proj", "down_proj")]))
+    if shr.get("o_bias"):
+        plans.append(("attention_bias", [("self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]))
+    for flag, mods in plans:
+        if not hasattr(cfg, flag):  # e.g. Qwen2 / Gemma3: no such flag; the folder stays per-layer
+            shr["uniform"] = False
+            continue
+        setattr(cfg, flag, True)
+        for block in layers:
+            for parent, name in mods:
+                lin = getattr(getattr(block, parent), name)
+                if lin.bias is None:
+                    w = lin.weight
+                    lin.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                            requires_grad=w.requires_grad)

@@ -1,0 +1,251 @@
+"""Layer-wise calibration and pruning of a decoder-only LM (the Wanda/SparseGPT loop).
+
+The inputs of decoder block 0 are captured once, with every block's own call arguments (masks
+and rotary tables may differ per block, as in Gemma-3). Then, block by block:
+
+1. the block runs over the calibration inputs with the observers' forward hooks on its target
+   Linears (:meth:`emprune.criteria.Criterion.observe`: e.g. Wanda's input norms, the same hooks
+   ``emprune.prune`` uses);
+2. ``on_block`` decides and prunes the block's weights in place;
+3. the block is re-run, so the next block is calibrated on the outputs of the already-pruned
+   blocks before it.
+
+Only one block's inputs and outputs are held at a time.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from ..structure.layouts import block_linears, find_layout, linear_view
+from .runtime import input_device
+
+#: a block's call arguments besides its hidden states: ``(positional args, keyword args)``
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+#: ``on_block(block_index, {full Linear name: module})``, called once per block after the
+#: block has been observed; it prunes the block's weights in place
+OnBlock = Callable[[int, dict[str, nn.Linear]], Any]
+
+
+class Observer(Protocol):
+    """Anything with a criterion's ``observe(targets)`` hooks (see :class:`~emprune.criteria.Criterion`)."""
+
+    def observe(self, targets: dict[str, nn.Module]) -> Any: ...
+
+
+class _Caught(Exception):
+    """Raised by the capture hook to stop the forward pass once block 0's inputs are stored."""
+
+
+@torch.no_grad()
+def prune_layerwise(
+    model: nn.Module,
+    calib_tokens: torch.Tensor,
+    targets: Literal["mlp", "linear"],
+    on_block: OnBlock,
+    observers: Sequence[Observer] = (),
+    progress: bool = True,
+    device: torch.device | str | None = None,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Calibrate ``model`` block by block on ``calib_tokens`` ``[n, seqlen]`` and let ``on_block`` prune.
+
+    ``observers`` gather their statistics of each block's targeted Linears (``targets``: mlp or
+    linear) while the block runs over the calibration inputs; then ``on_block(i, linears)`` is
+    called and must modify the weights in place (it may read the observers' statistics).
+
+    GPT-2's ``Conv1D`` targets are handed to the observers and ``on_block`` as ``nn.Linear``
+    views (see :func:`~emprune.llm.layouts.linear_view`) and are ``Conv1D`` again afterwards.
+
+    ``device``: execution device for a model held elsewhere (e.g. on CPU): each block is moved
+    there for its turn and moved back afterwards. Accelerate-dispatched models are run as they
+    are (their hooks place inputs); blocks offloaded to ``meta`` are refused, since in-place
+    pruning of offloaded weights would be lost.
+
+    ``batch_size``: calibration samples run through a block at once (each block's own call
+    kwargs, captured for one sample, broadcast over the batch). Batches of several samples make much
+    larger matrix products, several times faster on CPU than one sample at a time; the
+    statistics are the same sums (up to float rounding).
+
+    Returns timings: ``seconds``, ``capture_seconds``, ``decide_seconds``, ``block_seconds``.
+    """
+    from tqdm.auto import tqdm
+
+    if calib_tokens.ndim != 2:
+        raise ValueError(f"calib_tokens must be [n_samples, seqlen], got shape {tuple(calib_tokens.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    layout = find_layout(model)
+    layers = model.get_submodule(layout.blocks)
+    dev = torch.device(device) if device is not None else None
+    t0 = time.perf_counter()
+    with _calibration_mode(model), linear_view(model):  # GPT-2's Conv1D as Linear: rows = output units
+        names = {mod: name for name, mod in model.named_modules()}
+        inps, kwargs = _capture_inputs(model, layers, calib_tokens, dev)
+        timings: dict[str, Any] = {"capture_seconds": time.perf_counter() - t0, "decide_seconds": 0.0}
+        outs = torch.empty_like(inps)
+        block_seconds = []
+        for i in tqdm(range(len(layers)), desc="calibrate", disable=not progress, unit="block"):
+            tb = time.perf_counter()
+            with _on_device(layers[i], i, dev) as block:
+                linears = {names[mod]: mod for mod in block_linears(block, targets, layout).values()}
+                with ExitStack() as hooks:
+                    for obs in observers:
+                        hooks.enter_context(obs.observe(linears))
+                    called = hooks.enter_context(_calls(linears))
+                    _run_block(block, inps, kwargs[i], batch_size)
+                if len(called) < len(linears):
+                    raise RuntimeError(f"target Linears never called by their block: {sorted(set(linears) - called)}")
+                td = time.perf_counter()
+                on_block(i, linears)
+                timings["decide_seconds"] += time.perf_counter() - td
+                _run_block(block, inps, kwargs[i], batch_size, outs)  # pruned outputs feed the next block
+            inps, outs = outs, inps
+            block_seconds.append(time.perf_counter() - tb)
+    timings.update(
+        seconds=time.perf_counter() - t0,
+        block_seconds=block_seconds,
+        blocks=len(layers),
+        n_samples=int(calib_tokens.shape[0]),
+        seqlen=int(calib_tokens.shape[1]),
+        batch_size=int(batch_size),
+    )
+    return timings
+
+
+@contextmanager
+def _calibration_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no KV cache for the duration; both restored afterwards."""
+    config = getattr(model, "config", None)
+    saved_cache = getattr(config, "use_cache", None)
+    was_training = model.training
+    try:
+        if config is not None:
+            config.use_cache = False
+        model.eval()
+        yield
+    finally:
+        if config is not None and saved_cache is not None:
+            config.use_cache = saved_cache
+        model.train(was_training)
+
+
+@contextmanager
+def _on_device(block: nn.Module, i: int, dev: torch.device | None) -> Iterator[nn.Module]:
+    """``block`` moved to the execution device ``dev`` for its turn, and back afterwards
+    (accelerate-dispatched blocks stay where their hooks put them)."""
+    if any(p.device.type == "meta" for p in block.parameters()):
+        raise NotImplementedError(
+            f"block {i} has offloaded (meta) weights; load the model on CPU and pass device=... instead"
+        )
+    home = _param_device(block)
+    moved = dev is not None and not hasattr(block, "_hf_hook") and home != dev
+    if moved:
+        block.to(dev)
+    try:
+        yield block
+    finally:
+        if moved:
+            block.to(home)
+
+
+@contextmanager
+def _calls(mods: dict[str, nn.Module]) -> Iterator[set[str]]:
+    """The set of names of ``mods`` that ran a forward pass inside the ``with`` block."""
+    seen: set[str] = set()
+    handles = [m.register_forward_hook(lambda *_, n=n: seen.add(n)) for n, m in mods.items()]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run_block(block: nn.Module, inps: torch.Tensor, call: Call, batch_size: int,
+               outs: torch.Tensor | None = None) -> None:
+    """Run ``block`` over ``inps`` in batches with its captured other arguments ``call``; store
+    the hidden states in ``outs`` if given."""
+    args, kwargs = call
+    for j in range(0, inps.shape[0], batch_size):
+        y = block(inps[j : j + batch_size], *args, **kwargs)
+        if outs is not None:
+            outs[j : j + batch_size] = _hidden(y)
+
+
+def _capture_inputs(
+    model: nn.Module, layers: nn.ModuleList, calib_tokens: torch.Tensor, dev: torch.device | None
+) -> tuple[torch.Tensor, list[Call]]:
+    """Block 0's hidden-state inputs for every sample, and every block's own other call arguments.
+
+    Forward pre-hooks (not a replaced module, as in Wanda's ``Catcher``) store the inputs, so
+    accelerate hooks stay untouched. The kwargs transformers passes (attention_mask,
+    position_ids, position_embeddings, ...) are identical for equal-length unpadded samples but
+    may differ from block to block (and GPT-2 passes its mask positionally, after the hidden
+    states: positional arguments are kept too): Gemma-3 gives its sliding-window layers another mask and
+    another rotary table (base 10k) than its full-attention layers (base 1M). So sample 0 runs
+    through every block once and each block's kwargs are kept; the other samples stop at
+    block 0 (the hook raises once it has their hidden states).
+    """
+    kws: list[Call | None] = [None] * len(layers)
+    store: dict[str, Any] = {"stop": False}
+
+    def keep_kwargs(i: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if i == 0:
+                store["hidden"] = args[0] if args else kwargs["hidden_states"]
+            if kws[i] is None:
+                kws[i] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            # other samples stop at block 0; sample 0 at the last block (every block's kwargs are
+            # known then: no final norm, no vocabulary-sized logits)
+            if (i == 0 and store["stop"]) or i == len(layers) - 1:
+                raise _Caught
+        return hook
+
+    handles = [layer.register_forward_pre_hook(keep_kwargs(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    inps = None
+    try:
+        in_dev = input_device(model)
+        for j in range(calib_tokens.shape[0]):
+            store["stop"] = j > 0  # sample 0 runs through every block: their kwargs
+            store.pop("hidden", None)
+            try:
+                model(calib_tokens[j : j + 1].to(in_dev), use_cache=False)
+            except _Caught:
+                pass
+            if "hidden" not in store or any(k is None for k in kws):
+                raise RuntimeError("a decoder block was never called during the forward pass")
+            hidden = store["hidden"][0]
+            if inps is None:  # allocated once: [n, seqlen, hidden] on the execution device
+                target = dev or hidden.device
+                inps = torch.empty((calib_tokens.shape[0], *hidden.shape), dtype=hidden.dtype, device=target)
+            inps[j] = hidden
+    finally:
+        for h in handles:
+            h.remove()
+    return inps, [_to_device(k, inps.device) for k in kws]  # type: ignore[arg-type]
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    """Hidden states from a decoder block's output (a tensor in transformers 5, a tuple in 4.x)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _param_device(module: nn.Module) -> torch.device:
+    """Device of a module's first parameter (CPU for a parameter-free module)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
