@@ -300,6 +300,35 @@ def plan_steps(steps: int | None, train_tokens: int | None, tokens_per_step: int
     return steps
 
 
+def _check(o: HealOptions, model: nn.Module, teacher: nn.Module | None, eval_tokens: Tensor | None) -> float:
+    """Refuse bad options before anything is built; returns the learning rate (the default of
+    the mode where ``o.lr`` is None)."""
+    lora, batch, grad_accum, seqlen, schedule, warmup = o.lora, o.batch, o.grad_accum, o.seqlen, o.schedule, o.warmup
+    eval_every, distill_weight, lr = o.eval_every, o.distill_weight, o.lr
+    if lora is not None and lora < 1:
+        raise ValueError(f"the LoRA rank must be >= 1, got {lora}")
+    if batch < 1 or grad_accum < 1 or seqlen < 2:
+        raise ValueError(f"need batch >= 1, grad_accum >= 1 and seqlen >= 2, got {batch}, {grad_accum}, {seqlen}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if warmup < 0 or (warmup >= 1 and warmup != int(warmup)):
+        raise ValueError(f"warmup must be a fraction in [0, 1) or a whole number of steps, got {warmup}")
+    if eval_every is not None and (eval_every < 1 or eval_tokens is None):
+        raise ValueError("eval_every needs eval_tokens and must be >= 1")
+    if not 0 < distill_weight <= 1:
+        raise ValueError(f"distill_weight must lie in (0, 1], got {distill_weight}")
+    if teacher is not None:
+        tv, sv = teacher.get_output_embeddings(), model.get_output_embeddings()
+        if tv is None or sv is None or tv.weight.shape[0] != sv.weight.shape[0]:
+            raise ValueError("the teacher must be a causal LM with the student's vocabulary (same tokenizer)")
+    if lr is None:
+        lr = DEFAULT_LORA_LR if lora else DEFAULT_DISTILL_LR if teacher is not None else DEFAULT_LR
+    lr = float(lr)
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"the learning rate must be a positive finite number, got {lr}")
+    return lr
+
+
 def heal(
     model: nn.Module,
     tokens: Tensor,
@@ -344,32 +373,12 @@ def heal(
     from .eval import perplexity
 
     o = build(HealOptions, options, fields)
-    steps, train_tokens, lr, seqlen, batch, grad_accum = o.steps, o.train_tokens, o.lr, o.seqlen, o.batch, o.grad_accum
+    steps, train_tokens, seqlen, batch, grad_accum = o.steps, o.train_tokens, o.seqlen, o.batch, o.grad_accum
     lora, lora_alpha, targets, schedule, warmup = o.lora, o.lora_alpha, o.targets, o.schedule, o.warmup
     weight_decay, max_grad_norm, eval_every, eval_seqlen = o.weight_decay, o.max_grad_norm, o.eval_every, o.eval_seqlen
     eval_batch, distill_weight, bf16, gradient_checkpointing = o.eval_batch, o.distill_weight, o.bf16, o.gradient_checkpointing
     use_cpu, seed, progress = o.use_cpu, o.seed, o.progress
-    if lora is not None and lora < 1:
-        raise ValueError(f"the LoRA rank must be >= 1, got {lora}")
-    if batch < 1 or grad_accum < 1 or seqlen < 2:
-        raise ValueError(f"need batch >= 1, grad_accum >= 1 and seqlen >= 2, got {batch}, {grad_accum}, {seqlen}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if warmup < 0 or (warmup >= 1 and warmup != int(warmup)):
-        raise ValueError(f"warmup must be a fraction in [0, 1) or a whole number of steps, got {warmup}")
-    if eval_every is not None and (eval_every < 1 or eval_tokens is None):
-        raise ValueError("eval_every needs eval_tokens and must be >= 1")
-    if not 0 < distill_weight <= 1:
-        raise ValueError(f"distill_weight must lie in (0, 1], got {distill_weight}")
-    if teacher is not None:
-        tv, sv = teacher.get_output_embeddings(), model.get_output_embeddings()
-        if tv is None or sv is None or tv.weight.shape[0] != sv.weight.shape[0]:
-            raise ValueError("the teacher must be a causal LM with the student's vocabulary (same tokenizer)")
-    if lr is None:
-        lr = DEFAULT_LORA_LR if lora else DEFAULT_DISTILL_LR if teacher is not None else DEFAULT_LR
-    lr = float(lr)
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"the learning rate must be a positive finite number, got {lr}")
+    lr = _check(o, model, teacher, eval_tokens)
     dataset = TokenWindows(tokens, seqlen)
     if len(dataset) < batch:
         raise ValueError(f"the healing text gives {len(dataset)} windows of {seqlen} tokens, fewer than one "
@@ -444,7 +453,6 @@ def heal(
     if leaked:
         raise RuntimeError(f"{leaked} masked weights are not zero after healing (a bug in emprune heal)")
     zeros_after = count_module_zeros(mods)
-    changed = {n: [zeros_before[n], zeros_after[n]] for n in mods if zeros_before[n] != zeros_after[n]}
     record: dict[str, Any] = {
         "steps": max_steps,
         "tokens": max_steps * tokens_per_step,
@@ -468,20 +476,27 @@ def heal(
         "loss_curve": curve_cb.loss,
         "eval": ({"tokens": int(eval_tokens.numel()), "seqlen": eval_seqlen, "curve": curve_cb.evals}
                  if eval_every else None),
-        "masks": {
-            "masked_modules": len(mods),
-            "masked_entries": int(sum(int(m.sum()) for m in masks.values())),
-            "zeros_before": int(sum(zeros_before.values())),
-            "zeros_after": int(sum(zeros_after.values())),
-            "zeros_unchanged": not changed,
-            "modules_with_changed_zeros": changed,
-            "how": ("gradients of the masked entries zeroed in backward and the entries set to zero after "
-                    "every optimizer step" + ("; after the LoRA merge the masks were applied again" if lora else "")
-                    ) if mods else "no masks (dense or shrunk model)",
-        },
+        "masks": _mask_record(mods, masks, zeros_before, zeros_after, bool(lora)),
     }
     return HealResult(model=model, record=record, loss_curve=curve_cb.loss, eval_curve=curve_cb.evals,
                       zeros_before=zeros_before, zeros_after=zeros_after)
+
+
+def _mask_record(mods: dict[str, nn.Linear], masks: dict[str, Tensor], zeros_before: dict[str, int],
+                 zeros_after: dict[str, int], lora: bool) -> dict[str, Any]:
+    """The record's ``masks`` entry: what was held at zero and whether every zero stayed."""
+    changed = {n: [zeros_before[n], zeros_after[n]] for n in mods if zeros_before[n] != zeros_after[n]}
+    return {
+        "masked_modules": len(mods),
+        "masked_entries": int(sum(int(m.sum()) for m in masks.values())),
+        "zeros_before": int(sum(zeros_before.values())),
+        "zeros_after": int(sum(zeros_after.values())),
+        "zeros_unchanged": not changed,
+        "modules_with_changed_zeros": changed,
+        "how": ("gradients of the masked entries zeroed in backward and the entries set to zero after "
+                "every optimizer step" + ("; after the LoRA merge the masks were applied again" if lora else "")
+                ) if mods else "no masks (dense or shrunk model)",
+    }
 
 
 def masked_targets_from_report(report: dict[str, Any] | None) -> list[str] | None:
