@@ -4,23 +4,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..decide.recipes import names
 from ..decide.scopes import SCOPES
 from ..models.io import check_can_write
 from .common import (MODEL_HELP, add_calib_args, add_model_args, beta_type, check_device, command_line, esc,
                      int_at_least, positive_int, read_text, sparsity_type, torch_dtype)
 
 
+HELP = "dense vs magnitude/Wanda vs EMP recipes (incl. matched sparsity): table + JSON + plot"
+DESCRIPTION = ("Load MODEL once and evaluate: dense; magnitude and Wanda at --sparsity per row; EMP-magnitude and "
+               "EMP-Wanda at --beta (paper recipe); the default recipe (and --recipes); magnitude/Wanda keeping each "
+               "EMP run's per-unit counts (matched); and the EMP runs' criterion at their overall sparsity in every "
+               "row (uniform). Same calibration and evaluation tokens for all. Writes OUT.md, OUT.json, OUT.png.")
+
+
 def add_parser(sub) -> None:
     """The ``compare`` sub-command's parser."""
-    from ..decide.recipes import names
-
-    cp = sub.add_parser(
-        "compare", help="dense vs magnitude/Wanda vs EMP recipes (incl. matched sparsity): table + JSON + plot",
-        description="Load MODEL once and evaluate: dense; magnitude and Wanda at --sparsity per row; "
-                    "EMP-magnitude and EMP-Wanda at --beta (paper recipe); the default recipe (and --recipes); "
-                    "magnitude/Wanda keeping each EMP run's per-unit counts (matched); and the EMP runs' "
-                    "criterion at their overall sparsity in every row (uniform). Same calibration and "
-                    "evaluation tokens for all. Writes OUT.md, OUT.json, OUT.png.")
+    cp = sub.add_parser("compare", help=HELP, description=DESCRIPTION)
     cp.add_argument("model", help=MODEL_HELP)
     cp.add_argument("--out", default="emprune-compare", help="output path prefix (default emprune-compare)")
     cp.add_argument("--targets", default="mlp",

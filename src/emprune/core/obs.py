@@ -43,8 +43,10 @@ deterministic.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -177,19 +179,32 @@ def _check_nm(nm: tuple[int, int], cols: int, where: str) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def obs_prune(
-    weight: Tensor,
-    hessian: Tensor,
-    *,
-    k: Tensor | int | None = None,
-    sparsity: float | None = None,
-    nm: tuple[int, int] | None = None,
-    blocksize: int = 128,
-    damp: float = 0.01,
-    damp_kind: str = "mean",
-    quota: str = "lookahead",
-    where: str = "weight",
-) -> OBSResult:
+@dataclass(frozen=True)
+class OBSSettings:
+    """How the OBS reconstruction runs: ``blocksize`` (columns updated together), ``damp`` (the
+    fraction of the mean Hessian diagonal added to it, ``damp_kind="mean"``, or of each diagonal
+    entry, ``"diag"``) and ``quota`` (how a row's count is spread over the blocks, see the module
+    doc)."""
+
+    blocksize: int = 128
+    damp: float = 0.01
+    damp_kind: str = "mean"
+    quota: str = "lookahead"
+
+    def check(self, where: str) -> None:
+        if not (isinstance(self.blocksize, int) and self.blocksize >= 1):
+            raise ValueError(f"{where}: blocksize must be an integer >= 1, got {self.blocksize!r}")
+        if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp >= 0):
+            raise ValueError(f"{where}: damp must be a finite number >= 0, got {self.damp!r}")
+        if self.damp_kind not in DAMP_KINDS:
+            raise ValueError(f"{where}: damp_kind must be one of {', '.join(DAMP_KINDS)}, got {self.damp_kind!r}")
+        if self.quota not in QUOTAS:
+            raise ValueError(f"{where}: quota must be one of {', '.join(QUOTAS)}, got {self.quota!r}")
+
+
+def obs_prune(weight: Tensor, hessian: Tensor, *, k: Tensor | int | None = None, sparsity: float | None = None,
+              nm: tuple[int, int] | None = None, settings: OBSSettings | None = None, where: str = "weight",
+              **fields: Any) -> OBSResult:
     """Prune ``weight`` (``[out, in]``) with SparseGPT's OBS reconstruction; returns the new
     weight (in ``weight``'s dtype and device; ``weight`` itself is not modified), the keep mask
     and the count kept per row.
@@ -200,41 +215,24 @@ def obs_prune(
     blocks by ``quota``, see the module doc), ``sparsity`` (SparseGPT's own rule: in each block
     the ``floor(sparsity * block size)`` least salient weights of the whole block, so rows
     differ), ``nm=(n, m)`` (keep ``n`` of every ``m`` consecutive weights of a row, chosen when
-    the group is reached, as SparseGPT does). ``damp``: fraction of the mean Hessian diagonal
-    added to it (``damp_kind="mean"``), or of each diagonal entry (``"diag"``). The work runs in float32 (the Cholesky factorisations in float64) on
-    ``weight``'s device. ``where`` names the tensor in errors.
+    the group is reached, as SparseGPT does). ``settings`` (or its fields as keywords:
+    ``blocksize``, ``damp``, ``damp_kind``, ``quota``): see :class:`OBSSettings`. The work runs in
+    float32 (the Cholesky factorisations in float64) on ``weight``'s device. ``where`` names the
+    tensor in errors.
     """
-    if sum(v is not None for v in (k, sparsity, nm)) != 1:
-        raise ValueError(f"{where}: give exactly one of k, sparsity, nm")
-    if weight.dim() != 2:
-        raise ValueError(f"{where}: obs_prune needs a 2-D weight [out, in], got shape {tuple(weight.shape)}")
-    rows, cols = weight.shape
-    if tuple(hessian.shape) != (cols, cols):
-        raise ValueError(f"{where}: the Hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
-    if not (isinstance(blocksize, int) and blocksize >= 1):
-        raise ValueError(f"{where}: blocksize must be an integer >= 1, got {blocksize!r}")
-    if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
-        raise ValueError(f"{where}: damp must be a finite number >= 0, got {damp!r}")
-    if damp_kind not in DAMP_KINDS:
-        raise ValueError(f"{where}: damp_kind must be one of {', '.join(DAMP_KINDS)}, got {damp_kind!r}")
-    if quota not in QUOTAS:
-        raise ValueError(f"{where}: quota must be one of {', '.join(QUOTAS)}, got {quota!r}")
-    if not bool(torch.isfinite(weight).all()):
-        raise ValueError(f"{where}: the weight has NaN or infinite entries")
+    st = dataclasses.replace(settings or OBSSettings(), **fields)
+    rows, cols = _check_inputs(weight, hessian, k, sparsity, nm, st, where)
     dev = weight.device
+    blocksize = st.blocksize
     prune_total: Tensor | None = None
     n = m = 0
     if k is not None:
         prune_total = (cols - _check_k(k, rows, cols, where)).to(dev)
-    elif sparsity is not None:
-        p = float(sparsity)
-        if not (0.0 <= p < 1.0) or not math.isfinite(p):
-            raise ValueError(f"{where}: sparsity must lie in [0, 1), got {sparsity!r}")
-    else:
-        n, m = _check_nm(nm, cols, where)  # type: ignore[arg-type]
+    elif nm is not None:
+        n, m = _check_nm(nm, cols, where)
         blocksize = max(m, blocksize // m * m)  # groups of m never straddle two blocks
 
-    u64, dead = _inverse_cholesky(hessian.to(dev), float(damp), where, damp_kind)
+    u64, dead = _inverse_cholesky(hessian.to(dev), float(st.damp), where, st.damp_kind)
     u = u64.to(torch.float32)
     d = torch.diagonal(u).clone()  # U_jj: the saliency's denominator
     w = weight.detach().to(torch.float32).clone()
@@ -247,39 +245,66 @@ def obs_prune(
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        cnt = i2 - i1
-        w1 = w[:, i1:i2].clone()
-        u1 = u[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
         if left is not None:  # exact per-row counts
-            if quota == "lookahead":
-                chosen = _lowest(saliency(w[:, i1:], i1, cols), left)[:, :cnt]
+            if st.quota == "lookahead":
+                prune1 = _lowest(saliency(w[:, i1:], i1, cols), left)[:, :i2 - i1]
             else:
                 target_end = torch.round(prune_total.double() * i2 / cols).to(torch.int64)  # type: ignore[union-attr]
                 done = prune_total - left  # type: ignore[operator]
-                chosen = _lowest(saliency(w1, i1, i2), (target_end - done).clamp(0, cnt))
-            prune1 = chosen
-            left -= chosen.sum(1)
+                prune1 = _lowest(saliency(w[:, i1:i2], i1, i2), (target_end - done).clamp(0, i2 - i1))
+            left -= prune1.sum(1)
         elif sparsity is not None:
-            s = saliency(w1, i1, i2).reshape(1, -1)
+            s = saliency(w[:, i1:i2], i1, i2).reshape(1, -1)
             n_prune = math.floor(float(sparsity) * s.numel())
-            prune1 = _lowest(s, torch.tensor([n_prune], device=dev)).reshape(rows, cnt)
+            prune1 = _lowest(s, torch.tensor([n_prune], device=dev)).reshape(rows, i2 - i1)
         else:
-            prune1 = torch.zeros((rows, cnt), dtype=torch.bool, device=dev)
-        for i in range(cnt):
-            col = w1[:, i]
-            if nm is not None and i % m == 0:  # blocks start on group boundaries (see above)
-                s = saliency(w1[:, i:i + m], i1 + i, i1 + i + m)
-                prune1[:, i:i + m] = ~nm_mask(s, n, m)
-            q = col.masked_fill(prune1[:, i], 0.0)
-            e = (col - q) / u1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            w1[:, i] = q
-            err1[:, i] = e
-        w[:, i1:i2] = w1
+            prune1 = torch.zeros((rows, i2 - i1), dtype=torch.bool, device=dev)
+        pick = (lambda ws, lo, hi: ~nm_mask(saliency(ws, lo, hi), n, m)) if nm is not None else None
+        err1 = _update_block(w, u, i1, i2, prune1, pick, m)
         mask[:, i1:i2] = ~prune1
         if i2 < cols:
             w[:, i2:] -= err1 @ u[i1:i2, i2:]
     w[~mask] = 0.0
     kept = mask.sum(1).to("cpu", torch.int64)
     return OBSResult(w.to(weight.dtype), mask, kept)
+
+
+def _check_inputs(weight: Tensor, hessian: Tensor, k: Any, sparsity: float | None, nm: Any, st: OBSSettings,
+                  where: str) -> tuple[int, int]:
+    """Refuse bad arguments of :func:`obs_prune` in one line each; returns ``(rows, cols)``."""
+    if sum(v is not None for v in (k, sparsity, nm)) != 1:
+        raise ValueError(f"{where}: give exactly one of k, sparsity, nm")
+    if weight.dim() != 2:
+        raise ValueError(f"{where}: obs_prune needs a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(f"{where}: the Hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
+    st.check(where)
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{where}: the weight has NaN or infinite entries")
+    if sparsity is not None:
+        p = float(sparsity)
+        if not (0.0 <= p < 1.0) or not math.isfinite(p):
+            raise ValueError(f"{where}: sparsity must lie in [0, 1), got {sparsity!r}")
+    return rows, cols
+
+
+def _update_block(w: Tensor, u: Tensor, i1: int, i2: int, prune1: Tensor, pick: Any, m: int) -> Tensor:
+    """OBS over the columns ``i1:i2`` of ``w`` (in place): each column's pruned entries are
+    zeroed and their error spread over the block's later columns through the inverse Cholesky
+    factor ``u``; ``pick`` (N:M) chooses each group of ``m`` columns when it is reached, into
+    ``prune1``. Returns the block's scaled errors, which the caller spreads to later blocks."""
+    w1 = w[:, i1:i2].clone()
+    u1 = u[i1:i2, i1:i2]
+    err1 = torch.zeros_like(w1)
+    for i in range(i2 - i1):
+        col = w1[:, i]
+        if pick is not None and i % m == 0:  # blocks start on group boundaries (see obs_prune)
+            prune1[:, i:i + m] = pick(w1[:, i:i + m], i1 + i, i1 + i + m)
+        q = col.masked_fill(prune1[:, i], 0.0)
+        e = (col - q) / u1[i, i]
+        w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+        w1[:, i] = q
+        err1[:, i] = e
+    w[:, i1:i2] = w1
+    return err1

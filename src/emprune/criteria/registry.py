@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from torch import Tensor
 
+from ..core.checks import one_of
 from .base import Criterion, Custom
 
 LEVELS = ("weight", "unit")
@@ -87,8 +88,7 @@ def _parameters(factory: Callable[..., Any]) -> set[str]:
 
 
 def _check_level(level: str) -> None:
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {', '.join(LEVELS)}; got {level!r}")
+    one_of("level", level, LEVELS)
 
 
 def register(name: str, factory: Callable[..., Any], *, summary: str = "", replace: bool = False,

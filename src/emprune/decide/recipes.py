@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.checks import one_of
 from .. import criteria as C
 
 JOBS = ("prune", "shrink")
@@ -150,8 +151,7 @@ def get_recipe(recipe: str | Recipe = "default", job: str = "prune", *, lm: bool
     """A named recipe of ``job`` (``default``: see :func:`default_name`; an old name is taken
     with a ``DeprecationWarning``), with optional overrides of its count fields (the name then
     ends in ``+custom``)."""
-    if job not in JOBS:
-        raise ValueError(f"job must be one of {', '.join(JOBS)}; got {job!r}")
+    one_of("job", job, JOBS)
     r = recipe if isinstance(recipe, Recipe) else _named(recipe, job, lm, mixed)
     changes = {k: v for k, v in (("count_by", count_by), ("min_keep", min_keep), ("count_unit", count_unit))
                if v is not None}
@@ -176,16 +176,11 @@ def _named(name: str, job: str, lm: bool, mixed: bool) -> Recipe:
 
 def _check(r: Recipe, job: str) -> None:
     count_by = ("same", *C.names(layerwise=True)) if job == "prune" else ("same", *C.names(level="unit"))
-    if r.count_by not in count_by:
-        raise ValueError(f"count_by must be one of {', '.join(count_by)}; got {r.count_by!r}")
-    if r.count_unit not in COUNT_UNITS:
-        raise ValueError(f"count_unit must be one of {', '.join(COUNT_UNITS)}; got {r.count_unit!r}")
-    if r.transform not in TRANSFORMS:
-        raise ValueError(f"transform must be one of {', '.join(TRANSFORMS)}; got {r.transform!r}")
-    if r.allocate not in ALLOCATIONS:
-        raise ValueError(f"allocate must be one of {', '.join(ALLOCATIONS)}; got {r.allocate!r}")
-    if r.update is not None and r.update not in UPDATES:
-        raise ValueError(f"update must be None or one of {', '.join(UPDATES)}; got {r.update!r}")
+    one_of("count_by", r.count_by, count_by)
+    one_of("count_unit", r.count_unit, COUNT_UNITS)
+    one_of("transform", r.transform, TRANSFORMS)
+    one_of("allocate", r.allocate, ALLOCATIONS)
+    one_of("update", r.update, UPDATES, none_ok=True)
 
 
 def count_scores(scores: Tensor, transform: str) -> Tensor:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from ..core.checks import one_of
 from ..core import rule
 
 Scope = Literal["row", "layer", "global"]
@@ -81,8 +82,7 @@ class Decision:
 
 def check_options(scope: str, beta: float, sparsity: float | None, min_keep: float | int | None) -> None:
     """Validate the how-many options once, with messages naming the option."""
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
+    one_of("scope", scope, SCOPES)
     rule.check_beta(beta)
     if sparsity is not None:
         p = float(sparsity)

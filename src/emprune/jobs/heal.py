@@ -329,109 +329,59 @@ def _check(o: HealOptions, model: nn.Module, teacher: nn.Module | None, eval_tok
     return lr
 
 
-def heal(
-    model: nn.Module,
-    tokens: Tensor,
-    options: HealOptions | None = None,
-    *,
-    teacher: nn.Module | None = None,
-    eval_tokens: Tensor | None = None,
-    **fields: Any,
-) -> HealResult:
+def heal(model: nn.Module, tokens: Tensor, options: HealOptions | None = None, *, teacher: nn.Module | None = None,
+         eval_tokens: Tensor | None = None, **fields: Any) -> HealResult:
     """Fine-tune ``model`` in place on ``tokens`` (a 1-D token stream) with ``Trainer``,
     holding the zeros of the ``targets`` modules at zero; returns a :class:`HealResult`.
 
-    The options are the fields of :class:`~emprune.jobs.options.HealOptions`, given as
-    ``options=`` or as keywords; ``teacher`` and ``eval_tokens`` are tensors and models, not
-    options.
-
+    Options: the fields of :class:`~emprune.jobs.options.HealOptions` (``options=`` or keywords).
     Each optimizer step sees ``batch * grad_accum`` random non-overlapping windows of ``seqlen``
-    tokens (per process). ``steps`` or ``train_tokens`` (a budget, rounded up to whole steps)
-    sets the length (default :data:`DEFAULT_STEPS` steps). AdamW with ``lr`` (default
-    :data:`DEFAULT_LR`, :data:`DEFAULT_DISTILL_LR` with a ``teacher``, :data:`DEFAULT_LORA_LR` with
-    ``lora``), ``warmup`` (a fraction of the
-    steps, or a count >= 1) and the ``schedule``. ``targets``: ``None`` (no masks: dense or
-    shrunk models), ``"mlp"`` / ``"linear"`` or module names (see :func:`target_modules`).
-    ``lora=R``: train rank-R adapters on every Linear of the decoder blocks (peft), merge them
-    and re-apply the masks (the record says how many merged entries were re-zeroed).
-    ``eval_tokens`` with ``eval_every=N``: held-out perplexity (:func:`emprune.llm.eval.perplexity`,
-    windows of ``eval_seqlen``, default ``seqlen``) before training, every N steps and at the end.
-    ``teacher`` (e.g. the dense model the pruned one came from, same tokenizer): distillation
-    instead of plain next-token loss, ``distill_weight`` x KL(teacher || student) + (1 -
-    ``distill_weight``) x cross-entropy; the student then learns the teacher's distribution rather
-    than the healing text's own style (see docs/llm.md for why that matters on other text).
-    ``bf16``: mixed precision (GPU); ``gradient_checkpointing`` saves activation memory.
-    Trainer writes nothing (no checkpoints, no reports; its output folder is a temporary one) and
-    seeds the global random generators with ``seed``, as it always does. Interrupted (Ctrl-C), the
-    model is left part-trained (and, with ``lora``, still wrapped): reload it.
-    Raises ``ValueError`` for bad options and ``RuntimeError`` if a masked entry is not zero
-    at the end (a bug, never expected).
-    """
-    from transformers import Trainer, TrainingArguments, default_data_collator
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    tokens (per process), for ``steps`` (default :data:`DEFAULT_STEPS`) or a ``train_tokens``
+    budget; AdamW with ``lr`` (default :data:`DEFAULT_LR`, :data:`DEFAULT_DISTILL_LR` with a
+    ``teacher``, :data:`DEFAULT_LORA_LR` with ``lora``), ``warmup`` and ``schedule``.
+    ``targets``: ``None`` (no masks), ``"mlp"`` / ``"linear"`` or module names. ``lora=R``:
+    rank-R adapters on every Linear of the decoder blocks, merged, then the masks re-applied.
+    ``eval_tokens`` with ``eval_every=N``: held-out perplexity before, every N steps and at the
+    end. ``teacher`` (same tokenizer): ``distill_weight`` x KL(teacher || student) + the rest
+    cross-entropy. Trainer writes nothing and seeds the generators with ``seed``. Interrupted,
+    the model is left part-trained (with ``lora``, still wrapped). ``ValueError`` for bad
+    options, ``RuntimeError`` if a masked entry is not zero at the end (a bug).
 
-    from .eval import perplexity
-
+    Steps: check (:func:`_check`); list the masked modules and their zeros; wrap (LoRA) and
+    hook the gradients; train (:func:`_trainer`); merge and re-zero (:func:`_merge_and_rezero`);
+    record (:func:`_settings_record`, :func:`_mask_record`)."""
     o = build(HealOptions, options, fields)
-    steps, train_tokens, seqlen, batch, grad_accum = o.steps, o.train_tokens, o.seqlen, o.batch, o.grad_accum
-    lora, lora_alpha, targets, schedule, warmup = o.lora, o.lora_alpha, o.targets, o.schedule, o.warmup
-    weight_decay, max_grad_norm, eval_every, eval_seqlen = o.weight_decay, o.max_grad_norm, o.eval_every, o.eval_seqlen
-    eval_batch, distill_weight, bf16, gradient_checkpointing = o.eval_batch, o.distill_weight, o.bf16, o.gradient_checkpointing
-    use_cpu, seed, progress = o.use_cpu, o.seed, o.progress
     lr = _check(o, model, teacher, eval_tokens)
-    dataset = TokenWindows(tokens, seqlen)
-    if len(dataset) < batch:
-        raise ValueError(f"the healing text gives {len(dataset)} windows of {seqlen} tokens, fewer than one "
-                         f"batch of {batch}; use a longer text or a smaller --seqlen/--batch")
+    dataset = TokenWindows(tokens, o.seqlen)
+    if len(dataset) < o.batch:
+        raise ValueError(f"the healing text gives {len(dataset)} windows of {o.seqlen} tokens, fewer than one "
+                         f"batch of {o.batch}; use a longer text or a smaller --seqlen/--batch")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    tokens_per_step = batch * grad_accum * seqlen * world
-    max_steps = plan_steps(steps, train_tokens, tokens_per_step)
-    eval_seqlen = seqlen if eval_seqlen is None else eval_seqlen
-
-    mods = target_modules(model, targets)
+    tokens_per_step = o.batch * o.grad_accum * o.seqlen * world
+    max_steps = plan_steps(o.steps, o.train_tokens, tokens_per_step)
+    mods = target_modules(model, o.targets)
     masks = zero_masks(mods)
     zeros_before = count_module_zeros(mods)
     t0 = time.perf_counter()
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False  # no KV cache while training (and none with checkpointing)
-    if lora:
+    if o.lora:
         from transformers import set_seed
 
-        set_seed(seed)  # the adapters' initialisation (Trainer seeds only later, for training)
-    train_model = _lora_wrap(model, lora, lora_alpha) if lora else model
+        set_seed(o.seed)  # the adapters' initialisation (Trainer seeds only later, for training)
+    train_model = _lora_wrap(model, o.lora, o.lora_alpha) if o.lora else model
     hooks = []
-    if not lora:  # LoRA leaves the base weights frozen: nothing to mask until the merge
+    if not o.lora:  # LoRA leaves the base weights frozen: nothing to mask until the merge
         hooks = [m.weight.register_hook(_GradMask(masks[n])) for n, m in mods.items() if m.weight.requires_grad]
     trainable = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
-
-    def eval_fn(m: nn.Module) -> dict[str, Any]:
-        return perplexity(m, eval_tokens, eval_seqlen, batch_size=eval_batch, progress=False)
-
     MaskCallback, CurveCallback = _callbacks()
-    mask_cb = MaskCallback(mods, masks)
     # evaluated on ``model`` itself: peft injects its adapters into it, and emprune's perplexity
     # reads the transformers model's base/head split
-    curve_cb = CurveCallback(model, eval_fn if eval_every else None, eval_every, tokens_per_step,
-                             max_steps, progress)
+    curve_cb = CurveCallback(model, _eval_fn(o, eval_tokens), o.eval_every, tokens_per_step, max_steps, o.progress)
     try:
         with tempfile.TemporaryDirectory(prefix="emprune-heal-") as tmp:
-            args = TrainingArguments(
-                output_dir=tmp, max_steps=max_steps, per_device_train_batch_size=batch,
-                gradient_accumulation_steps=grad_accum, learning_rate=lr, lr_scheduler_type=schedule,
-                warmup_steps=warmup, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                optim="adamw_torch", logging_steps=1, logging_strategy="steps", save_strategy="no",
-                eval_strategy="no", report_to="none", disable_tqdm=True, seed=seed, data_seed=seed,
-                bf16=bf16, dataloader_drop_last=True, dataloader_num_workers=0,
-                dataloader_pin_memory=torch.cuda.is_available() and not use_cpu, remove_unused_columns=False,
-                label_names=["labels"], use_cpu=use_cpu, **_checkpointing_args(gradient_checkpointing))
-            kw: dict[str, Any] = dict(model=train_model, args=args, train_dataset=dataset,
-                                      data_collator=default_data_collator, callbacks=[mask_cb, curve_cb])
-            if teacher is not None:
-                trainer = _distill_trainer_class()(teacher=teacher, weight=distill_weight, **kw)
-            else:
-                trainer = Trainer(**kw)
-            for cb in (PrinterCallback, ProgressCallback):  # our own bar and curve instead
-                trainer.remove_callback(cb)
+            trainer = _trainer(o, tmp, max_steps, lr, train_model, dataset, [MaskCallback(mods, masks), curve_cb],
+                               teacher)
             apply_masks(mods, masks, count=False)  # masks on the training device from the start
             out = trainer.train()
     finally:
@@ -440,6 +390,83 @@ def heal(
         if use_cache is not None:
             model.config.use_cache = use_cache
     train_seconds = time.perf_counter() - t0 - curve_cb.eval_seconds
+    model, mods, rezeroed = _merge_and_rezero(model, train_model, mods, masks, bool(o.lora))
+    zeros_after = count_module_zeros(mods)
+    record = {
+        "steps": max_steps, "tokens": max_steps * tokens_per_step, "tokens_per_step": tokens_per_step,
+        **_settings_record(o, lr, teacher, rezeroed), "processes": world,
+        "text_tokens": int(tokens.numel()), "windows": len(dataset),
+        "epochs": max_steps * o.batch * o.grad_accum * world / len(dataset),
+        "trainable_parameters": trainable,
+        "seconds": train_seconds,  # training only: the held-out evaluations are in eval_seconds
+        "eval_seconds": curve_cb.eval_seconds, "train_loss": float(out.training_loss), "loss_curve": curve_cb.loss,
+        "eval": ({"tokens": int(eval_tokens.numel()), "seqlen": o.eval_seqlen or o.seqlen,  # type: ignore[union-attr]
+                  "curve": curve_cb.evals} if o.eval_every else None),
+        "masks": _mask_record(mods, masks, zeros_before, zeros_after, bool(o.lora)),
+    }
+    return HealResult(model=model, record=record, loss_curve=curve_cb.loss, eval_curve=curve_cb.evals,
+                      zeros_before=zeros_before, zeros_after=zeros_after)
+
+
+def _eval_fn(o: HealOptions, eval_tokens: Tensor | None) -> Any:
+    """The held-out perplexity the curve reads every ``eval_every`` steps (None: no evaluations)."""
+    if not o.eval_every:
+        return None
+    from .eval import perplexity
+
+    seqlen = o.eval_seqlen or o.seqlen
+    return lambda m: perplexity(m, eval_tokens, seqlen, batch_size=o.eval_batch, progress=False)
+
+
+def _settings_record(o: HealOptions, lr: float, teacher: nn.Module | None, rezeroed: int) -> dict[str, Any]:
+    """The record's training settings: sizes, optimizer, schedule, loss, LoRA."""
+    dw = o.distill_weight
+    return {
+        "seqlen": o.seqlen, "batch": o.batch, "grad_accum": o.grad_accum,
+        "lr": lr, "schedule": o.schedule, "warmup": o.warmup, "weight_decay": o.weight_decay,
+        "max_grad_norm": o.max_grad_norm, "optimizer": "adamw_torch", "seed": o.seed,
+        "bf16": o.bf16, "gradient_checkpointing": o.gradient_checkpointing,
+        "mode": "lora" if o.lora else "full",
+        "loss": ("distillation" + (f" x {dw:g} + cross-entropy x {1 - dw:g}" if dw < 1 else "")
+                 if teacher is not None else "cross-entropy"),
+        "lora": ({"r": o.lora, "alpha": 2 * o.lora if o.lora_alpha is None else o.lora_alpha,
+                  "modules": "every Linear of the decoder blocks", "merged": True,
+                  "rezeroed_after_merge": rezeroed} if o.lora else None),
+    }
+
+
+def _trainer(o: HealOptions, tmp: str, max_steps: int, lr: float, train_model: nn.Module, dataset: Any,
+             callbacks: list[Any], teacher: nn.Module | None) -> Any:
+    """A transformers ``Trainer`` (a distilling one with a ``teacher``) that writes nothing to
+    ``tmp`` and reports through ``callbacks`` only (its own bar and printer removed)."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    args = TrainingArguments(
+        output_dir=tmp, max_steps=max_steps, per_device_train_batch_size=o.batch,
+        gradient_accumulation_steps=o.grad_accum, learning_rate=lr, lr_scheduler_type=o.schedule,
+        warmup_steps=o.warmup, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
+        optim="adamw_torch", logging_steps=1, logging_strategy="steps", save_strategy="no",
+        eval_strategy="no", report_to="none", disable_tqdm=True, seed=o.seed, data_seed=o.seed,
+        bf16=o.bf16, dataloader_drop_last=True, dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available() and not o.use_cpu, remove_unused_columns=False,
+        label_names=["labels"], use_cpu=o.use_cpu, **_checkpointing_args(o.gradient_checkpointing))
+    kw: dict[str, Any] = dict(model=train_model, args=args, train_dataset=dataset,
+                              data_collator=default_data_collator, callbacks=callbacks)
+    if teacher is not None:
+        trainer = _distill_trainer_class()(teacher=teacher, weight=o.distill_weight, **kw)
+    else:
+        trainer = Trainer(**kw)
+    for cb in (PrinterCallback, ProgressCallback):  # our own bar and curve instead
+        trainer.remove_callback(cb)
+    return trainer
+
+
+def _merge_and_rezero(model: nn.Module, train_model: nn.Module, mods: dict[str, nn.Linear],
+                      masks: dict[str, Tensor], lora: bool) -> tuple[nn.Module, dict[str, nn.Linear], int]:
+    """After training: merge LoRA adapters (their deltas are dense) and zero the masked entries
+    again; check that every one is zero. Returns the model, its masked modules and how many
+    merged entries had to be re-zeroed."""
     rezeroed = 0
     if lora:
         model = train_model.merge_and_unload()
@@ -452,34 +479,7 @@ def heal(
                  for n, m in mods.items())
     if leaked:
         raise RuntimeError(f"{leaked} masked weights are not zero after healing (a bug in emprune heal)")
-    zeros_after = count_module_zeros(mods)
-    record: dict[str, Any] = {
-        "steps": max_steps,
-        "tokens": max_steps * tokens_per_step,
-        "tokens_per_step": tokens_per_step,
-        "seqlen": seqlen, "batch": batch, "grad_accum": grad_accum, "processes": world,
-        "text_tokens": int(tokens.numel()), "windows": len(dataset),
-        "epochs": max_steps * batch * grad_accum * world / len(dataset),
-        "lr": lr, "schedule": schedule, "warmup": warmup, "weight_decay": weight_decay,
-        "max_grad_norm": max_grad_norm, "optimizer": "adamw_torch", "seed": seed,
-        "bf16": bf16, "gradient_checkpointing": gradient_checkpointing,
-        "mode": "lora" if lora else "full",
-        "loss": ("distillation" + (f" x {distill_weight:g} + cross-entropy x {1 - distill_weight:g}"
-                                   if distill_weight < 1 else "") if teacher is not None else "cross-entropy"),
-        "lora": ({"r": lora, "alpha": 2 * lora if lora_alpha is None else lora_alpha,
-                  "modules": "every Linear of the decoder blocks", "merged": True,
-                  "rezeroed_after_merge": rezeroed} if lora else None),
-        "trainable_parameters": trainable,
-        "seconds": train_seconds,  # training only: the held-out evaluations are in eval_seconds
-        "eval_seconds": curve_cb.eval_seconds,
-        "train_loss": float(out.training_loss),
-        "loss_curve": curve_cb.loss,
-        "eval": ({"tokens": int(eval_tokens.numel()), "seqlen": eval_seqlen, "curve": curve_cb.evals}
-                 if eval_every else None),
-        "masks": _mask_record(mods, masks, zeros_before, zeros_after, bool(lora)),
-    }
-    return HealResult(model=model, record=record, loss_curve=curve_cb.loss, eval_curve=curve_cb.evals,
-                      zeros_before=zeros_before, zeros_after=zeros_after)
+    return model, mods, rezeroed
 
 
 def _mask_record(mods: dict[str, nn.Linear], masks: dict[str, Tensor], zeros_before: dict[str, int],

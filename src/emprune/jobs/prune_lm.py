@@ -42,6 +42,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..core.checks import one_of
 from .. import criteria as C
 from ..act.masks import apply_mask
 from ..act.report import WARN_UNIT_SPARSITY, PruneReport, count_zeros
@@ -183,25 +184,20 @@ class Plan:
 
 def _check_values(o: PruneOptions) -> None:
     """The options that need nothing but themselves."""
-    if o.targets not in TARGET_SETS:
-        raise ValueError(f"targets must be one of {', '.join(TARGET_SETS)}; got {o.targets!r}")
+    one_of("targets", o.targets, TARGET_SETS)
     check_options(o.scope, o.beta, o.sparsity, o.min_keep)
     if o.sparsity is not None and o.counts is not None:
         raise ValueError("pass either sparsity or counts, not both")
-    if o.update is not None and o.update not in UPDATE_CHOICES:
-        raise ValueError(f"update must be None or one of {', '.join(UPDATE_CHOICES)}; got {o.update!r}")
+    one_of("update", o.update, UPDATE_CHOICES, none_ok=True)
     damp = o.damp
     if damp is not None and not (isinstance(damp, (int, float)) and not isinstance(damp, bool)
                                  and damp == damp and damp >= 0 and damp != float("inf")):
         raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
     if not (isinstance(o.blocksize, int) and o.blocksize >= 1):
         raise ValueError(f"blocksize must be an integer >= 1, got {o.blocksize!r}")
-    if o.quota not in QUOTAS:
-        raise ValueError(f"quota must be one of {', '.join(QUOTAS)}; got {o.quota!r}")
-    if o.damp_kind not in DAMP_KINDS:
-        raise ValueError(f"damp_kind must be one of {', '.join(DAMP_KINDS)}; got {o.damp_kind!r}")
-    if o.allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {o.allocation!r}")
+    one_of("quota", o.quota, QUOTAS)
+    one_of("damp_kind", o.damp_kind, DAMP_KINDS)
+    one_of("allocation", o.allocation, ALLOCATIONS)
     if o.allocation == "owl" and o.sparsity is None:
         raise ValueError("allocation 'owl' spreads a fixed sparsity over the layers: give sparsity too")
 

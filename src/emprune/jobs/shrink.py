@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from ..core.checks import one_of
 from .. import criteria as C
 from ..act.remove import remove_units
 from ..act.report import ShrinkReport
@@ -140,8 +141,7 @@ def score_units(
     ``calibration``: batches for activation / Taylor scores; for a decoder LM a token tensor
     ``[n, seqlen]`` (run in batches of 8; Taylor uses the causal-LM loss)."""
     unit_names = C.names(level="unit")
-    if criterion not in unit_names:
-        raise ValueError(f"criterion must be one of {', '.join(unit_names)}; got {criterion!r}")
+    one_of("criterion", criterion, unit_names)
     groups = find_groups(model, units)
     need = C.entry(criterion, level="unit").options.get("needs")
     stats = None
@@ -166,8 +166,7 @@ class _Run:
         self.criterion = o.criterion or (DEFAULT_CRITERION if (calibration is not None or scored is not None)
                                          else "magnitude")
         self.scope = o.scope or (DEFAULT_SCOPE if self.is_default or rec.allocate == "sensitivity" else "layer")
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {self.scope!r}")
+        one_of("scope", self.scope, SCOPES)
         self.beta = rule.check_beta(o.beta) if o.keep is None else None
         self.lm = is_lm(model)
         self.rec = rec

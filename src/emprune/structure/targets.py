@@ -19,6 +19,7 @@ from typing import Callable, Sequence, Union
 
 from torch import Tensor, nn
 
+from ..core.checks import one_of
 from .layouts import block_linears, decoder_layers, find_layout, layout_or_none
 
 TargetSpec = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
@@ -58,8 +59,7 @@ def select_targets(model: nn.Module, targets: TargetSpec = None) -> dict[str, nn
 def block_targets(model: nn.Module, targets: str = "mlp") -> dict[str, nn.Module]:
     """Full name -> target layer for every decoder block, in block order (``"mlp"`` or
     ``"linear"``; GPT-2's ``Conv1D`` layers outside :func:`~.layouts.linear_view`)."""
-    if targets not in TARGET_SETS:
-        raise ValueError(f"targets must be one of {', '.join(TARGET_SETS)}; got {targets!r}")
+    one_of("targets", targets, TARGET_SETS)
     layout = find_layout(model)
     names = {mod: name for name, mod in model.named_modules()}
     out: dict[str, nn.Module] = {}
