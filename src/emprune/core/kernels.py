@@ -80,8 +80,8 @@ if AVAILABLE:  # pragma: no branch
         """Per row: sums into s1o/s2o; then (if select) the mask keeping kin[r] entries
         (kin[r] >= 0) or floor(beta N_eff), computed exactly as emprune.core.engine does.
 
-        One function of ~80 lines on purpose: the row's three passes share its histogram,
-        min and candidate buffer while it sits in cache, inside one prange iteration."""
+        The row's passes share its histogram, min and candidate buffer while they sit in cache,
+        inside one prange iteration (the helpers are inlined into it)."""
         rows, n = x.shape
         for r in prange(rows):
             m = 0.0
@@ -129,40 +129,51 @@ if AVAILABLE:  # pragma: no branch
                 above += hist[bin_]
                 bin_ -= 1
             size = hist[bin_]
-            cand = np.empty(size + 1, np.float64)  # one spare slot: the stores are branch-free
-            c = 0
-            if not shift and x.itemsize == 4:  # float32 |x|: the key is in the bits already
-                xb = x[r].view(np.uint32)
-                for j in range(n):
-                    cand[min(c, size)] = abs(np.float64(x[r, j]))
-                    c += ((xb[j] & np.uint32(0x7FFFFFFF)) >> 20) == bin_
-            else:
-                for j in range(n):
-                    v = np.float64(x[r, j])
-                    v = v - m if shift else abs(v)
-                    cand[min(c, size)] = v
-                    c += (np.float32(v).view(np.uint32) >> 20) == bin_
-            cand = cand[:size]
+            cand = _bin_members(x, r, m, shift, bin_, size)
             t = _kth_largest(cand, k - above)
             gt = above
             for i in range(size):
                 gt += cand[i] > t
-            need = k - gt  # entries equal to t to keep, lowest index first
-            # the mask: s > t (a branch-free pass), then the first `need` entries equal to t
-            if shift:
-                for j in range(n):
-                    out[r, j] = np.float64(x[r, j]) - m > t
-            else:
-                for j in range(n):
-                    out[r, j] = abs(np.float64(x[r, j])) > t
-            j = 0
-            while need > 0:
+            _write_mask(x, r, m, shift, t, k - gt, out)
+
+    @njit(inline="always", nogil=True)
+    def _bin_members(x, r, m, shift, bin_, size):
+        """The scores of row ``r`` whose histogram key is ``bin_`` (``size`` of them)."""
+        n = x.shape[1]
+        cand = np.empty(size + 1, np.float64)  # one spare slot: the stores are branch-free
+        c = 0
+        if not shift and x.itemsize == 4:  # float32 |x|: the key is in the bits already
+            xb = x[r].view(np.uint32)
+            for j in range(n):
+                cand[min(c, size)] = abs(np.float64(x[r, j]))
+                c += ((xb[j] & np.uint32(0x7FFFFFFF)) >> 20) == bin_
+        else:
+            for j in range(n):
                 v = np.float64(x[r, j])
                 v = v - m if shift else abs(v)
-                if v == t:
-                    out[r, j] = True
-                    need -= 1
-                j += 1
+                cand[min(c, size)] = v
+                c += (np.float32(v).view(np.uint32) >> 20) == bin_
+        return cand[:size]
+
+    @njit(inline="always", nogil=True)
+    def _write_mask(x, r, m, shift, t, need, out):
+        """Row ``r`` of the mask: scores > t (a branch-free pass), then the first ``need``
+        entries equal to t (lowest index first)."""
+        n = x.shape[1]
+        if shift:
+            for j in range(n):
+                out[r, j] = np.float64(x[r, j]) - m > t
+        else:
+            for j in range(n):
+                out[r, j] = abs(np.float64(x[r, j])) > t
+        j = 0
+        while need > 0:
+            v = np.float64(x[r, j])
+            v = v - m if shift else abs(v)
+            if v == t:
+                out[r, j] = True
+                need -= 1
+            j += 1
 
 
 def usable(x: Tensor) -> bool:

@@ -178,7 +178,6 @@ def _check_nm(nm: tuple[int, int], cols: int, where: str) -> tuple[int, int]:
     return n, m
 
 
-@torch.no_grad()
 @dataclass(frozen=True)
 class OBSSettings:
     """How the OBS reconstruction runs: ``blocksize`` (columns updated together), ``damp`` (the
@@ -202,6 +201,7 @@ class OBSSettings:
             raise ValueError(f"{where}: quota must be one of {', '.join(QUOTAS)}, got {self.quota!r}")
 
 
+@torch.no_grad()
 def obs_prune(weight: Tensor, hessian: Tensor, *, k: Tensor | int | None = None, sparsity: float | None = None,
               nm: tuple[int, int] | None = None, settings: OBSSettings | None = None, where: str = "weight",
               **fields: Any) -> OBSResult:

