@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, write_results
 
 ROWS = ("dense", "default", "wanda50", "emp60", "uniform25", "shrink", "uniform-shrink", "shrink-sens", "uniform-sens")
 LABELS = {
@@ -277,16 +277,7 @@ def plot(R: dict, path: Path) -> None:
 
 
 def write(R: dict, out: Path, final: bool) -> None:
-    from emprune.models.io import atomic_path
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(R, indent=1) + "\n")
-    if final:
-        with atomic_path(out.with_suffix(".md")) as tmp:
-            tmp.write_text(markdown(R))
-        with atomic_path(out.with_suffix(".png")) as tmp:
-            plot(R, tmp)
+    write_results(out, R, markdown if final else None, plot if final else None)
 
 
 def _floats(s: str) -> list[float]:

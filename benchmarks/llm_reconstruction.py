@@ -48,10 +48,8 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from common import REPO, write_results  # noqa: E402
 
-from emprune.models.io import atomic_path  # noqa: E402
 from emprune.models import data  # noqa: E402
 from emprune.jobs.eval import perplexity  # noqa: E402
 from emprune.models.loading import load_causal_lm  # noqa: E402
@@ -306,18 +304,7 @@ def _one(bench: Bench, targets: str, row: str, level: str, kw: dict[str, Any], d
 
 
 def write(doc: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    with atomic_path(out.with_suffix(".md")) as tmp:
-        tmp.write_text(markdown(doc))
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return
-    if any(sec["rows"] for sec in doc["sections"]):
-        with atomic_path(out.with_suffix(".png")) as tmp:
-            plot(doc, tmp)
+    write_results(out, doc, markdown, plot if any(sec["rows"] for sec in doc["sections"]) else None)
 
 
 def _x(v: float, ref: float) -> str:

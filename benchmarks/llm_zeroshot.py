@@ -35,8 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from common import REPO, texts, write_results  # noqa: E402
 
 from emprune.models import data  # noqa: E402
 
@@ -180,9 +179,9 @@ def run_model(spec: str, args: argparse.Namespace, docs: dict[str, list], doc: d
     load_s = time.perf_counter() - t0
     calib_src = str(data.default_text_path("calib"))
     eval_src = str(data.default_text_path("eval"))
-    calib = data.calibration_batches(tok, data.load_text(calib_src, "calib"), args.calib_samples, args.seqlen, args.seed)
-    ev_ids = data.eval_tokens(tok, data.load_text(eval_src, "eval"), args.eval_tokens)
-    other_ids = data.eval_tokens(tok, data.load_text("python-docs", "eval"), args.other_tokens)
+    calib, ev_ids, other_ids = texts(tok, calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed,
+                                     eval_tokens=args.eval_tokens, other_tokens=args.other_tokens,
+                                     calib_text=calib_src, eval_text=eval_src)
     mods = target_modules(model, "mlp")
     dense_w = {n: m.weight.detach().clone() for n, m in mods.items()}
     n_params = sum(p.numel() for p in model.parameters())
@@ -286,18 +285,7 @@ def _finish_stats(entry: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def write(doc: dict[str, Any], out: Path) -> None:
-    from emprune.models.io import atomic_path
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    with atomic_path(out.with_suffix(".md")) as tmp:
-        tmp.write_text(markdown(doc))
-    try:
-        with atomic_path(out.with_suffix(".png")) as tmp:
-            plot(doc, tmp)
-    except ImportError:
-        pass
+    write_results(out, doc, markdown, plot)
 
 
 def _ci(d: dict[str, float] | None) -> str:
