@@ -276,6 +276,7 @@ def test_benchmark_quick_mode_on_tiny_model(tmp_path, monkeypatch):
     except FileNotFoundError as err:
         pytest.skip(str(err))
     save_tiny(tmp_path / "tiny")
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))  # its `common` module, as when run
     spec = iu.spec_from_file_location("llm_zeroshot", Path(__file__).parents[1] / "benchmarks" / "llm_zeroshot.py")
     bench = iu.module_from_spec(spec)
     spec.loader.exec_module(bench)
