@@ -3,89 +3,43 @@ the calibration and model options, reading texts and checking windows before a m
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import shlex
+from typing import Any, Callable
+
+from ..jobs import options as O
 
 
-def min_keep_type(s: str | None) -> float | int | None:
-    """``--min-keep``: a fraction in (0, 1] (has a ``.`` or an exponent) or a count >= 1."""
-    if s is None:
-        return None
-    try:
-        v: float | int = float(s) if any(c in s for c in ".eE") else int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] (0.3) or a count >= 1 (64), got {s!r}") \
-            from None
-    if isinstance(v, float) and not 0.0 < v <= 1.0:  # also nan, inf
-        raise argparse.ArgumentTypeError(f"a fraction must lie in (0, 1], got {s!r}")
-    if isinstance(v, int) and v < 1:
-        raise argparse.ArgumentTypeError(f"a count must be >= 1, got {s!r}")
-    return v
-
-
-def number_type(s: str) -> float:
-    try:
-        return float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-
-
-def beta_type(s: str) -> float:
-    """``--beta``: a positive finite number."""
-    v = number_type(s)
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {s!r}")
-    return v
-
-
-def sparsity_type(s: str) -> float:
-    """``--sparsity``: a fraction in [0, 1)."""
-    v = number_type(s)
-    if not 0.0 <= v < 1.0:  # also nan
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {s!r}")
-    return v
-
-
-def damp_type(s: str) -> float:
-    """``--damp``: a finite number >= 0 (fraction of the mean Hessian diagonal)."""
-    v = number_type(s)
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s!r}")
-    return v
-
-
-def open_fraction_type(s: str) -> float:
-    """``--target-sparsity``: a fraction in (0, 1)."""
-    v = number_type(s)
-    if not 0.0 < v < 1.0:  # also nan
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {s!r}")
-    return v
-
-
-def nm_type(s: str) -> str:
-    """``--nm``: ``N:M`` with 1 <= N < M (keep N of every M consecutive weights of a row)."""
-    from ..decide.allocate import parse_nm
-
-    try:
-        parse_nm(s)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).replace("nm ", "", 1)) from None
-    return s
-
-
-def int_at_least(low: int):
-    """An option type for whole numbers >= ``low`` (counts, lengths, sizes)."""
-    def parse(s: str) -> int:
+def _argument_type(parse: Callable[[Any], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` from a value parser of :mod:`emprune.jobs.options`: its one-line
+    ``ValueError`` becomes argparse's error for the option (a plain ``ValueError`` would be
+    reported as "invalid value", losing what was expected)."""
+    def argument(s: str) -> Any:
         try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {s!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {s!r}")
-        return v
-    parse.__name__ = f"int>={low}"
-    return parse
+            return parse(s)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    argument.__name__ = parse.__name__
+    return argument
+
+
+#: ``--min-keep``: a fraction in (0, 1] (has a ``.`` or an exponent) or a count >= 1
+min_keep_type = _argument_type(O.fraction_or_count)
+#: ``--beta``, a learning rate: a positive finite number
+beta_type = _argument_type(O.positive)
+#: ``--sparsity``: a fraction in [0, 1)
+sparsity_type = _argument_type(O.fraction)
+#: ``--damp``: a finite number >= 0
+damp_type = _argument_type(O.non_negative)
+#: ``--target-sparsity``: a fraction in (0, 1)
+open_fraction_type = _argument_type(O.open_fraction)
+#: ``--nm``: ``N:M`` with 1 <= N < M
+nm_type = _argument_type(O.nm_pattern)
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An option type for whole numbers >= ``low`` (counts, lengths, sizes)."""
+    return _argument_type(O.at_least(low))
 
 
 positive_int = int_at_least(1)
