@@ -15,8 +15,12 @@ def test_bad_tasks_and_limit_fail_before_the_model_is_loaded(capsys, tmp_path):
     missing = str(tmp_path / "no-such-model")  # never loaded: the options fail first
     assert main(["eval", missing, "--tasks", "piqa,bogus"]) == 2
     assert "unknown task(s) 'bogus'" in capsys.readouterr().err
-    assert main(["eval", missing, "--tasks", "piqa", "--limit", "0"]) == 2
-    assert "--limit must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # refused while parsing
+        main(["eval", missing, "--tasks", "piqa", "--limit", "0"])
+    assert e.value.code == 2
+    assert "argument --limit: must be >= 1" in capsys.readouterr().err
+    assert main(["eval", missing, "--tasks", "piqa,,arc_easy"]) == 2
+    assert "empty item" in capsys.readouterr().err
     assert main(["eval", missing]) == 2
     assert "pass --ppl and/or --tasks" in capsys.readouterr().err
 

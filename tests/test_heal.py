@@ -400,3 +400,180 @@ def test_distill_auto_resolves_to_a_local_source_or_plain_loss(tmp_path, capsys)
     assert _teacher_spec("teacher-dir", "p", None) == "teacher-dir"
     with pytest.raises(ValueError, match="--distill source"):
         _teacher_spec("source", "p", {})
+
+
+# ------------------------------------------------- masks from the weights, checked against emprune.json
+
+
+def _edited(pruned_dir: Path, tmp_path: Path, edit: str) -> Path:
+    """A copy of the prune result with its emprune.json edited by hand (issue 23)."""
+    import shutil
+
+    d = tmp_path / f"in-{edit}"
+    shutil.copytree(pruned_dir, d)
+    rep = d / "emprune.json"
+    if edit == "bogus":  # a hand-edited report: targets and layers that name nothing
+        r = json.loads(rep.read_text())
+        r.update(targets="bogus", layers={"nope": 1})
+        rep.write_text(json.dumps(r))
+    elif edit == "empty":
+        rep.write_text("{}")
+    elif edit == "deleted":
+        rep.unlink()
+    return d
+
+
+@pytest.mark.parametrize("edit,why", [("bogus", "emprune.json unusable: its layers are not a list"),
+                                      ("empty", "emprune.json is empty"), ("deleted", "emprune.json absent")])
+def test_cli_unusable_report_masks_from_the_weights(pruned_dir, tiny, tmp_path, capsys, edit, why):
+    """A bogus, an empty or no emprune.json: every zero of the pruned weights is still held (they
+    were all trained away, exit 0, 'zeros_before: 0'), and the output says the masks came from the
+    weights."""
+    _, text = tiny
+    src, out = _edited(pruned_dir, tmp_path, edit), tmp_path / "healed"
+    assert _heal(src, out, text, "--distill", "none") == 0
+    assert _zeros_on_disk(out) == _zeros_on_disk(pruned_dir)  # every zero, per tensor, exactly
+    cap = capsys.readouterr()
+    assert "masks from the weights: 9 tensors with 1 % or more exact zeros, 27,648 zeros in all; " + why in cap.err
+    assert "zeros 27,648 -> 27,648 in 9 modules (masks from the weights)" in cap.out
+    meta = json.loads((out / "emprune.json").read_text())
+    m = meta["healing"]["masks"]
+    assert m["source"] == "weights" and m["zeros_before"] == m["zeros_after"] == 27648 and m["zeros_unchanged"]
+    assert meta.get("kind") != "dense" and "masks from the weights" in (meta.get("note") or m["plan"])
+    again = tmp_path / "again"  # healing the output again keeps them too
+    assert _heal(out, again, text, "--distill", "none", "--steps", "1") == 0
+    assert "masks from the weights" in capsys.readouterr().err
+    assert _zeros_on_disk(again) == _zeros_on_disk(pruned_dir)
+
+
+def _refused(src, out, text, capsys, *extra) -> str:
+    """Run heal, expect a one-line refusal (exit 2, no traceback, no output folder); its line."""
+    assert _heal(src, out, text, "--distill", "none", *extra) == 2
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("loading ")]
+    assert len(err) == 1 and err[0].startswith("emprune heal: error: ") and "Traceback" not in err[0], err
+    assert not out.exists() and not any(p.name.startswith(".healed") for p in out.parent.iterdir())
+    return err[0]
+
+
+def test_cli_refuses_a_report_whose_zeros_the_weights_lack(pruned_dir, tiny, tmp_path, capsys):
+    """The report says 9 modules were pruned (27,648 zeros) but the weights are the dense model's:
+    refused in one line before training, nothing written."""
+    import shutil
+
+    d, text = tiny
+    src = _edited(pruned_dir, tmp_path, "filled")
+    shutil.copy(d / "model.safetensors", src / "model.safetensors")  # zeros filled in: dense weights
+    line = _refused(src, tmp_path / "healed", text, capsys)
+    assert "emprune.json says 9 modules were pruned (27,648 zeros)" in line
+    assert "9 of them have fewer exact zeros than it records" in line and "--targets none" in line
+    # a report whose layers are gone but whose summary still counts the zeros: checked all the same
+    r = json.loads((src / "emprune.json").read_text())
+    r.pop("layers"), r.pop("targets")
+    (src / "emprune.json").write_text(json.dumps(r))
+    line = _refused(src, tmp_path / "healed", text, capsys)
+    assert "emprune.json records 27,648 zeros in the pruned weights, but the weights have only 0" in line
+
+
+def test_cli_refuses_pruned_looking_weights_the_report_does_not_list(pruned_dir, tiny, tmp_path, capsys):
+    """The report says the MLP was pruned; the weights have pruned attention too (another prune's
+    weights): refused, since healing would train those zeros away. --targets linear is the way out."""
+    import shutil
+
+    d, text = tiny
+    lin = tmp_path / "lin"
+    assert main(["prune", str(d), "--out", str(lin), "--calib-text", str(text), "--calib-samples", "4",
+                 "--seqlen", "32", "--sparsity", "0.5", "--targets", "linear", "--quiet"]) == 0
+    capsys.readouterr()
+    src = _edited(pruned_dir, tmp_path, "swapped")
+    shutil.copy(lin / "model.safetensors", src / "model.safetensors")
+    line = _refused(src, tmp_path / "healed", text, capsys)
+    assert "the weights have 12 pruned-looking tensors (18,432 exact zeros) that emprune.json does not list" in line
+    assert "self_attn" in line and "--targets linear" in line
+    out = tmp_path / "explicit"  # the user's choice: every zero of every decoder Linear held
+    assert _heal(src, out, text, "--distill", "none", "--targets", "linear") == 0
+    assert _zeros_on_disk(out) == _zeros_on_disk(lin)
+
+
+def test_cli_targets_none_says_what_it_trains_away(pruned_dir, tiny, tmp_path, capsys):
+    """--targets none is explicit (the default is auto): not refused, but it says how many zeros go."""
+    _, text = tiny
+    out = tmp_path / "healed"
+    assert _heal(pruned_dir, out, text, "--distill", "none", "--targets", "none") == 0
+    err = capsys.readouterr().err
+    assert "WARNING: --targets none: the 9 pruned-looking tensors (27,648 exact zeros) lose their zeros" in err
+    m = json.loads((out / "emprune.json").read_text())["healing"]["masks"]
+    assert m["masked_modules"] == 0 and m["source"] == "none"
+    assert m["unmasked_pruned_looking"] == {"tensors": 9, "zeros": 27648}
+    assert sum(_zeros_on_disk(out).values()) < 27648 // 100
+
+
+def test_cli_dense_and_shrunk_heal_without_masks_and_say_so(tiny, tmp_path, capsys):
+    d, text = tiny
+    out = tmp_path / "dense"
+    assert _heal(d, out, text, "--distill", "none") == 0
+    assert "no masks: no weight has 1 % or more exact zeros (a dense model); emprune.json absent" in capsys.readouterr().err
+    meta = json.loads((out / "emprune.json").read_text())
+    assert meta["kind"] == "dense" and meta["healing"]["masks"]["masked_modules"] == 0
+    small = tmp_path / "small"
+    assert main(["shrink", str(d), "--out", str(small), "--calib-text", str(text), "--calib-samples", "4",
+                 "--seqlen", "32", "--keep", "0.5", "--units", "mlp", "--quiet"]) == 0
+    capsys.readouterr()
+    assert _heal(small, tmp_path / "small-healed", text) == 0
+    assert "no masks (a shrunk model: its removed units are gone from the shapes)\n" in capsys.readouterr().err
+
+
+def test_report_claim_reads_what_was_pruned():
+    from emprune.jobs.heal import report_claim
+
+    assert report_claim(None).state == "absent" and report_claim({}).state == "empty"
+    assert report_claim({"kind": "shrunk", "summary": {"params_before": 3}}).state == "shrunk"
+    assert report_claim({"model": "x", "note": "n"}).state == "silent"
+    c = report_claim({"targets": "mlp", "summary": {"targeted_weights": 100, "zeros_fraction": 0.5},
+                      "layers": [{"name": "a", "zeros": 30, "dense_zeros": 5, "total": 50}, {"name": "b", "zeros": 20}]})
+    assert (c.state, c.names, c.zeros, c.total_zeros, c.dense_fraction) == ("pruned", ["a", "b"], {"a": 30, "b": 20},
+                                                                            50, 0.1)
+    bad = report_claim({"targets": "bogus", "layers": {"nope": 1}, "summary": []})
+    assert bad.state == "unusable" and len(bad.problems) == 3 and bad.names is None
+    assert report_claim({"summary": {"targeted_weights": 10, "zeros_fraction": 0.5}}).state == "unusable"
+
+
+def test_plan_masks_on_a_quantised_source():
+    """A source with exact zeros before pruning (a quantised GGUF: gemma3-270m has 3-11 %) is not
+    refused for the zeros of the modules the report does not list, as long as they stay within
+    QUANTISED_SLACK of what the report says the source had; beyond it they are."""
+    from emprune.jobs.heal import plan_masks, prunable_modules
+    from emprune.jobs.prune_lm import prune_lm
+
+    model, _, _ = _pruned_tiny(sparsity=0.0)
+    with torch.no_grad():  # "quantisation zeros": the 5 % smallest entries of every decoder Linear
+        for m in prunable_modules(model).values():
+            w = m.weight
+            w[w.abs() <= w.abs().flatten().kthvalue(int(0.05 * w.numel())).values] = 0
+    assert plan_masks(model, None, quantised=True).targets is None  # a GGUF input: its zeros are quantisation's
+    assert plan_masks(model, None).source == "weights"  # a folder: held, and said
+    info = prune_lm(model, None, criterion="magnitude", sparsity=0.5, targets="mlp", progress=False).info
+    assert info["summary"]["dense_zeros_fraction"] == pytest.approx(0.05, abs=0.002)
+    plan = plan_masks(model, info)
+    assert plan.source == "emprune.json" and len(plan.targets) == 9
+    assert "12 pruned-looking tensors" in plan.note and "a quantised model" in plan.note
+    with torch.no_grad():
+        w = model.model.layers[1].self_attn.q_proj.weight
+        w[: w.shape[0] // 4] = 0  # 25 % more zeros: beyond twice the source's 5 %
+    with pytest.raises(ValueError, match="1 pruned-looking tensor .* does not list as pruned"):
+        plan_masks(model, info)
+
+
+def test_heal_without_masks_on_pruned_weights_warns():
+    """In Python, targets=None (no masks) on a model whose weights look pruned says so."""
+    from emprune.jobs.heal import UnmaskedZerosWarning
+
+    model, _, ids = _pruned_tiny()
+    with pytest.warns(UnmaskedZerosWarning, match="9 weights look pruned"):
+        res = heal(model, ids, steps=1, seqlen=32, batch=4, progress=False)
+    assert res.record["masks"]["unmasked_pruned_looking"]["tensors"] == 9
+    dense, _, _ = _pruned_tiny(sparsity=0.0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnmaskedZerosWarning)
+        heal(dense, ids, steps=1, seqlen=32, batch=4, progress=False)

@@ -279,7 +279,9 @@ def test_save_pruned_roundtrip_and_overwrite(tiny, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         checkpoint.save_pruned(model, tokenizer, out, report)
     checkpoint.save_pruned(model, tokenizer, out, {"second": True}, overwrite=True)
-    assert json.loads((out / checkpoint.REPORT_NAME).read_text()) == {"second": True}
+    written = json.loads((out / checkpoint.REPORT_NAME).read_text())
+    assert written.pop("files") == sorted(p.name for p in out.iterdir() if p.name != checkpoint.REPORT_NAME)
+    assert written == {"second": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no temp folders left
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -301,12 +303,13 @@ def test_save_pruned_failure_leaves_nothing(tiny, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     # with overwrite, a failure keeps the previous complete folder untouched
     out.mkdir()
-    (out / "keep.txt").write_text("old")
+    (out / "model.safetensors").write_text("old")
     (out / checkpoint.REPORT_NAME).write_text("{}")  # an earlier emprune output: the only kind replaced
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save_pruned(model, tokenizer, out, {}, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
-    assert sorted(os.listdir(out)) == sorted(["keep.txt", checkpoint.REPORT_NAME])
+    assert sorted(os.listdir(out)) == sorted(["model.safetensors", checkpoint.REPORT_NAME])
+    assert (out / "model.safetensors").read_text() == "old"
 
 
 # ---------------------------------------------------------------- real model

@@ -29,8 +29,11 @@ def dense(tmp_path_factory):
 
 def _run(dense, out, *extra):
     d, text = dense
-    return main(["shrink", str(d), "--out", str(out), "--calib-text", str(text), "--calib-samples", "4", "--seqlen", "16",
-                 "--quiet", *extra])
+    try:
+        return main(["shrink", str(d), "--out", str(out), "--calib-text", str(text), "--calib-samples", "4",
+                     "--seqlen", "16", "--quiet", *extra])
+    except SystemExit as e:  # refused while parsing (one line too)
+        return int(e.code)
 
 
 def test_shrink_writes_loadable_folder(dense, tmp_path, capsys):
@@ -61,13 +64,13 @@ def test_uniform_folder_is_stock(dense, tmp_path):
 
 
 @pytest.mark.parametrize("extra, match", [
-    (("--units", "attn"), "--units must be"), (("--keep", "1.5"), "--keep as a fraction"),
-    (("--keep", "abc"), "--keep must be"), (("--keep", "0"), "--keep as a count"), (("--beta", "-1"), "--beta must be"),
+    (("--units", "attn"), "argument --units: expected mlp, heads"), (("--keep", "1.5"), "--keep as a fraction"),
+    (("--keep", "abc"), "--keep must be"), (("--keep", "0"), "--keep as a count"), (("--beta", "-1"), "argument --beta: must be a positive"),
 ])
 def test_bad_options_one_line(dense, tmp_path, capsys, extra, match):
     assert _run(dense, tmp_path / "o", *extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) >= 1 and match in err[-1] and err[-1].startswith("emprune shrink: error:")
+    assert len(err) >= 1 and match in err[-1] and err[-1].startswith("emprune shrink: error:"), err
 
 
 def test_refuses_foreign_and_non_empty(dense, tmp_path, capsys):

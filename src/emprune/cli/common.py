@@ -35,6 +35,10 @@ damp_type = _argument_type(O.non_negative)
 open_fraction_type = _argument_type(O.open_fraction)
 #: ``--nm``: ``N:M`` with 1 <= N < M
 nm_type = _argument_type(O.nm_pattern)
+#: comma-separated names (``compare --targets``, ``--recipes``): no empty item
+list_type = _argument_type(O.comma_list)
+#: ``shrink --units``: mlp, heads or mlp,heads (no empty or repeated item)
+units_type = _argument_type(O.lm_units)
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -164,6 +168,53 @@ def read_text(src: str | None, kind: str) -> tuple[str, str]:
     return src, text
 
 
+def check_positions(spec: str, seqlen: int | None, option: str = "--seqlen") -> int | None:
+    """Before the load: refuse windows longer than the model's positions, read from its config
+    (or GGUF header) without the weights; returns the positions (``None``: not known before
+    loading, e.g. a hub id; :func:`check_seqlen` checks after the load then)."""
+    from ..models.loading import positions
+
+    limit = positions(spec)
+    if limit is not None and seqlen is not None and seqlen > limit:
+        raise ValueError(f"{option} {seqlen} is beyond this model's {limit} positions "
+                         f"(config.max_position_embeddings); use {option} {limit} or less")
+    return limit
+
+
+def text_ids(tokenizer, option: str, src: str, text: str, need_tokens: int, more: bool = True,
+             what: str | None = None, fix: str = "a smaller --seqlen") -> Any:
+    """Token ids of a text, checked before the model is loaded (the tokenizer alone is read):
+    calibration windows need ``more`` than ``need_tokens`` tokens (a start to draw), a perplexity
+    window or a batch of training windows at least that many. ``option`` names the text's option
+    (--calib-text, ...), ``what`` the windows, ``fix`` the remedy."""
+    from ..models import data
+
+    ids = data.tokenize(tokenizer, text)
+    n = ids.numel()
+    if n < need_tokens or (more and n == need_tokens):
+        what = what or f"one window of {need_tokens} tokens"
+        raise ValueError(f"{option} {src}: {n:,} tokens, and {what} needs "
+                         f"{'more than' if more else 'at least'} {need_tokens:,}; use a longer text or {fix}")
+    return ids
+
+
+def claim_out(out: str, overwrite: bool, models: list[str]) -> Any:
+    """Before the load: the output folder's checks (:func:`~emprune.models.checkpoint.check_out_dir`;
+    never the file or folder of an input model, nor a folder around or inside it), this run's
+    claim on it, and the leftovers of killed runs cleaned (each said on stderr). ``models``: the
+    input model specs (checked with :func:`~emprune.models.loading.locate`: a missing one fails
+    here). Returns the folder to write."""
+    import sys
+
+    from ..models import checkpoint, loading
+
+    inputs = [where for kind, where in map(loading.locate, models) if kind != "hub"]
+    folder = checkpoint.check_out_dir(out, overwrite, inputs)
+    for note in checkpoint.claim_output(folder) + checkpoint.clean_stale_temporaries(folder):
+        print(note, file=sys.stderr)
+    return folder
+
+
 def check_seqlen(model, seqlen: int, option: str = "--seqlen") -> None:
     """Refuse windows longer than the model's position range (config.max_position_embeddings):
     the model would run, slowly, and give meaningless numbers."""
@@ -180,7 +231,7 @@ def command_line(args) -> str:
 
 CLI_NAMES = {"target_sparsity": "--target-sparsity", "sparsity": "--sparsity", "allocation": "--allocation",
               "update": "--update", "damp": "--damp", "nm (N:M)": "--nm", "nm": "--nm", "scope": "--scope",
-              "counts": "counts"}
+              "counts": "counts", "beta": "--beta"}
 
 
 def cli_names(msg: str) -> str:

@@ -7,8 +7,8 @@ from pathlib import Path
 from ..decide.recipes import names
 from ..decide.scopes import SCOPES
 from ..models.io import check_can_write
-from .common import (MODEL_HELP, add_calib_args, add_model_args, beta_type, check_device, command_line, esc,
-                     int_at_least, positive_int, read_text, sparsity_type, torch_dtype)
+from .common import (MODEL_HELP, add_calib_args, add_model_args, beta_type, check_device, check_positions,
+                     command_line, esc, int_at_least, list_type, positive_int, read_text, sparsity_type, torch_dtype)
 
 
 HELP = "dense vs magnitude/Wanda vs EMP recipes (incl. matched sparsity): table + JSON + plot"
@@ -23,12 +23,12 @@ def add_parser(sub) -> None:
     cp = sub.add_parser("compare", help=HELP, description=DESCRIPTION)
     cp.add_argument("model", help=MODEL_HELP)
     cp.add_argument("--out", default="emprune-compare", help="output path prefix (default emprune-compare)")
-    cp.add_argument("--targets", default="mlp",
+    cp.add_argument("--targets", type=list_type, default="mlp",
                     help="comma-separated target sets: mlp, linear, or mlp,linear (default mlp)")
     cp.add_argument("--scope", choices=SCOPES, default="row", help="EMP scope (default row)")
     cp.add_argument("--beta", type=beta_type, default=1.0, help="EMP beta (default 1)")
     cp.add_argument("--sparsity", type=sparsity_type, default=0.5, help="fixed sparsity of the baselines (default 0.5)")
-    cp.add_argument("--recipes", default="", help=esc("extra EMP-Wanda recipes, comma-separated: "
+    cp.add_argument("--recipes", type=list_type, default="", help=esc("extra EMP-Wanda recipes, comma-separated: "
                                                        + ", ".join(names("prune"))))
     cp.add_argument("--no-uniform", action="store_true", help="skip the uniform equal-sparsity baselines")
     cp.add_argument("--no-matched", action="store_true", help="skip the matched-count baselines")
@@ -63,7 +63,11 @@ def add_demo_parser(sub) -> None:
 
 
 def _precheck_compare(args, other_text: str | None) -> None:
-    """compare/demo: fail on texts and the output prefix before the model is loaded."""
+    """compare/demo: fail on the model's path, the windows, the texts and the output prefix
+    before the model is loaded."""
+    from ..models.loading import locate
+
+    locate(args.model)
     read_text(args.calib_text, "calib")
     read_text(args.eval_text, "eval")
     if other_text is not None and not Path(other_text).is_file():
@@ -72,7 +76,10 @@ def _precheck_compare(args, other_text: str | None) -> None:
         if other_text not in BUILTIN_NAMES + HUB_NAMES:
             raise FileNotFoundError(f"--other-text {other_text!r} is neither a file nor one of the text names "
                                     f"{list(BUILTIN_NAMES + HUB_NAMES)} (or 'none')")
-    check_can_write(Path(args.out).with_suffix(".json"), "--out")
+    check_positions(args.model, args.seqlen)
+    if getattr(args, "eval_seqlen", None):
+        check_positions(args.model, args.eval_seqlen, "--eval-seqlen")
+    check_can_write(Path(args.out).with_suffix(".json"), "--out")  # its folders are created (results/run1)
 
 
 def run(args) -> int:
@@ -81,8 +88,7 @@ def run(args) -> int:
 
     check_device(args.device)
     _precheck_compare(args, None if args.other_text == "none" else args.other_text)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    targets, recipes = list(args.targets), list(args.recipes)
     doc = run_compare(
         args.model, targets=targets, scope=args.scope, beta=args.beta, sparsity=args.sparsity,
         calib_samples=args.calib_samples, seqlen=args.seqlen, calib_text=args.calib_text,

@@ -7,7 +7,8 @@ from typing import Any
 
 from ..jobs import zeroshot
 from ..models.io import check_can_write
-from .common import MODEL_HELP, add_model_args, check_device, check_seqlen, device_map, int_at_least, positive_int, read_text, torch_dtype
+from .common import (MODEL_HELP, add_model_args, check_device, check_positions, check_seqlen, device_map,
+                     int_at_least, positive_int, read_text, text_ids, torch_dtype)
 
 
 def add_parser(sub) -> None:
@@ -38,7 +39,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     """Run ``emprune eval`` for parsed ``args``; returns 0 on success."""
     from ..jobs.eval import perplexity
-    from ..models import checkpoint, data, loading
+    from ..models import checkpoint, loading
 
     if not args.ppl and not args.tasks:
         raise ValueError("nothing to evaluate: pass --ppl and/or --tasks")
@@ -49,7 +50,8 @@ def run(args) -> int:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         zeroshot.data_root()
     if args.json:
-        check_can_write(args.json, "--json")
+        check_can_write(args.json, "--json", parent_must_exist=True)
+    loading.locate(args.model)  # a missing path, or the hub while offline, fails now, in one line
     if not args.ppl:
         model, tok = loading.load_causal_lm(args.model, dtype=torch_dtype(args.dtype),
                                            device_map=device_map(args.device), progress=not args.quiet)
@@ -57,14 +59,19 @@ def run(args) -> int:
         _write_eval_json(args.json, res)
         return 0
     src, text = read_text(args.eval_text, "eval")
+    limit = check_positions(args.model, args.seqlen)
+    seqlen = args.seqlen or (min(2048, limit) if limit is not None and limit >= 2 else 2048)
+    if args.eval_tokens is not None and args.eval_tokens < seqlen:
+        raise ValueError(f"--eval-tokens {args.eval_tokens} is less than one window of --seqlen {seqlen}; "
+                         f"give at least {seqlen} tokens or a smaller --seqlen")
+    tok = loading.load_tokenizer(args.model)
+    ids = text_ids(tok, "--eval-text", src, text, seqlen, more=False)[:args.eval_tokens]  # None: all
     model, tok = loading.load_causal_lm(args.model, dtype=torch_dtype(args.dtype), device_map=device_map(args.device),
-                                       progress=not args.quiet)
-    seqlen = args.seqlen
-    if seqlen is None:
-        limit = getattr(model.config, "max_position_embeddings", None)
-        seqlen = min(2048, limit) if isinstance(limit, int) and limit >= 2 else 2048
+                                       progress=not args.quiet, tokenizer=tok)
+    if args.seqlen is None and limit is None:  # positions unknown before the load (a hub id)
+        cfg_limit = getattr(model.config, "max_position_embeddings", None)
+        seqlen = min(2048, cfg_limit) if isinstance(cfg_limit, int) and cfg_limit >= 2 else 2048
     check_seqlen(model, seqlen)
-    ids = data.eval_tokens(tok, text, args.eval_tokens)
     res = perplexity(model, ids, seqlen, batch_size=args.batch_size, progress=not args.quiet)
     res.update(model=args.model, text=src)
     report = checkpoint.read_report(args.model)  # a damaged one does not spoil the evaluation: None
@@ -95,9 +102,9 @@ def add_zeroshot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default=None, metavar="T1,T2",
                         help=f"zero-shot multiple-choice tasks, comma-separated, or all: {', '.join(zeroshot.TASKS)} "
                              f"(data: {zeroshot.PIP_DATA})")
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="zero-shot: first N items of each task (default: all)")
-    parser.add_argument("--max-batch-tokens", type=int, default=2048, metavar="T",
+    parser.add_argument("--max-batch-tokens", type=positive_int, default=2048, metavar="T",
                         help="zero-shot: input positions per forward pass (default 2048)")
 
 

@@ -12,10 +12,13 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from .common import beta_type, check_seqlen, int_at_least, positive_int, read_text
+from .common import (beta_type, check_positions, check_seqlen, claim_out, int_at_least, positive_int, read_text,
+                     text_ids)
 
 HELP = "recover quality with a short fine-tune that keeps pruned weights at zero (full or LoRA)"
 
@@ -75,9 +78,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--distill-weight", type=float, default=1.0,
                    help="with --distill: weight of the distillation loss, the rest cross-entropy (default 1)")
     p.add_argument("--targets", choices=("auto", "mlp", "linear", "none"), default="auto",
-                   help="whose zeros are held at zero: auto = the pruned modules named in DIR/emprune.json (none "
-                        "for a shrunk or an unpruned model); mlp / linear: the zeros of those Linears of every "
-                        "block (a model pruned by another tool); none: no masks")
+                   help="whose zeros are held at zero: auto = the pruned modules named in DIR/emprune.json, "
+                        "checked against the weights' exact zeros (refused where they disagree); without a "
+                        "usable emprune.json, every decoder Linear with 1%% or more exact zeros (said); none for "
+                        "a shrunk or a dense model. mlp / linear: the zeros of those Linears of every block; "
+                        "none: no masks (both say how many zeros of pruned-looking weights they train away)")
     ev = p.add_argument_group("held-out perplexity during healing")
     ev.add_argument("--eval-every", type=positive_int, default=None, metavar="N",
                     help="perplexity on --eval-text before training, every N steps and at the end")
@@ -164,6 +169,36 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--bf16 is for GPUs; on the CPU train in float32 (leave out --bf16)")
 
 
+def _before_the_load(args: argparse.Namespace) -> SimpleNamespace:
+    """Everything ``heal`` checks before the (slow) model load and the training: the options, the
+    output folder (never the input or the teacher; claimed), the report, the teacher, both texts
+    (not the same; the healing text long enough for one batch of windows, with the tokenizer
+    alone), the window lengths against the model's positions."""
+    from ..models import checkpoint, loading
+    from ..models.checkpoint import SHRUNK_KIND
+
+    _check_args(args)
+    report = checkpoint.read_report(args.model, strict=True)
+    args.distill = _teacher_spec(args.distill, args.model, report)
+    out = claim_out(args.out, args.overwrite, [args.model] + ([args.distill] if args.distill else []))
+    try:
+        text_src, text = read_text(args.text, "calib")
+    except (ValueError, FileNotFoundError) as e:  # name this command's option
+        raise type(e)(str(e).replace("--calib-text", "--text")) from None
+    eval_src, eval_text = read_text(args.eval_text, "eval")
+    check_texts(text_src, text, eval_src, eval_text)
+    check_positions(args.model, args.seqlen)
+    check_positions(args.model, args.eval_seqlen or args.seqlen, "--eval-seqlen")
+    tok = loading.load_tokenizer(args.model)
+    ids = text_ids(tok, "--text", text_src, text, args.seqlen * args.batch, more=False,
+                   what=f"one batch of {args.batch} windows of {args.seqlen}", fix="a smaller --seqlen or --batch")
+    shrunk = (report or {}).get("kind") == SHRUNK_KIND  # the report just read (is_shrunk would read it again)
+    if shrunk and args.targets in ("mlp", "linear"):
+        print("note: a shrunk model has no pruned zeros; masks from its zeros are applied as asked", file=sys.stderr)
+    return SimpleNamespace(report=report, shrunk=shrunk, out=out, tokenizer=tok, ids=ids, text_src=text_src,
+                           eval_src=eval_src, eval_text=eval_text)
+
+
 def _options(args: argparse.Namespace, targets: Any, eval_seqlen: int) -> Any:
     """:class:`~emprune.jobs.options.HealOptions` from the parsed command line."""
     from ..jobs.options import HealOptions
@@ -188,6 +223,9 @@ def _save(args: argparse.Namespace, model: Any, tok: Any, out: Path, report: dic
     info = dict(report) if report else {"kind": "dense", "model": args.model, "versions": versions(),
                                         "note": "fine-tuned by emprune heal without masks: the input had no "
                                                 "emprune.json"}
+    if not report and rec["masks"]["masked_modules"]:  # not dense: its zeros were masks
+        del info["kind"]
+        info["note"] = f"fine-tuned by emprune heal, the input having no usable emprune.json: {rec['masks']['plan']}"
     if "healing" in info:
         info["healing_earlier"] = [*info.get("healing_earlier", []), info["healing"]]
     info["healing"] = rec
@@ -197,7 +235,7 @@ def _save(args: argparse.Namespace, model: Any, tok: Any, out: Path, report: dic
     if shrunk:
         model.to(dtype=dtype)
         with runtime.quiet_progress(args.quiet):
-            saved = save_shrunk(model, tok, out, info, overwrite=args.overwrite)
+            saved = save_shrunk(model, tok, out, info, overwrite=args.overwrite, progress=not args.quiet)
     else:
         saved = checkpoint.save_pruned(model, tok, out, info, overwrite=args.overwrite, dtype=dtype,
                                    progress=not args.quiet)
@@ -208,51 +246,46 @@ def run(args: argparse.Namespace) -> int:
     """Run ``emprune heal`` for parsed ``args``; returns 0 on success."""
     import torch
 
-    from ..jobs.heal import heal, masked_targets_from_report
+    from ..jobs.heal import UnmaskedZerosWarning, heal, plan_masks
     from ..jobs.memory import PeakMemory, fmt_bytes
     from ..models import checkpoint, data, loading
-    from ..models.checkpoint import SHRUNK_KIND, versions
+    from ..models.checkpoint import versions
+    from ..models.loading import SHORT_NAMES
 
     t0 = time.perf_counter()
-    _check_args(args)
-    # everything that does not need the model is checked before the (slow) load and the training
-    out = checkpoint.check_out_dir(args.out, args.overwrite)
-    for note in checkpoint.clean_stale_temporaries(out):
-        print(note, file=sys.stderr)
-    report = checkpoint.read_report(args.model, strict=True)
-    args.distill = _teacher_spec(args.distill, args.model, report)
-    shrunk = (report or {}).get("kind") == SHRUNK_KIND  # the report just read (is_shrunk would read it again)
-    try:
-        text_src, text = read_text(args.text, "calib")
-    except (ValueError, FileNotFoundError) as e:  # name this command's option
-        raise type(e)(str(e).replace("--calib-text", "--text")) from None
-    eval_src, eval_text = read_text(args.eval_text, "eval")
-    check_texts(text_src, text, eval_src, eval_text)
-    targets = {"auto": masked_targets_from_report(report), "none": None}.get(args.targets, args.targets)
-    if shrunk and targets is not None and args.targets != "auto":
-        print("note: a shrunk model has no pruned zeros; masks from its zeros are applied as asked", file=sys.stderr)
+    pre = _before_the_load(args)
     print(f"loading {args.model} ...", file=sys.stderr)
-    model, tok = loading.load_causal_lm(args.model, dtype=torch.float32, progress=not args.quiet)
+    model, tok = loading.load_causal_lm(args.model, dtype=torch.float32, progress=not args.quiet,
+                                       tokenizer=pre.tokenizer)
+    report, shrunk, out = pre.report, pre.shrunk, pre.out
+    # the masks, from the weights and the report, refused where they disagree: before anything else is done
+    gguf = str(args.model).lower().endswith(".gguf") or args.model in SHORT_NAMES
+    plan = plan_masks(model, report, args.targets, quantised=gguf)
+    print(plan.note, file=sys.stderr)
+    for w in plan.warnings:
+        print(f"WARNING: {w}", file=sys.stderr)
 
-    check_seqlen(model, args.seqlen)
+    check_seqlen(model, args.seqlen)  # where the positions could not be read before the load
     eval_seqlen = args.eval_seqlen or args.seqlen
     check_seqlen(model, eval_seqlen, "--eval-seqlen")
     teacher = None
     if args.distill is not None:
         print(f"loading the teacher {args.distill} ...", file=sys.stderr)
         teacher, _ = loading.load_causal_lm(args.distill, dtype=torch.float32, progress=not args.quiet)
-    ids = data.tokenize(tok, text)
-    ev_ids = data.eval_tokens(tok, eval_text, args.eval_tokens) if args.eval_every else None
-    with PeakMemory() as mem:
-        res = heal(model, ids, _options(args, targets, eval_seqlen), teacher=teacher, eval_tokens=ev_ids)
+    ids = pre.ids
+    ev_ids = data.eval_tokens(tok, pre.eval_text, args.eval_tokens) if args.eval_every else None
+    with PeakMemory() as mem, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnmaskedZerosWarning)  # plan.warnings said it already
+        res = heal(model, ids, _options(args, plan.targets, eval_seqlen), teacher=teacher, eval_tokens=ev_ids)
     if int(os.environ.get("RANK", "0")) != 0:  # accelerate launch: the first process saves
         return 0
     rec = res.record
-    rec.update(text=text_src, teacher=args.distill, command="emprune " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", [])),
+    rec["masks"].update(source=plan.source, plan=plan.note)
+    rec.update(text=pre.text_src, teacher=args.distill, command="emprune " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", [])),
                input=args.model, peak_memory=mem.result, total_seconds=time.perf_counter() - t0,
                versions=versions())
     if rec["eval"] is not None:
-        rec["eval"]["text"] = eval_src
+        rec["eval"]["text"] = pre.eval_src
     if rec["masks"]["masked_modules"] and not rec["masks"]["zeros_unchanged"]:
         print(f"WARNING: the zero count changed in {len(rec['masks']['modules_with_changed_zeros'])} module(s) "
               "(new exact zeros in trained weights; see emprune.json)", file=sys.stderr)
@@ -281,6 +314,7 @@ def summary_line(rec: dict[str, Any], peak: str = "-") -> str:
         parts.append(f"perplexity {c[0]['ppl']:.3f} -> {c[-1]['ppl']:.3f}")
     if m["masked_modules"]:
         parts.append(f"zeros {m['zeros_before']:,} -> {m['zeros_after']:,} in {m['masked_modules']} modules"
+                     + (" (masks from the weights)" if m.get("source") == "weights" else "")
                      + (f" ({rec['lora']['rezeroed_after_merge']:,} merged entries re-zeroed)" if rec["lora"] else ""))
     parts.append(f"{rec['seconds']:.1f} s, peak memory {peak}")
     return "; ".join(parts)

@@ -92,4 +92,9 @@ def _silence_stdout() -> None:
 def _run(args) -> int:
     if args.command not in COMMANDS:  # pragma: no cover
         raise NotImplementedError(f"unknown command {args.command}")
-    return COMMANDS[args.command](args)
+    from ..models.checkpoint import release_claims
+
+    try:
+        return COMMANDS[args.command](args)
+    finally:  # a refused, failed or interrupted run leaves no claim on its --out behind
+        release_claims()

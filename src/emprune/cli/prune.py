@@ -6,8 +6,8 @@ import sys
 
 from ..act.report import PruneReport
 from ..decide.scopes import SCOPES
-from .common import (MODEL_HELP, add_calib_args, add_model_args, beta_type, check_device, check_seqlen, cli_names,
-                     command_line, damp_type, device_map, esc, min_keep_type, nm_type, open_fraction_type, read_text,
+from .common import (MODEL_HELP, add_calib_args, add_model_args, beta_type, check_device, check_positions,
+                     check_seqlen, claim_out, cli_names, command_line, text_ids, damp_type, device_map, esc, min_keep_type, nm_type, open_fraction_type, read_text,
                      sparsity_type, torch_dtype)
 
 
@@ -114,21 +114,23 @@ def run(args) -> int:
         p = plan(options)
     except ValueError as e:  # name the options as the command line spells them
         raise ValueError(cli_names(str(e))) from None
-    out = checkpoint.check_out_dir(args.out, args.overwrite)
-    for note in checkpoint.clean_stale_temporaries(out):
-        print(note, file=sys.stderr)
-    calib_src = calib_text = None
+    # a missing path, or the hub while offline, fails here at once (loading.locate)
+    out = claim_out(args.out, args.overwrite, [args.model])
+    calib_src = tok = ids = None
     if p.needs_data:
         calib_src, calib_text = read_text(args.calib_text, "calib")
+        check_positions(args.model, args.seqlen)
+        tok = loading.load_tokenizer(args.model)
+        ids = text_ids(tok, "--calib-text", calib_src, calib_text, args.seqlen)
     print(f"loading {args.model} ...", file=sys.stderr)
     model, tok = loading.load_causal_lm(args.model, dtype=torch_dtype(args.dtype),
                                        device_map=None if args.offload else device_map(args.device),
-                                       progress=not args.quiet)
+                                       progress=not args.quiet, tokenizer=tok)
     find_layout(model)  # an unsupported layout is refused now, before any calibration
     calib = None
-    if calib_text is not None:
-        check_seqlen(model, args.seqlen)
-        calib = data.calibration_batches(tok, calib_text, args.calib_samples, args.seqlen, args.seed)
+    if ids is not None:
+        check_seqlen(model, args.seqlen)  # where the positions could not be read before the load
+        calib = data.calibration_windows(ids, args.calib_samples, args.seqlen, args.seed)
     res = prune_lm(model, calib, options)
     info = dict(res.info)
     info["model"] = args.model

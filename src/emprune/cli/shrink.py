@@ -12,7 +12,8 @@ import sys
 import time
 
 from ..jobs.options import keep_size
-from .common import add_calib_args
+from ..jobs import options as O
+from .common import add_calib_args, beta_type, check_positions, check_seqlen, claim_out, read_text, text_ids, units_type
 
 HELP = "remove MLP neurons / attention heads physically with EMP and save a smaller model"
 
@@ -40,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (created; see --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is an earlier emprune output (holds emprune.json)")
-    p.add_argument("--units", default="mlp", help="mlp, heads or mlp,heads (default mlp: at equal size it kept "
+    p.add_argument("--units", type=units_type, default="mlp", help="mlp, heads or mlp,heads (default mlp: at equal size it kept "
                    "lower perplexity than mlp,heads on SmolLM2-135M, see benchmarks/results/shrink_smollm2.md)")
     p.add_argument("--criterion", choices=C.names(level="unit"), default=None,
                    help=f"unit score (default {DEFAULT_CRITERION}): magnitude (weight norms), activation "
@@ -51,7 +52,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=choices("shrink"), default="default",
                    help="; ".join(f"{k}: {RECIPES[k].summary}" for k in names("shrink")).replace("%", "%%"))
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--beta", type=float, default=None, help="keep floor(beta * N_eff) (default 1)")
+    size.add_argument("--beta", type=beta_type, default=None, help="keep floor(beta * N_eff) (default 1)")
     size.add_argument("--keep", default=None,
                       help="fixed size instead of EMP: a fraction (0.75) or a count (1024) of units per layer")
     p.add_argument("--uniform", action="store_true",
@@ -81,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models import checkpoint, data, loading
 
     t0 = time.perf_counter()
-    units = ",".join(u.strip() for u in args.units.split(",") if u.strip())
-    if not units or any(u not in ("mlp", "heads") for u in units.split(",")):
-        raise ValueError(f"--units must be mlp, heads or mlp,heads; got {args.units!r}")
+    units = O.lm_units(args.units)  # a parse-time check; again for callers of run() with their own args
     if args.beta is not None and (args.beta <= 0 or args.beta != args.beta or args.beta == float("inf")):
         raise ValueError(f"--beta must be a positive finite number, got {args.beta}")
     if args.calib_samples < 1 or args.seqlen < 2:
@@ -95,22 +94,24 @@ def run(args: argparse.Namespace) -> int:
     rec = get_recipe(args.recipe, "shrink")
     # the same output-folder rules as `emprune prune` (never the current folder or a parent, only
     # an earlier emprune output is replaced, symlinks followed, writability probed), before loading
-    out = checkpoint.check_out_dir(args.out, args.overwrite)
-    for note in checkpoint.clean_stale_temporaries(out):
-        print(note, file=sys.stderr)
+    # a missing path, or the hub while offline, fails here at once (loading.locate)
+    out = claim_out(args.out, args.overwrite, [args.model])
     criterion = args.criterion or DEFAULT_CRITERION
     comp = args.compensate if args.compensate is not None else (rec.compensate and keep is None)
     needs_data = C.entry(criterion, level="unit").needs_calibration or comp or rec.allocate == "sensitivity"
-    src = text = None
-    if needs_data:  # the text is read before the (slow) model load
-        src = args.calib_text if args.calib_text is not None else str(data.default_text_path("calib"))
-        text = data.load_text(src, "calib")
+    src = tok = ids = None
+    if needs_data:  # the text, the windows and the tokens are checked before the (slow) model load
+        src, text = read_text(args.calib_text, "calib")
+        check_positions(args.model, args.seqlen)
+        tok = loading.load_tokenizer(args.model)
+        ids = text_ids(tok, "--calib-text", src, text, args.seqlen)
     print(f"loading {args.model} ...", file=sys.stderr)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model, tok = loading.load_causal_lm(args.model, dtype=dtype, progress=not args.quiet)
+    model, tok = loading.load_causal_lm(args.model, dtype=dtype, progress=not args.quiet, tokenizer=tok)
     calib = None
-    if text is not None:
-        calib = data.calibration_batches(tok, text, args.calib_samples, args.seqlen, args.seed)
+    if ids is not None:
+        check_seqlen(model, args.seqlen)
+        calib = data.calibration_windows(ids, args.calib_samples, args.seqlen, args.seed)
     report, info = shrink_lm(model, calib, units=units, criterion=criterion, scope=args.scope,
                              beta=1.0 if args.beta is None else args.beta, keep=keep, recipe=args.recipe,
                              head_mode=args.head_mode, compensate=args.compensate, uniform=args.uniform,
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     info["command"] = "emprune " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", []))
     info["calibration"].update(text=src, seed=args.seed)
     info["total_seconds"] = time.perf_counter() - t0
-    saved = checkpoint.save_shrunk(model, tok, out, info, overwrite=args.overwrite)
+    saved = checkpoint.save_shrunk(model, tok, out, info, overwrite=args.overwrite, progress=not args.quiet)
     lines = str(report).split("\n")
     if len(lines) > 40:
         lines = lines[:20] + [f"... ({len(lines) - 36} more rows in emprune.json) ..."] + lines[-16:]

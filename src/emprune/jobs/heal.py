@@ -11,6 +11,13 @@ ecosystem, not from a hand-written loop) on non-overlapping windows of a healing
   optimizer step (:class:`MaskCallback`). A weight that was already zero in the dense model
   (GGUF quantisation leaves some) is held at zero too. The exact zero count per targeted module
   is compared before and after.
+* **Which zeros** (:func:`plan_masks`, what ``emprune heal --targets auto`` uses): the weights
+  carry the truth. A decoder Linear with at least :data:`PRUNED_LOOKING` (1 %) exact zeros looks
+  pruned; the modules ``emprune.json`` names as pruned are the masks where it can be read, and
+  every one must hold the zeros it records and no unlisted weight may look pruned, else the
+  command refuses in one line; with no, an empty or an unusable report the pruned-looking weights
+  are the masks, and it says so. ``--targets none`` / ``mlp`` / ``linear`` are explicit and say
+  how many zeros they will train away.
 * **Structured** outputs (``emprune shrink``): the removed units are gone from the shapes, so
   the model trains at its smaller shapes with no mask.
 * ``lora=R``: low-rank adapters (``peft``, optional) on the Linears of the decoder blocks,
@@ -26,14 +33,15 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..structure.layouts import block_linears, decoder_layers
-from ..structure.targets import select_targets
+from ..structure.layouts import block_linears, decoder_layers, layout_or_none
+from ..structure.targets import TARGET_SETS, block_targets, select_targets
 from .options import HealOptions, build
 
 #: defaults of :func:`heal` (chosen on SmolLM2-135M's held-out texts, not searched: benchmarks/results/
@@ -123,6 +131,259 @@ class _GradMask:
         if self.mask.device != grad.device:
             self.mask = self.mask.to(grad.device)
         return grad.masked_fill(self.mask, 0)
+
+
+# ------------------------------------------------------------- which zeros are masks (the CLI's plan)
+
+#: a weight *looks pruned* when at least this fraction of its entries is exactly 0.0. A weight
+#: trained in floating point essentially never lands on exact zero (the tiny random LLaMA: none;
+#: SmolLM2-135M, dequantised from its Q4_1 GGUF: at most 0.07 % per decoder Linear), while a pruned
+#: weight carries its sparsity as exact zeros (10 % to 90 % in practice), so 1 % sits two orders of
+#: magnitude above the first and an order below the second. It is not a quantisation detector:
+#: symmetric GGUF types (Q4_0, Q5_0, Q6_K, Q8_0) round small weights to exact zero, and
+#: gemma3-270m's dequantised GGUF has 3-11 % exact zeros in most of its decoder Linears; hence
+#: :data:`QUANTISED_SLACK` and :func:`plan_masks`' handling of quantised sources.
+PRUNED_LOOKING = 0.01
+#: where an ``emprune.json`` records that its dense source already had exact zeros (a quantised
+#: model: ``layers[*].dense_zeros`` >= :data:`PRUNED_LOOKING` of a layer), a module it does not list
+#: is taken for pruned only above this multiple of the largest recorded dense-zero fraction (the
+#: quantisation zeros of one model's tensors differ by up to ~1.5x: gemma3-270m's attention 11 %,
+#: its MLP 7 %); below it, its zeros are the source's quantisation zeros and train as dense.
+QUANTISED_SLACK = 2.0
+
+
+def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules emprune prunes, by full name: every projection of every decoder block
+    (``"linear"``) where the layout is known, else every ``nn.Linear`` but the LM head."""
+    if layout_or_none(model) is not None:
+        return block_targets(model, "linear")
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+
+
+def weight_zeros(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``name -> (exact zeros, entries)`` of the weight of every :func:`prunable_modules` module."""
+    out = {}
+    for n, m in prunable_modules(model).items():
+        w = m.weight.detach()
+        out[n] = (w.numel() - int(torch.count_nonzero(w)), w.numel())
+    return out
+
+
+def looks_pruned(zeros: int, entries: int) -> bool:
+    """Whether a weight with ``zeros`` exact zeros of ``entries`` looks pruned (:data:`PRUNED_LOOKING`)."""
+    return entries > 0 and zeros >= PRUNED_LOOKING * entries
+
+
+@dataclass
+class ReportClaim:
+    """What an ``emprune.json`` says about the zeros of its folder's weights (:func:`report_claim`).
+
+    ``state``: ``absent`` (no report), ``empty`` (``{}``), ``shrunk`` (``"kind": "shrunk"``: no
+    pruned zeros), ``pruned`` (its ``layers`` / ``targets`` name the pruned modules), ``unusable``
+    (some of ``layers`` / ``targets`` / ``summary`` cannot be read: ``problems`` says which) or
+    ``silent`` (none of them: it does not say what was pruned). ``names``: the pruned modules (a
+    target set or module names); ``zeros``: their exact zeros after pruning as recorded;
+    ``total_zeros``: the zeros of the targeted weights it records; ``dense_fraction``: the largest
+    fraction of exact zeros a pruned module had *before* pruning (a quantised source)."""
+
+    state: str
+    names: str | list[str] | None = None
+    zeros: dict[str, int] = field(default_factory=dict)
+    total_zeros: int | None = None
+    dense_fraction: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+
+def _count(x: Any) -> int | None:
+    """A recorded count (a non-negative int, not a bool), else None."""
+    return x if isinstance(x, int) and not isinstance(x, bool) and x >= 0 else None
+
+
+def _read_layers(claim: ReportClaim, layers: Any) -> None:
+    """``claim.names`` / ``zeros`` / ``dense_fraction`` from a prune report's ``layers``."""
+    if not (isinstance(layers, list) and layers
+            and all(isinstance(lay, dict) and isinstance(lay.get("name"), str) for lay in layers)):
+        claim.problems.append("its layers are not a list of {name: ...} records")
+        return
+    claim.names = [lay["name"] for lay in layers]
+    for lay in layers:
+        z, dz, total = _count(lay.get("zeros")), _count(lay.get("dense_zeros")), _count(lay.get("total"))
+        if z is not None:
+            claim.zeros[lay["name"]] = z
+        if dz is not None and total:
+            claim.dense_fraction = max(claim.dense_fraction, dz / total)
+
+
+def report_claim(report: dict[str, Any] | None) -> ReportClaim:
+    """Read what ``report`` (a folder's ``emprune.json``, or None) says was pruned (see
+    :class:`ReportClaim`); a hand-edited or foreign report is ``unusable``, never an error."""
+    if report is None:
+        return ReportClaim("absent")
+    if not report:
+        return ReportClaim("empty")
+    if report.get("kind") == "shrunk":
+        return ReportClaim("shrunk", names=[])
+    claim = ReportClaim("pruned")
+    if "layers" in report:
+        _read_layers(claim, report["layers"])
+    if "targets" in report:
+        t = report["targets"]
+        if t not in TARGET_SETS:
+            claim.problems.append(f"its targets {t!r} are neither 'mlp' nor 'linear'")
+        elif claim.names is None:
+            claim.names = t
+    s = report.get("summary")
+    if "summary" in report:
+        tw, zf = (s.get("targeted_weights"), s.get("zeros_fraction")) if isinstance(s, dict) else (None, None)
+        if _count(tw) is not None and isinstance(zf, (int, float)) and 0 <= zf <= 1:
+            claim.total_zeros = round(zf * tw)
+        else:
+            claim.problems.append("its summary has no targeted_weights and zeros_fraction")
+    if claim.total_zeros is None and claim.zeros:
+        claim.total_zeros = sum(claim.zeros.values())
+    if claim.problems:
+        claim.state = "unusable"
+    elif claim.names is None:
+        claim.state = "silent" if claim.total_zeros is None else "unusable"
+        if claim.total_zeros is not None:
+            claim.problems.append("it records zeros but not which modules were pruned")
+    return claim
+
+
+@dataclass
+class MaskPlan:
+    """Whose zeros :func:`heal` holds at zero, and why (:func:`plan_masks`). ``targets``: for
+    :class:`~emprune.jobs.options.HealOptions` (module names, a target set, or None = no masks);
+    ``source``: ``emprune.json``, ``weights``, ``--targets mlp`` / ``--targets linear`` or
+    ``none``; ``note``: one line saying where the masks come from; ``warnings``: zeros that
+    healing will train away, said before it starts."""
+
+    targets: Any
+    source: str
+    note: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def _n(x: int) -> str:
+    """A count for messages: ``27,648`` or ``39.8 M``."""
+    return f"{x / 1e6:.1f} M" if x >= 10 ** 6 else f"{x:,}"
+
+
+def _first(found: dict[str, tuple[int, int]]) -> str:
+    """``name: Z of N exact zeros (P %)`` of the first entry, for a one-line message."""
+    n, (z, k) = next(iter(found.items()))
+    return f"{n}: {z:,} of {k:,} exact zeros, {100 * z / k:.1f} %"
+
+
+def _looking(found: dict[str, tuple[int, int]]) -> str:
+    """``N pruned-looking tensors (Z exact zeros)``."""
+    return f"{len(found)} pruned-looking tensor{'s' if len(found) != 1 else ''} ({_n(sum(z for z, _ in found.values()))} exact zeros)"
+
+
+REFUSE_HINT = ("--targets linear holds every exact zero of the decoder Linears, --targets none trains "
+               "without masks")
+
+
+def plan_masks(model: nn.Module, report: dict[str, Any] | None, targets: str | None = "auto", *,
+               quantised: bool = False) -> MaskPlan:
+    """Decide whose zeros are masks for ``emprune heal``: from the weights, cross-checked with
+    the folder's ``emprune.json`` (``report``); ``ValueError`` (one line) where they disagree.
+
+    The weights carry the truth: a decoder Linear (:func:`prunable_modules`) with at least
+    :data:`PRUNED_LOOKING` exact zeros looks pruned. ``targets``:
+
+    * ``"auto"``: a readable prune report's modules (``layers[*].name``, else its target set) are
+      the masks, each of which must hold at least the exact zeros the report records (or look
+      pruned where it records none), and no other module may look pruned beyond what a quantised
+      source explains (:data:`QUANTISED_SLACK`); else refused. A shrunk model has no masks (its
+      zeros, if any, are said). No, an empty, an unusable or a silent report: every pruned-looking
+      weight is a mask (said), after checking the zero count a report still records; a
+      ``quantised`` input (a GGUF file, never an emprune output) trains its zeros as dense (said).
+    * ``"mlp"`` / ``"linear"``: those Linears' zeros, whatever the report says; ``None`` /
+      ``"none"``: no masks. Both the user's explicit choice: the zeros of pruned-looking weights
+      left unmasked are counted in ``warnings`` (trained away), not refused."""
+    census = weight_zeros(model)
+    looking = {n: zk for n, zk in census.items() if looks_pruned(*zk)}
+    if targets is None or targets == "none":
+        warn = [f"--targets none: the {_looking(looking)} lose their zeros in training "
+                "(--targets auto keeps them)"] if looking else []
+        return MaskPlan(None, "none", "no masks (--targets none)", warn)
+    if targets in TARGET_SETS:
+        mods = target_modules(model, targets)
+        outside = {n: zk for n, zk in looking.items() if n not in mods}
+        warn = [f"--targets {targets}: the {_looking(outside)} outside it lose their zeros in training "
+                "(--targets auto or linear keeps them)"] if outside else []
+        return MaskPlan(targets, f"--targets {targets}", f"masks from --targets {targets}: {len(mods)} modules, "
+                        f"{_n(sum(count_module_zeros(mods).values()))} exact zeros", warn)
+    if targets != "auto":
+        raise ValueError(f"targets must be 'auto', 'mlp', 'linear' or 'none', got {targets!r}")
+    claim = report_claim(report)
+    if claim.state == "pruned":
+        return _report_plan(model, claim, looking)
+    if claim.state == "shrunk":
+        note = "no masks (a shrunk model: its removed units are gone from the shapes)"
+        if looking:
+            note += (f"; its {_looking(looking)}, which shrinking does not make (a quantised source's?), "
+                     "train as dense (--targets linear holds them)")
+        return MaskPlan(None, "none", note)
+    return _weights_plan(claim, looking, quantised)
+
+
+def _report_plan(model: nn.Module, claim: ReportClaim, looking: dict[str, tuple[int, int]]) -> MaskPlan:
+    """Masks from a readable prune report, cross-checked with the weights (see :func:`plan_masks`)."""
+    try:
+        mods = target_modules(model, claim.names)
+    except ValueError as e:
+        raise ValueError(f"emprune.json does not describe this model ({e}); {REFUSE_HINT}") from None
+    zeros = count_module_zeros(mods)
+    entries = {n: m.weight.numel() for n, m in mods.items()}
+    short = {n: (zeros[n], entries[n]) for n in mods
+             if (zeros[n] < claim.zeros[n] if n in claim.zeros else not looks_pruned(zeros[n], entries[n]))}
+    have = sum(zeros.values())
+    if short or (claim.total_zeros is not None and have < claim.total_zeros):
+        said = f"{_n(claim.total_zeros)} zeros" if claim.total_zeros is not None else "pruned"
+        which = (f"{len(short)} of them have fewer exact zeros than it records ({_first(short)})" if short
+                 else f"they hold only {_n(have)}")
+        raise ValueError(f"emprune.json says {len(mods)} modules were pruned ({said}), but in the weights "
+                         f"{which}: not the weights it describes; {REFUSE_HINT}")
+    bar = PRUNED_LOOKING
+    if claim.dense_fraction >= PRUNED_LOOKING:
+        bar = max(bar, QUANTISED_SLACK * claim.dense_fraction)
+    unlisted = {n: zk for n, zk in looking.items() if n not in mods}
+    over = {n: (z, k) for n, (z, k) in unlisted.items() if z >= bar * k}
+    if over:
+        raise ValueError(f"the weights have {_looking(over)} that emprune.json does not list as pruned "
+                         f"({_first(over)}; {100 * bar:g} % or more looks pruned); {REFUSE_HINT}")
+    note = f"masks from emprune.json: {len(mods)} modules, {_n(have)} exact zeros (checked against the weights)"
+    if unlisted:
+        most = max(z / k for z, k in unlisted.values())
+        note += (f"; {_looking(unlisted)} it does not list (at most {100 * most:.1f} % zeros) are within "
+                 f"{QUANTISED_SLACK:g}x the zeros its source had before pruning (up to "
+                 f"{100 * claim.dense_fraction:.1f} %: a quantised model), trained as dense "
+                 "(--targets linear holds them)")
+    return MaskPlan(list(mods), "emprune.json", note)
+
+
+def _weights_plan(claim: ReportClaim, looking: dict[str, tuple[int, int]], quantised: bool) -> MaskPlan:
+    """Masks from the weights where no readable prune report names them (see :func:`plan_masks`)."""
+    why = {"absent": "emprune.json absent", "empty": "emprune.json is empty",
+           "silent": "emprune.json does not say what was pruned",
+           "unusable": "emprune.json unusable: " + "; ".join(claim.problems)}[claim.state]
+    have = sum(z for z, _ in looking.values())
+    if claim.total_zeros is not None and have < claim.total_zeros:
+        raise ValueError(f"emprune.json records {_n(claim.total_zeros)} zeros in the pruned weights, but the "
+                         f"weights have only {_n(have)} in {_looking(looking)}: not the weights it describes; "
+                         f"{REFUSE_HINT}")
+    if not looking:
+        return MaskPlan(None, "none", f"no masks: no weight has {100 * PRUNED_LOOKING:g} % or more exact zeros "
+                                      f"(a dense model); {why}")
+    if quantised and claim.state == "absent":
+        return MaskPlan(None, "none", f"no masks: a GGUF input, whose {_looking(looking)} are quantisation zeros, "
+                                      "trains as dense (--targets linear holds them)")
+    return MaskPlan(list(looking), "weights", f"masks from the weights: {len(looking)} tensors with "
+                    f"{100 * PRUNED_LOOKING:g} % or more exact zeros, {_n(have)} zeros in all; {why}")
 
 
 # ------------------------------------------------------------------------- data and callbacks
@@ -339,7 +600,8 @@ def heal(model: nn.Module, tokens: Tensor, options: HealOptions | None = None, *
     tokens (per process), for ``steps`` (default :data:`DEFAULT_STEPS`) or a ``train_tokens``
     budget; AdamW with ``lr`` (default :data:`DEFAULT_LR`, :data:`DEFAULT_DISTILL_LR` with a
     ``teacher``, :data:`DEFAULT_LORA_LR` with ``lora``), ``warmup`` and ``schedule``.
-    ``targets``: ``None`` (no masks), ``"mlp"`` / ``"linear"`` or module names. ``lora=R``:
+    ``targets``: ``None`` (no masks; an :class:`UnmaskedZerosWarning` where weights look pruned),
+    ``"mlp"`` / ``"linear"`` or module names (:func:`plan_masks` picks them for the CLI). ``lora=R``:
     rank-R adapters on every Linear of the decoder blocks, merged, then the masks re-applied.
     ``eval_tokens`` with ``eval_every=N``: held-out perplexity before, every N steps and at the
     end. ``teacher`` (same tokenizer): ``distill_weight`` x KL(teacher || student) + the rest
@@ -359,9 +621,7 @@ def heal(model: nn.Module, tokens: Tensor, options: HealOptions | None = None, *
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tokens_per_step = o.batch * o.grad_accum * o.seqlen * world
     max_steps = plan_steps(o.steps, o.train_tokens, tokens_per_step)
-    mods = target_modules(model, o.targets)
-    masks = zero_masks(mods)
-    zeros_before = count_module_zeros(mods)
+    mods, masks, zeros_before, unmasked = _masks_at_start(model, o.targets)
     t0 = time.perf_counter()
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False  # no KV cache while training (and none with checkpointing)
@@ -402,10 +662,31 @@ def heal(model: nn.Module, tokens: Tensor, options: HealOptions | None = None, *
         "eval_seconds": curve_cb.eval_seconds, "train_loss": float(out.training_loss), "loss_curve": curve_cb.loss,
         "eval": ({"tokens": int(eval_tokens.numel()), "seqlen": o.eval_seqlen or o.seqlen,  # type: ignore[union-attr]
                   "curve": curve_cb.evals} if o.eval_every else None),
-        "masks": _mask_record(mods, masks, zeros_before, zeros_after, bool(o.lora)),
+        "masks": {**_mask_record(mods, masks, zeros_before, zeros_after, bool(o.lora)),
+                  "unmasked_pruned_looking": {"tensors": len(unmasked), "zeros": sum(unmasked.values())}},
     }
     return HealResult(model=model, record=record, loss_curve=curve_cb.loss, eval_curve=curve_cb.evals,
                       zeros_before=zeros_before, zeros_after=zeros_after)
+
+
+class UnmaskedZerosWarning(UserWarning):
+    """:func:`heal` without masks on a model whose weights look pruned: their zeros are trained away."""
+
+
+def _masks_at_start(model: nn.Module, targets: Any) -> tuple[dict[str, nn.Linear], dict[str, Tensor],
+                                                             dict[str, int], dict[str, int]]:
+    """The masked modules, their masks and zero counts before training, and ``name -> zeros`` of
+    the pruned-looking weights (:func:`looks_pruned`) left unmasked: with no masks at all
+    (``targets=None``) an :class:`UnmaskedZerosWarning` says that their zeros will be trained away."""
+    mods = target_modules(model, targets)
+    masks = zero_masks(mods)
+    unmasked = {n: z for n, (z, k) in weight_zeros(model).items() if n not in mods and looks_pruned(z, k)}
+    if unmasked and not mods:
+        warnings.warn(UnmaskedZerosWarning(
+            f"heal without masks (targets=None): {len(unmasked)} weights look pruned ({sum(unmasked.values()):,} "
+            "exact zeros) and lose their zeros in training; targets='mlp' / 'linear' / module names keep them"),
+            stacklevel=3)
+    return mods, masks, count_module_zeros(mods), unmasked
 
 
 def _eval_fn(o: HealOptions, eval_tokens: Tensor | None) -> Any:
@@ -495,7 +776,7 @@ def _mask_record(mods: dict[str, nn.Linear], masks: dict[str, Tensor], zeros_bef
         "modules_with_changed_zeros": changed,
         "how": ("gradients of the masked entries zeroed in backward and the entries set to zero after "
                 "every optimizer step" + ("; after the LoRA merge the masks were applied again" if lora else "")
-                ) if mods else "no masks (dense or shrunk model)",
+                ) if mods else "no masks",
     }
 
 
@@ -503,7 +784,8 @@ def masked_targets_from_report(report: dict[str, Any] | None) -> list[str] | Non
     """The module names whose zeros are masks, from a folder's ``emprune.json``: the pruned
     layers of an ``emprune prune`` output (``layers[*].name``, else its ``targets``); ``None``
     for a shrunk folder (its units are gone) or no report. A healed folder keeps the report
-    of what it came from, so healing again masks the same modules."""
+    of what it came from, so healing again masks the same modules. The report alone: ``emprune
+    heal`` uses :func:`plan_masks`, which checks it against the weights' zeros."""
     if not report or report.get("kind") == "shrunk":
         return None
     layers = report.get("layers")
@@ -514,4 +796,6 @@ def masked_targets_from_report(report: dict[str, Any] | None) -> list[str] | Non
 
 
 __all__ = ["heal", "HealResult", "TokenWindows", "target_modules", "zero_masks", "apply_masks",
-           "count_module_zeros", "masked_targets_from_report", "plan_steps"]
+           "count_module_zeros", "masked_targets_from_report", "plan_steps", "PRUNED_LOOKING", "QUANTISED_SLACK",
+           "prunable_modules", "weight_zeros", "looks_pruned", "ReportClaim", "report_claim", "MaskPlan",
+           "plan_masks", "UnmaskedZerosWarning"]

@@ -60,6 +60,39 @@ def positive(s: Any) -> float:
     return v
 
 
+def comma_list(s: Any) -> tuple[str, ...]:
+    """A comma-separated list of names (stripped); ``""`` is the empty list, and an empty item
+    (``a,,b``, a trailing comma) is refused rather than dropped."""
+    if isinstance(s, (list, tuple)):
+        items = [str(x).strip() for x in s]
+    else:
+        items = [x.strip() for x in str(s).split(",")] if str(s).strip() else []
+    if any(not x for x in items):
+        raise ValueError(f"expected names separated by single commas, got {s!r} (an empty item)")
+    return tuple(items)
+
+
+#: the unit kinds ``emprune shrink`` removes in a causal LM
+LM_UNITS = ("mlp", "heads")
+
+
+def lm_units(s: Any) -> str:
+    """A comma-separated list of LM unit kinds (``mlp``, ``heads``; a list or tuple also does),
+    as one canonical string; an empty item (``mlp,,heads``), an unknown kind or a repeated one
+    is refused rather than dropped."""
+    items = list(s) if isinstance(s, (list, tuple)) else str(s).split(",")
+    items = [str(u).strip() for u in items]
+    want = "mlp, heads or mlp,heads"
+    if not items or any(not u for u in items):
+        raise ValueError(f"expected {want} (no empty item), got {s!r}")
+    bad = [u for u in items if u not in LM_UNITS]
+    if bad:
+        raise ValueError(f"expected {want}, got {s!r} ({bad[0]!r} is not a unit kind)")
+    if len(set(items)) != len(items):
+        raise ValueError(f"expected {want}, got {s!r} (a kind given twice)")
+    return ",".join(items)
+
+
 def fraction(s: Any) -> float:
     """A fraction in [0, 1) (``sparsity``)."""
     v = number(s)
@@ -299,9 +332,10 @@ class HealOptions:
                            type=number)
     weight_decay: float = option(0.0, "AdamW weight decay (default 0)", type=number)
     max_grad_norm: float = option(1.0, "gradient clipping norm", cli=False)
-    targets: Any = option(None, "whose zeros are held at zero: auto = the pruned modules named in DIR/emprune.json "
-                                "(none for a shrunk or an unpruned model); mlp / linear: the zeros of those Linears "
-                                "of every block (a model pruned by another tool); none: no masks",
+    targets: Any = option(None, "whose zeros are held at zero: auto = the pruned modules named in DIR/emprune.json, "
+                                "checked against the weights' exact zeros (without a usable report: every decoder "
+                                "Linear with 1 % or more exact zeros; none for a shrunk or a dense model); mlp / "
+                                "linear: the zeros of those Linears of every block; none: no masks",
                           choices=("auto", "mlp", "linear", "none"), cli_default="auto")
     distill_weight: float = option(1.0, "with --distill: weight of the distillation loss, the rest cross-entropy "
                                         "(default 1)", type=number)
@@ -349,7 +383,7 @@ class CompareOptions:
     baselines vs EMP recipes on the same tokens."""
 
     targets: Any = option(("mlp",), "comma-separated target sets: mlp, linear, or mlp,linear (default mlp)",
-                          type=lambda s: tuple(t.strip() for t in str(s).split(",") if t.strip()), cli_default="mlp")
+                          type=comma_list, cli_default="mlp")
     scope: str = option("row", "EMP scope (default row)", choices=SCOPES)
     beta: float = option(1.0, "EMP beta (default 1)", type=positive)
     sparsity: float = option(0.5, "fixed sparsity of the baselines (default 0.5)", type=fraction)

@@ -188,6 +188,10 @@ def _check_values(o: PruneOptions) -> None:
     check_options(o.scope, o.beta, o.sparsity, o.min_keep)
     if o.sparsity is not None and o.counts is not None:
         raise ValueError("pass either sparsity or counts, not both")
+    fixed = [n for n, v in (("sparsity", o.sparsity), ("counts", o.counts), ("nm", o.nm),
+                            ("target_sparsity", o.target_sparsity)) if v is not None]
+    if float(o.beta) != 1.0 and fixed:  # silently ignored before: the run recorded beta null
+        raise ValueError(f"beta scales EMP's counts; {fixed[0]} decides them instead: pass one or the other")
     one_of("update", o.update, UPDATE_CHOICES, none_ok=True)
     damp = o.damp
     if damp is not None and not (isinstance(damp, (int, float)) and not isinstance(damp, bool)

@@ -19,7 +19,7 @@ from ..act.report import ShrinkReport
 from ..decide import recipes
 from ..models.checkpoint import SHRUNK_KIND, versions
 from ..structure.layouts import decoder_layers
-from .options import ShrinkOptions, build
+from .options import ShrinkOptions, build, lm_units
 from .shrink import DEFAULT_CRITERION, lm_batches, lm_forward, lm_loss, score_units, shrink
 
 INTERMEDIATE_MULTIPLE = 64
@@ -58,10 +58,10 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
     from tqdm.auto import tqdm
 
     o = build(ShrinkOptions, options, {"units": "mlp", **fields} if options is None else fields)
-    units = o.units if isinstance(o.units, str) else ",".join(o.units)
-    for u in units.split(","):
-        if u.strip() not in ("mlp", "heads"):
-            raise ValueError(f"--units must be mlp, heads or mlp,heads; got {units!r}")
+    try:
+        units = lm_units(o.units)
+    except ValueError as e:
+        raise ValueError(f"units: {e}") from None
     rec = recipes.get_recipe(o.recipe, "shrink")
     crit = o.criterion or (DEFAULT_CRITERION if calib_tokens is not None else "magnitude")
     t0 = time.perf_counter()

@@ -115,7 +115,10 @@ def check_tasks(tasks: str | Iterable[str]) -> list[str]:
     """Task names from a list or a comma-separated string (``all`` = every task), validated:
     unknown names raise one ``ValueError`` naming them and the valid ones."""
     if isinstance(tasks, str):
-        tasks = [t for t in (s.strip() for s in tasks.split(",")) if t]
+        tasks = [s.strip() for s in tasks.split(",")]
+        if len(tasks) > 1 and not all(tasks):  # "a,,b" is a typo, not two tasks
+            raise ValueError(f"--tasks: an empty item in {','.join(tasks)!r}; separate task names by single commas")
+        tasks = [t for t in tasks if t]
     tasks = list(tasks)
     if tasks == ["all"]:
         return list(TASKS)

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
@@ -21,7 +22,7 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -75,15 +76,46 @@ def versions() -> dict[str, str]:
     return out
 
 
-def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+#: what ``save_pretrained`` of a model and a tokenizer writes (the files an emprune output of a
+#: version that did not list its files in ``emprune.json`` may hold)
+_SAVED_NAMES = re.compile(r"(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
+                          r"model\.safetensors\.index\.json|tokenizer(_config)?\.json|tokenizer\.model|"
+                          r"special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|"
+                          r"chat_template\.(jinja|json)|" + re.escape(REPORT_NAME) + ")")
+
+
+def foreign_files(folder: str | os.PathLike) -> list[str]:
+    """Files and folders inside an earlier emprune output that emprune did not write there
+    (what ``--overwrite`` must never delete): everything not in the ``files`` list of its
+    ``emprune.json`` (or, for outputs that predate that list, not named as ``save_pretrained``
+    names its files)."""
+    out = Path(folder)
+    rep = read_report(out) or {}
+    listed = rep.get("files")
+    ours = set(listed) | {REPORT_NAME} if isinstance(listed, list) else None
+    found = []
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if p.is_dir() and not p.is_symlink():
+            continue
+        if (rel not in ours) if ours is not None else not _SAVED_NAMES.fullmatch(rel):
+            found.append(rel)
+    return found
+
+
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False,
+                  inputs: Sequence[str | os.PathLike] = ()) -> Path:
     """The folder :func:`save_pruned` will write for ``out_dir`` (symlinks resolved), after
     checking, before any work is done, that writing it destroys nothing that is not ours.
 
-    Refused: an existing file; the current folder or one of its parents; a non-empty folder
-    without ``overwrite``; with ``overwrite``, a non-empty folder that is not an earlier emprune
-    output (it has no ``emprune.json``); a place that cannot be written. A symlinked
-    ``out_dir`` is followed: the folder it points to is written (or replaced) and the link
-    kept. Raises ``FileExistsError``, ``ValueError`` or ``PermissionError`` with one line."""
+    Refused: an existing file; the current folder or one of its parents; an input (``inputs``:
+    the local file or folder of the model, of a teacher), a folder that contains it or lies inside it; a
+    non-empty folder without ``overwrite``; with ``overwrite``, a non-empty folder that is not
+    an earlier emprune output (it has no ``emprune.json``) or that holds files emprune did not
+    write (:func:`foreign_files`: they are listed, never deleted); a place that cannot be
+    written. A symlinked ``out_dir`` is followed: the folder it points to is written (or
+    replaced) and the link kept. Raises ``FileExistsError``, ``ValueError`` or
+    ``PermissionError`` with one line."""
     given = Path(out_dir).expanduser()
     out = given.resolve()
     if out.exists() and not out.is_dir():
@@ -91,6 +123,11 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     cwd = Path.cwd().resolve()
     if out == cwd or out in cwd.parents:
         raise ValueError(f"{given} is the current folder or one of its parents; choose a new folder to write to")
+    for given_input in inputs:
+        src = Path(given_input).expanduser().resolve()
+        if src == out or out in src.parents or src in out.parents:
+            how = "is" if src == out else "contains" if out in src.parents else "lies inside"
+            raise ValueError(f"{given} {how} the input {given_input}; write the output to a new folder beside it")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{given} exists and is not empty; pass overwrite=True (--overwrite) to "
@@ -98,8 +135,84 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
         if not (out / REPORT_NAME).is_file():
             raise FileExistsError(f"{given} is not an earlier emprune output (it holds no {REPORT_NAME}); "
                                   "--overwrite replaces only those: choose another folder")
+        _refuse_foreign(out, given)
     check_can_write(out, folder=True)
     return out
+
+
+def _refuse_foreign(out: Path, given: Path) -> None:
+    extra = foreign_files(out)
+    if extra:
+        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+        raise FileExistsError(f"{given} holds files emprune did not write ({', '.join(extra[:5])}{more}); "
+                              "--overwrite never deletes them: move them away or choose another folder")
+
+
+# ------------------------------------------------------------------ one writer per output
+
+
+#: the outputs this process has claimed (released when the command ends, or at exit)
+_CLAIMS: set[Path] = set()
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.emprune-lock"
+
+
+def claim_output(out_dir: str | os.PathLike) -> list[str]:
+    """Claim ``out_dir`` for this process before any work (a lock file ``.NAME.emprune-lock``
+    beside it, created exclusively): a second run writing the same output is refused at once
+    instead of at its save. A claim left by a killed run on this host is taken over (the note
+    returned says so); the claim is released by :func:`save_pruned`, by :func:`release_claims`
+    (the command line calls it when a command ends, however it ends) and at exit. Creates
+    ``out_dir``'s parent folders. ``FileExistsError`` (one line) while another live run holds it."""
+    out = Path(out_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock_path(out)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    notes: list[str] = []
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text())
+                pid, host = int(owner["pid"]), str(owner["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, host = -1, ""  # unreadable: half-written by a run killed at that moment
+            if pid == me["pid"] and host == me["host"]:
+                return notes
+            if pid > 0 and (host != me["host"] or _alive(pid)):
+                raise FileExistsError(f"{out} is being written by another emprune run (process {pid} on {host}); "
+                                      f"wait for it or choose another folder (remove {lock} if that run is gone)")
+            lock.unlink(missing_ok=True)
+            notes.append(f"note: took over {lock}, left by an emprune run that was killed")
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me) + "\n")
+        if not _CLAIMS:
+            atexit.register(release_claims)
+        _CLAIMS.add(out)
+        return notes
+    raise FileExistsError(f"could not claim {out}: {lock} keeps reappearing")
+
+
+def release_claims() -> None:
+    """Drop every claim this process holds (a command that ends, however it ends; and at exit)."""
+    for out in list(_CLAIMS):
+        release_output(out)
+
+
+def release_output(out_dir: str | os.PathLike) -> None:
+    """Drop this process's claim on ``out_dir`` (nothing if the claim is not ours)."""
+    _CLAIMS.discard(Path(out_dir).expanduser().resolve())
+    lock = _lock_path(Path(out_dir).expanduser().resolve())
+    try:
+        owner = json.loads(lock.read_text())
+        if int(owner["pid"]) == os.getpid() and owner["host"] == socket.gethostname():
+            lock.unlink(missing_ok=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
 
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this machine (assumed alive where that cannot be told)."""
@@ -173,32 +286,66 @@ def save_pruned(
     place at the end, so an interrupted run never leaves a complete-looking ``out_dir``.
     ``out_dir`` goes through :func:`check_out_dir` (an existing non-empty folder is replaced only
     with ``overwrite=True`` and only if it is an earlier emprune output, and only once the new
-    folder is complete) and leftovers of killed runs through :func:`clean_stale_temporaries`.
-    ``dtype`` casts the model in place before saving (``None``: as it is). Files get the usual modes (umask), not the
+    folder is complete; files emprune did not write there are never deleted: the run is refused)
+    and leftovers of killed runs through :func:`clean_stale_temporaries`. The output is claimed
+    (:func:`claim_output`) while it is written. Before the rename the folder is checked complete
+    (config, every weights shard, every tokenizer file): it is complete or absent. The report
+    lists the files written (``files``). ``dtype`` casts the model in place before saving (``None``: as it is). Files get the usual modes (umask), not the
     private ones of temporary files. Returns the folder written (symlinks resolved).
     """
     out = check_out_dir(out_dir, overwrite)
-    clean_stale_temporaries(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _our_tmp_dir(out, "tmp")
+    claim_output(out)
     try:
-        if dtype is not None:
-            model.to(dtype=dtype)
-        with quiet_progress(not progress):
-            model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        # the report goes last: its presence marks a finished folder
-        (tmp / REPORT_NAME).write_text(json.dumps(report_json, indent=2, default=json_default) + "\n")
-        (tmp / WRITING_MARK).unlink()
-        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp (0700) and some writers (0600) are private
-            if not path.is_symlink():
-                os.chmod(path, usual_mode(path.is_dir()))
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        clean_stale_temporaries(out)
+        tmp = _our_tmp_dir(out, "tmp")
+        try:
+            _fill(tmp, model, tokenizer, report_json, dtype, progress)
+            if out.is_dir() and any(out.iterdir()):  # files put there while we worked are not ours either
+                _refuse_foreign(out, out)
+            _swap_into_place(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        release_output(out)
     return out
+
+
+def _fill(tmp: Path, model: nn.Module, tokenizer: Any, report_json: dict, dtype: torch.dtype | None,
+          progress: bool) -> None:
+    """Write the model, the tokenizer and, last, the report (listing every file) into ``tmp``,
+    then check that the folder is complete before it may be renamed into place."""
+    if dtype is not None:
+        model.to(dtype=dtype)
+    with quiet_progress(not progress):
+        model.save_pretrained(tmp)
+    tok_files = [Path(f) for f in tokenizer.save_pretrained(tmp)] if tokenizer is not None else []
+    _check_complete(tmp, tok_files)
+    files = sorted(q.relative_to(tmp).as_posix() for q in tmp.rglob("*") if q.is_file() and q.name != WRITING_MARK)
+    # the report goes last: its presence marks a finished folder
+    report = {**report_json, "files": files}
+    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, default=json_default) + "\n")
+    (tmp / WRITING_MARK).unlink()
+    for path in [tmp, *tmp.rglob("*")]:  # mkdtemp (0700) and some writers (0600) are private
+        if not path.is_symlink():
+            os.chmod(path, usual_mode(path.is_dir()))
+
+
+def _check_complete(tmp: Path, tok_files: list[Path]) -> None:
+    """Refuse (``OSError``, one line) a folder that lacks what a loader needs: ``config.json``,
+    every weights shard (an index's too), each file the tokenizer said it wrote (and its config)."""
+    need = [tmp / "config.json"]
+    index = tmp / "model.safetensors.index.json"
+    if index.is_file():
+        need += [tmp / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        need.append(tmp / "model.safetensors")
+    if tok_files:
+        need += [f if f.is_absolute() else tmp / f for f in tok_files] + [tmp / "tokenizer_config.json"]
+    missing = [f.name for f in need if not f.is_file() or f.stat().st_size == 0]
+    if missing:
+        raise OSError(f"the output folder came out incomplete (missing or empty: {', '.join(missing)}); "
+                      "nothing was written")
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished ``tmp`` to ``out``, moving an existing ``out`` aside first (into a
@@ -229,11 +376,11 @@ def json_default(obj: Any) -> Any:
 
 
 def save_shrunk(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, report_json: dict,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, progress: bool = True) -> Path:
     """Write the shrunk model like ``emprune prune`` does (atomic; see
     :func:`emprune.llm.models.save_pruned`). ``overwrite`` replaces only a folder that holds an
     ``emprune.json`` (an earlier emprune output), never an arbitrary non-empty folder."""
-    return save_pruned(model, tokenizer, out_dir, report_json, overwrite=overwrite)  # its folder rules
+    return save_pruned(model, tokenizer, out_dir, report_json, overwrite=overwrite, progress=progress)
 
 def is_shrunk(folder: str | os.PathLike) -> bool:
     """Whether ``folder/emprune.json`` says ``"kind": "shrunk"``."""

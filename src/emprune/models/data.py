@@ -174,9 +174,15 @@ def calibration_batches(tokenizer: Any, text: str, n_samples: int, seqlen: int, 
     Window starts are drawn uniformly with a private RNG seeded by ``seed`` (global random
     state is left alone), so the same seed gives the same batches.
     """
+    return calibration_windows(tokenize(tokenizer, text), n_samples, seqlen, seed)
+
+
+def calibration_windows(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """:func:`calibration_batches` from a text's token ids (already tokenized, e.g. to check
+    its length before the model was loaded)."""
     if n_samples < 1 or seqlen < 1:
         raise ValueError(f"n_samples and seqlen must be >= 1, got {n_samples}, {seqlen}")
-    ids = tokenize(tokenizer, text)
+    ids = ids.reshape(-1)
     if ids.numel() <= seqlen:
         raise ValueError(f"calibration text has {ids.numel()} tokens; need more than seqlen={seqlen}")
     rng = random.Random(seed)

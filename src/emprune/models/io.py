@@ -99,18 +99,22 @@ def usual_mode(folder: bool = False) -> int:
     return (0o777 if folder else 0o666) & ~umask
 
 
-def check_can_write(path: str | os.PathLike, option: str | None = None, folder: bool = False) -> Path:
+def check_can_write(path: str | os.PathLike, option: str | None = None, folder: bool = False,
+                    parent_must_exist: bool = False) -> Path:
     """Raise one clear line unless ``path`` (a file, or a folder with ``folder=True``) can be
     created or replaced, so that a run fails before its work rather than at the end.
 
     The nearest existing ancestor of ``path``'s parent must be a folder where an entry can
     really be created (a probe folder is made and removed: ``os.access`` misses read-only
-    file systems and ACLs). ``option`` names the command-line option in the message."""
+    file systems and ACLs). ``option`` names the command-line option in the message.
+    ``parent_must_exist``: the parent folder must exist already (a results file)."""
     dest = Path(path).expanduser()
     name = f"{option} {dest}" if option else str(dest)
     if not folder and dest.is_dir():
         raise IsADirectoryError(f"{name}: is a folder, expected a file name")
     base = dest.resolve().parent
+    if parent_must_exist and not base.is_dir():  # a typo must not create folders, least of all at /
+        raise FileNotFoundError(f"{name}: the folder {dest.parent} does not exist")
     while not base.exists() and base != base.parent:
         base = base.parent
     if not base.is_dir():
