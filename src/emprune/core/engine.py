@@ -35,12 +35,14 @@ ScoreSource = Union[Tensor, Callable[[], Tensor]]
 
 _BLOCK_ELEMS = 1 << 20  # elements per working block on CPU: ~4 MB of float32, cache-sized
 _DEVICE_BLOCK_ELEMS = 1 << 24  # on accelerators: fewer, larger blocks (small ones are launch-bound)
+_SUM_ELEMS = 1 << 18  # elements per float64 sub-block of the accurate row sums on CPU (cache-sized)
 _SAMPLE = 64  # sampled columns per row used to bracket the threshold
 _BAND = 64  # entries per row left in the bracket before the final small sort
 _GLOBAL_BAND = 1 << 22  # entries left in the global bracket before the final sort
 _GLOBAL_SAMPLE_EVERY = 1024  # global scope samples about one score in this many
-# floor(beta * N_eff) is taken of N_eff * beta * _SLACK: a few ulps of slack so that an N_eff
-# that is mathematically an integer (e.g. uniform scores) is not floored one below by rounding
+# floor(beta * N_eff) is taken of N_eff * beta * _SLACK: 32 units of roundoff of slack, so that
+# an N_eff that is mathematically an integer (e.g. uniform scores) is not floored one below by
+# rounding; enough at any N because the sums are accurate to a few roundings (see keep_floor)
 _SLACK = 1.0 + 2.0**-48
 
 
@@ -50,7 +52,20 @@ _SLACK = 1.0 + 2.0**-48
 def keep_floor(neff: Tensor, beta: float, n: int) -> Tensor:
     """``floor(beta * N_eff)`` clamped to ``[1, n]`` (int64), with the ``2**-48`` slack of
     ``_SLACK``: the one place this rounding is written (``kernels._keep_floor`` is its
-    compiled copy, tested equal)."""
+    compiled copy, tested equal).
+
+    Why ``2**-48`` (32 units of roundoff u = 2**-53) is exact at any N: every engine's float64
+    sums ``s1 = sum x``, ``s2 = sum x**2`` of the non-negative scores are within ``4u``
+    (relative) of exact, however long the slice (:func:`_accurate_sums` and the streams'
+    compensated chunk totals; the compiled kernel's compensated runs), where a plain running
+    sum drifts by up to ``N u``; add ``u`` to ``s2`` for the rounded squares of float64 scores,
+    ``u`` to ``s1`` and ``2u`` to ``s2`` for the rounded ``s - min`` of ``negative="shift"``.
+    So ``N_eff = s1**2 / s2`` (two more roundings) is within ``19u`` of exact, and
+    ``N_eff * beta * _SLACK`` (two more) within ``21u`` of the exact ``beta * N_eff *
+    _SLACK``.  Hence: when ``beta * N_eff`` is exactly an integer j, the floor is j (the slack
+    exceeds the error by 11u); when it is below j by more than ``53u`` (~``2**-47.3``,
+    relative), the floor is below j: an N_eff of 2.9999 keeps 2.  Only values within that
+    sliver below an integer, indistinguishable from it after rounding, count as the integer."""
     return torch.floor(neff * beta * _SLACK).clamp(1, n).to(torch.int64)
 
 
@@ -140,7 +155,9 @@ class _Work:
 
     def __init__(self, rows: int, n: int, dtype: torch.dtype, device: torch.device) -> None:
         self.x = torch.empty(rows, n, dtype=_work_dtype(dtype), device=device)
-        self.d = torch.empty(rows, n, dtype=torch.float64, device=device) if self.x.dtype != torch.float64 else None
+        self.d = torch.empty(rows, n, dtype=torch.float64, device=device)  # float64 copy, then squares
+        self.f = torch.empty(2, rows, _folded(n), dtype=torch.float64, device=device)  # see _accurate_sums
+        self.t = torch.empty_like(self.f)
         self.b = torch.empty(rows, n, dtype=torch.bool, device=device)
 
     @staticmethod
@@ -161,25 +178,109 @@ def _prep_block(block: Tensor, negative: Negative, ws: _Work | None = None) -> T
     return x.sub_(x.amin(dim=-1, keepdim=True))
 
 
+def _folded(n: int) -> int:
+    """Length of :func:`_fold4`'s output for rows of ``n``."""
+    return n // 4 + n % 4
+
+
+def _fold4(d: Tensor, out: Tensor) -> Tensor:
+    """Partial sums of 4 entries each over the last dim of ``d`` (its 4 contiguous quarters
+    added elementwise, one pass; the < 4 columns left over copied), into ``out`` (last dim
+    :func:`_folded`): each within ``3u`` of exact (u = 2**-53), whatever the order of addition."""
+    n = d.shape[-1]
+    m = n // 4
+    if m:
+        torch.sum(d[..., : 4 * m].unflatten(-1, (4, m)), -2, out=out[..., :m])
+    out[..., m:].copy_(d[..., 4 * m :])
+    return out
+
+
+def _exact_sums(d: Tensor, tmp: Tensor) -> tuple[Tensor, Tensor]:
+    """Sums over the last dim (n entries) of a non-negative float64 ``d`` (or one whose negative
+    entries are tiny next to the sum, as the ``pi`` of such sums are), as ``(tau, pi)``:
+    ``tau`` exact and ``tau + pi`` within ``8 n**2 u**2`` (relative) of the exact sum, whatever
+    the order in which torch adds (``tmp``: scratch shaped like ``d``).
+
+    The error-free extraction of Rump, Ogita and Oishi (2008): with ``S < 2**e`` (from a plain
+    sum) and ``g = 2**(e - 50)``, ``(d + sigma) - sigma`` for ``sigma = 1.5 * 2**52 * g`` (whose
+    ulp is ``g``) rounds every entry to a multiple ``q`` of ``g``, exactly; all partial sums of
+    the ``q`` are multiples of ``g`` below ``2**53 g``, so their sum ``tau`` is exact in any
+    order; the residuals ``p = d - q`` are exact too, ``|p| <= g / 2 <= 8u S``, so their plain
+    sum ``pi`` is off by at most ``n u * n * 8u S``."""
+    s0 = d.sum(-1, keepdim=True)
+    g = torch.ldexp(torch.ones_like(s0), torch.frexp(s0).exponent - 50)
+    sigma = g * (1.5 * 2.0**52)
+    q = torch.add(d, sigma, out=tmp).sub_(sigma)
+    tau = q.sum(-1)
+    return tau, torch.sub(d, q, out=tmp).sum(-1)
+
+
+def _accurate_sums(d: Tensor, f: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """``(tau, pi)``, each ``[2, ...]``: the sum and the sum of squares over the last dim of a
+    non-negative float64 ``d`` (overwritten with its squares) as the unrounded ``tau + pi``,
+    each within ``3u`` of exact (relative) at any length, ``4u`` once rounded: every 4 entries
+    are added plainly (:func:`_fold4`, <= 3u) and those partial sums exactly
+    (:func:`_exact_sums`).  (Plain float64 sums drift by up to ``(n - 1) u``, beyond
+    ``keep_floor``'s slack for long rows.)  ``f``, ``t``: scratch ``[2, ..., _folded(n)]``.
+    Two to three times the cost of plain sums."""
+    _fold4(d, f[0])
+    _fold4(d.mul_(d), f[1])
+    return _exact_sums(f, t)
+
+
 def _row_sums(x: Tensor, ws: _Work | None = None) -> tuple[Tensor, Tensor]:
-    """float64 sum and sum of squares per row of a non-negative block."""
-    if ws is None or ws.d is None:
-        x64 = x.double()
-        return x64.sum(-1), (x64 * x64).sum(-1)
-    d = ws.d[: x.shape[0]]
-    d.copy_(x)
-    s1 = d.sum(-1)
-    return s1, d.mul_(d).sum(-1)
+    """float64 sum and sum of squares per row of a non-negative block, each within ``4u`` of
+    exact (:func:`_accurate_sums`; plus ``u`` for the squares of float64 scores, rounded once:
+    those of float32 and narrower scores are exact).  Taken a few rows at a time on CPU, so
+    that their float64 copy and scratch stay in a core's cache through the passes."""
+    if ws is None:
+        ws = _Work(x.shape[0], x.shape[1], torch.float64, x.device)
+    rows, n = x.shape
+    s = torch.empty(2, rows, dtype=torch.float64, device=x.device)
+    step = max(1, (_SUM_ELEMS if x.device.type == "cpu" else _DEVICE_BLOCK_ELEMS) // max(1, n))
+    for i in range(0, rows, step):
+        j = min(rows, i + step)
+        tau, pi = _accurate_sums(ws.d[: j - i].copy_(x[i:j].detach()), ws.f[:, : j - i], ws.t[:, : j - i])
+        torch.add(tau, pi, out=s[:, i:j])
+    return s[0], s[1]
+
+
+#: float64 sums are used as they are when ``s1 <= 2**500`` (so ``s1 * s1`` cannot overflow)
+#: and ``s2 >= 2**-900`` (so the squares that underflow, below ``2**-1022``, change it by far
+#: less than a rounding); other slices (float64 scores beyond ~1e150 or below ~1e-150) are
+#: summed again scaled by a power of two, exactly (:func:`_pow2_scaled`; N_eff is scale-free)
+_SUM_MAX, _SUM2_MIN = 2.0**500, 2.0**-900
+
+
+def _safe_sums(s1: Tensor, s2: Tensor) -> Tensor:
+    """Where the sums give N_eff to within rounding (all-zero slices included); False at NaN/Inf."""
+    return (s1 == 0) | ((s1 <= _SUM_MAX) & (s2 >= _SUM2_MIN))
+
+
+def _pow2_factors(top: Tensor) -> tuple[Tensor, Tensor]:
+    """Two powers of two whose product puts ``top`` (> 0, finite) in ``[0.5, 1)``: multiplying
+    by them is exact (two factors, as ``2**1073`` itself would overflow)."""
+    e = torch.frexp(top).exponent
+    h = -e // 2
+    one = torch.ones_like(top)
+    return torch.ldexp(one, h), torch.ldexp(one, -e - h)
+
+
+def _pow2_scaled(x: Tensor) -> Tensor:
+    """float64 copy of a non-negative block, each row scaled exactly so its max is in [0.5, 1)."""
+    x64 = x.to(torch.float64, copy=True)
+    f1, f2 = _pow2_factors(x64.amax(-1, keepdim=True))
+    return x64.mul_(f1).mul_(f2)
 
 
 def _block_sums(x: Tensor, where: str | None, ws: _Work | None = None) -> tuple[Tensor, Tensor]:
-    """Row sums of a prepared block; raises on NaN/Inf; rescales rows whose float64
-    squares overflow (finite float64 scores above ~1e154)."""
+    """Row sums of a prepared block; raises on NaN/Inf; sums again, scaled exactly, the rows
+    whose float64 squares overflow or underflow (:func:`_safe_sums`)."""
     s1, s2 = _row_sums(x, ws)
-    if not (torch.isfinite(s1).all() and torch.isfinite(s2).all()):
+    bad = ~_safe_sums(s1, s2)
+    if bool(bad.any()):
         _finite_or_raise(x, where)
-        x = x.double() / x.double().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-        s1, s2 = _row_sums(x)
+        s1[bad], s2[bad] = _row_sums(_pow2_scaled(x[bad]))
     return s1, s2
 
 
@@ -450,35 +551,93 @@ def _stream_sums(
     sample_every: int = 0,
 ) -> tuple[Tensor, Tensor, int, Tensor | None]:
     """float64 (sum, sum of squares, count) over all sources, chunk by chunk, and with
-    ``sample_every`` a seeded random sample of about one score in that many (sorted)."""
-    s1 = torch.zeros((), dtype=torch.float64)
-    s2 = torch.zeros((), dtype=torch.float64)
+    ``sample_every`` a seeded random sample of about one score in that many (sorted).  Each
+    source is summed to within ``3u`` (:func:`_source_sums`), as an unrounded pair, and the
+    pairs are added exactly and rounded once (``math.fsum``): the sums are within ``4u`` of
+    exact however many scores and sources there are.  Sums out of float64's safe range (:func:`_safe_sums`) are taken
+    again with the scores scaled exactly (:func:`_rescaled_stream_sums`)."""
+    pairs: list[Tensor] = []
     n = 0
     g = torch.Generator(device="cpu").manual_seed(1234)
     parts: list[Tensor] = []
     sc = _Scratch()
+
+    def sample(src: Tensor) -> None:  # of a raw chunk: its sampled scores made non-negative
+        idx = torch.randint(0, src.numel(), (src.numel() // sample_every + 1,), generator=g)
+        v = src[idx.to(src.device)].double().cpu()
+        parts.append(v.abs_() if negative == "abs" else v.sub_(shift))
+
     for i, src in enumerate(sources):
         t = _materialise(src)
         where = names[i] if names is not None else (f"tensor {i}" if len(sources) > 1 else None)
         _check_scores(t, where)
-        a = torch.zeros((), dtype=torch.float64, device=t.device)
-        b = torch.zeros_like(a)
-        for c in _nonneg_chunks(t, negative, shift, sc):
-            x = c if c.dtype == torch.float64 else sc.get("d", torch.float64, c.numel(), c.device).copy_(c)
-            a += x.sum()
-            b += torch.dot(x, x)
-            if sample_every:
-                idx = torch.randint(0, c.numel(), (c.numel() // sample_every + 1,), generator=g)
-                parts.append(c[idx.to(c.device)].double().cpu())
-        s1 += a.cpu()
-        s2 += b.cpu()
+        pair = torch.stack(_source_sums(t, negative, shift, sc, sample=sample if sample_every else None)).cpu()
+        if not bool(torch.isfinite(pair.sum(0)).all()):
+            _finite_or_raise(t, where)  # NaN/Inf scores raise; overflowing squares are rescaled below
+        pairs.append(pair)
         n += t.numel()
-        if not (torch.isfinite(s1) and torch.isfinite(s2)):
-            _finite_or_raise(t, where)
-            raise ValueError(f"sum of squared scores overflows float64{_name(where)}")
         del t  # a computed score tensor is freed before the next one is made
-    sample = torch.sort(torch.cat(parts)).values if parts else None
-    return s1, s2, n, sample
+    s = _fsum_pairs(pairs)
+    if not bool(_safe_sums(s[0], s[1])):
+        s = _rescaled_stream_sums(sources, negative, shift, sc)
+    sample_ = torch.sort(torch.cat(parts)).values if parts else None
+    return s[0], s[1], n, sample_
+
+
+def _fsum_pairs(pairs: list[Tensor]) -> Tensor:
+    """``[sum, sum of squares]``: the exact totals of the ``[2, 2]`` pairs, rounded once
+    (``math.fsum``); NaN where they are not finite."""
+    p = torch.stack(pairs).double()  # [sources, 2 (tau, pi), 2 (s1, s2)]
+    if not bool(torch.isfinite(p).all()):
+        return torch.full((2,), math.nan, dtype=torch.float64)
+    try:
+        return torch.tensor([math.fsum(p[..., j].reshape(-1).tolist()) for j in (0, 1)], dtype=torch.float64)
+    except OverflowError:  # finite terms, infinite total
+        return torch.full((2,), math.nan, dtype=torch.float64)
+
+
+def _source_sums(
+    t: Tensor, negative: Negative, shift: float, sc: _Scratch, scale: tuple[float, float] | None = None,
+    sample: Callable[[Tensor], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(tau, pi)``, each ``[sum, sum of squares]`` on ``t``'s device, whose unrounded sum is
+    within ``3u`` (relative) of the sums of one tensor's scores (``|s|`` or ``s - shift``).
+    Chunk by chunk: on CPU by the compiled kernel where there is one (about as fast as plain
+    sums), else by :func:`_accurate_sums`; the chunks' partial sums are then added exactly
+    (:func:`_exact_sums`).  ``scale``: two powers of two every score is multiplied by
+    (exactly); ``sample`` sees every raw chunk."""
+    flat = t.detach().reshape(-1)
+    step = _block_elems(t.device)
+    compiled = scale is None and kernels.flat_usable(flat)
+    pieces: list[Tensor] = []
+    for i in range(0, flat.numel(), step):
+        src = flat[i : i + step]
+        if sample is not None:
+            sample(src)
+        if compiled:
+            pieces.append(kernels.flat_sums(src, None if negative == "abs" else shift))
+            continue
+        x = sc.get("x", torch.float64, src.numel(), src.device).copy_(src)  # exact
+        x = x.abs_() if negative == "abs" else x.sub_(shift)
+        if scale is not None:
+            x.mul_(scale[0]).mul_(scale[1])  # exact: powers of two
+        m = _folded(x.numel())
+        f, tmp = (sc.get(name, torch.float64, 2 * m, x.device).view(2, m) for name in ("f", "t"))
+        pieces += _accurate_sums(x, f, tmp)  # (squares x in place: it is scratch)
+    p = torch.stack(pieces, 1)  # [2, pieces]: non-negative (or NaN/Inf)
+    if p.shape[1] == 1:
+        return p[:, 0], torch.zeros_like(p[:, 0])
+    return _exact_sums(p, torch.empty_like(p))
+
+
+def _rescaled_stream_sums(sources: Sequence[ScoreSource], negative: Negative, shift: float, sc: _Scratch) -> Tensor:
+    """(sum, sum of squares) again, every score times the one power of two that puts the
+    largest in [0.5, 1): exact, and N_eff is scale-free.  For float64 scores whose squares
+    overflow or underflow float64 (one more pass for the max)."""
+    top = max(float(c.amax()) for s in sources for c in _nonneg_chunks(_materialise(s), negative, shift, sc))
+    e = math.frexp(top)[1]
+    scale = (2.0 ** (-e // 2), 2.0 ** (-e - (-e // 2)))  # two factors: 2**1073 alone would overflow
+    return _fsum_pairs([torch.stack(_source_sums(_materialise(s), negative, shift, sc, scale)).cpu() for s in sources])
 
 
 def _pass(
@@ -657,9 +816,9 @@ def _rows_pass(
         return _rows_streamed(rows, k, beta, negative, where, masks)
     if kernels.usable(rows):
         mask, s1, s2 = kernels.rows_keep(rows, k, beta, negative == "shift", select=masks)
-        if bool(torch.isfinite(s1).all() and (k is not None or torch.isfinite(s2).all())):
+        if bool(torch.isfinite(s1).all() and (k is not None or _safe_sums(s1, s2).all())):
             return mask, s1, s2
-        _finite_or_raise(rows, where)  # NaN/Inf: a clear error; overflowing squares: the blocks rescale
+        _finite_or_raise(rows, where)  # NaN/Inf: a clear error; squares out of range: the blocks rescale
     return _rows_blocks(rows, k, beta, negative, where, masks)
 
 

@@ -3,7 +3,8 @@
 Installed with the ``fast`` extra.  One thread per row, three passes over the row while it
 sits in L1/L2 cache:
 
-1. float64 sums (for N_eff) and a histogram of the top 12 bits of each score's float32 bit
+1. float64 sums (for N_eff; compensated, so within a few roundings of exact at any row length:
+   see :func:`_sums_and_hist`) and a histogram of the top 12 bits of each score's float32 bit
    pattern (monotone for non-negative floats: 8 exponent + 3 mantissa bits, so bins are
    1/8 octave wide whatever the scale or tail of the scores);
 2. the entries of the one bin holding the k-th largest are gathered (a few percent of the
@@ -15,6 +16,7 @@ kernel does not apply (other devices, numba missing, ``EMPRUNE_NO_NUMBA=1``).
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -75,6 +77,56 @@ if AVAILABLE:  # pragma: no branch
     def _keep_floor(neff, beta, n):  # floor(beta * N_eff) clamped to [1, n], with engine._SLACK
         return max(1, min(n, np.int64(np.floor(neff * beta * (1.0 + 2.0**-48)))))
 
+    @njit(inline="always", nogil=True)
+    def _fast_two_sum(a, v, c):  # a, v >= 0: (a + v rounded, c + the exact rounding error)
+        hi, lo = (v, a) if v > a else (a, v)  # Fast2Sum needs |hi| >= |lo|: then lo - (t - hi)
+        t = hi + lo  # is exact.  (Not max/min: they would drop a NaN, which must reach the sum.)
+        return t, c + (lo - (t - hi))
+
+    @njit(inline="always", nogil=True)
+    def _score(x, xb, r, j, m, shift, fast):  # (score as float64: |x| or x - m, its histogram key)
+        if fast:  # float32 |x|: the key is in the bits already
+            return abs(np.float64(x[r, j])), (xb[j] & np.uint32(0x7FFFFFFF)) >> 20
+        v = np.float64(x[r, j])
+        v = v - m if shift else abs(v)
+        return v, np.float32(v).view(np.uint32) >> 20
+
+    @njit(inline="always", nogil=True)
+    def _sums_and_hist(x, r, m, shift, hist):
+        """Pass 1 over row ``r``: ``(sum, sum of squares, top key)`` of its scores, counting
+        their keys into ``hist``.  The float64 sums are compensated, as cheaply as the plain
+        ones were: runs of 4 scores are added pairwise (rounding error <= 2u of the run,
+        u = 2**-53), and the runs go into a sum whose every rounding error is kept exactly
+        (:func:`_fast_two_sum`) and added back at the end.  So each sum is within 3u
+        (relative, plus one u per rounded input: float64 squares, ``x - m``) of exact at
+        any length, where a plain running sum drifts by up to n*u: the bound
+        ``engine.keep_floor``'s slack is sized for."""
+        n = x.shape[1]
+        fast = not shift and x.itemsize == 4
+        xb = x[r].view(np.uint32)
+        a, ca, b, cb = 0.0, 0.0, 0.0, 0.0  # the sums and their compensations
+        top = np.uint32(0)
+        full = n - n % 4
+        for j in range(0, full, 4):
+            v0, k0 = _score(x, xb, r, j, m, shift, fast)
+            v1, k1 = _score(x, xb, r, j + 1, m, shift, fast)
+            v2, k2 = _score(x, xb, r, j + 2, m, shift, fast)
+            v3, k3 = _score(x, xb, r, j + 3, m, shift, fast)
+            hist[k0] += 1
+            hist[k1] += 1
+            hist[k2] += 1
+            hist[k3] += 1
+            top = max(top, max(max(k0, k1), max(k2, k3)))
+            a, ca = _fast_two_sum(a, (v0 + v1) + (v2 + v3), ca)
+            b, cb = _fast_two_sum(b, (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3), cb)
+        for j in range(full, n):
+            v, k = _score(x, xb, r, j, m, shift, fast)
+            hist[k] += 1
+            top = max(top, k)
+            a, ca = _fast_two_sum(a, v, ca)
+            b, cb = _fast_two_sum(b, v * v, cb)
+        return a + ca, b + cb, top
+
     @njit(parallel=True, cache=True, nogil=True)
     def _rows(x, kin, beta, shift, select, out, s1o, s2o):
         """Per row: sums into s1o/s2o; then (if select) the mask keeping kin[r] entries
@@ -91,31 +143,11 @@ if AVAILABLE:  # pragma: no branch
                     if x[r, j] < m:
                         m = np.float64(x[r, j])
             hist = np.zeros(4096, np.int64)
-            a = 0.0
-            b = 0.0
-            top = np.uint32(0)
-            if not shift and x.itemsize == 4:  # float32 |x|: the key is in the bits already
-                xb = x[r].view(np.uint32)
-                for j in range(n):
-                    v = abs(np.float64(x[r, j]))
-                    a += v
-                    b += v * v
-                    key = (xb[j] & np.uint32(0x7FFFFFFF)) >> 20
-                    hist[key] += 1
-                    top = max(top, key)
-            else:
-                for j in range(n):
-                    v = np.float64(x[r, j])
-                    v = v - m if shift else abs(v)
-                    a += v
-                    b += v * v
-                    key = np.float32(v).view(np.uint32) >> 20
-                    hist[key] += 1
-                    top = max(top, key)
+            a, b, top = _sums_and_hist(x, r, m, shift, hist)
             s1o[r] = a
             s2o[r] = b
-            if not select:
-                continue
+            if not select or not np.isfinite(a):  # NaN/Inf scores: the caller raises (the
+                continue  # selection below would index out of bounds on a NaN count or key)
             k = kin[r] if kin[r] >= 0 else _keep_floor(_neff(a, b, n), beta, n)
             if k >= n:
                 out[r, :] = True
@@ -176,6 +208,70 @@ if AVAILABLE:  # pragma: no branch
             j += 1
 
 
+if AVAILABLE:  # pragma: no branch
+
+    @njit(inline="always", nogil=True)
+    def _flat_part(x, lo, hi, shift, use_shift):
+        """``(sum, its compensation, sum of squares, its compensation)`` of the scores
+        ``x[lo:hi]`` (``|x|``, or ``x - shift``), as in :func:`_sums_and_hist`."""
+        a, ca, b, cb = 0.0, 0.0, 0.0, 0.0
+        full = hi - (hi - lo) % 4
+        for j in range(lo, full, 4):
+            v0, v1 = _flat_score(x, j, shift, use_shift), _flat_score(x, j + 1, shift, use_shift)
+            v2, v3 = _flat_score(x, j + 2, shift, use_shift), _flat_score(x, j + 3, shift, use_shift)
+            a, ca = _fast_two_sum(a, (v0 + v1) + (v2 + v3), ca)
+            b, cb = _fast_two_sum(b, (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3), cb)
+        for j in range(full, hi):
+            v = _flat_score(x, j, shift, use_shift)
+            a, ca = _fast_two_sum(a, v, ca)
+            b, cb = _fast_two_sum(b, v * v, cb)
+        return a, ca, b, cb
+
+    @njit(inline="always", nogil=True)
+    def _flat_score(x, j, shift, use_shift):
+        v = np.float64(x[j])
+        return v - shift if use_shift else abs(v)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _flat(x, shift, use_shift, out):  # _flat_part of each of out.shape[0] parts of x, in parallel
+        n, parts = x.shape[0], out.shape[0]
+        for p in prange(parts):
+            out[p, 0], out[p, 1], out[p, 2], out[p, 3] = _flat_part(
+                x, n * p // parts, n * (p + 1) // parts, shift, use_shift)
+
+    @njit(cache=True, nogil=True)
+    def _flat1(x, shift, use_shift, out):  # the same in one part (small x: no thread start-up)
+        out[0, 0], out[0, 1], out[0, 2], out[0, 3] = _flat_part(x, 0, x.shape[0], shift, use_shift)
+
+
+_FLAT_PARTS = 16  # parts of a chunk summed in parallel (fixed: the sums do not depend on the threads)
+_FLAT_SMALL = 1 << 16  # below this many scores, one part in the calling thread
+
+
+def flat_usable(x: Tensor) -> bool:
+    """Whether :func:`flat_sums` handles this tensor."""
+    return AVAILABLE and x.device.type == "cpu" and x.numel() > 0
+
+
+def flat_sums(x: Tensor, shift: float | None) -> Tensor:
+    """float64 ``[sum, sum of squares]`` of the scores of a CPU tensor, ``|x|`` (``shift``
+    None) or ``x - shift``, each within ``3u`` of exact (u = 2**-53; plus ``u`` per rounded
+    input: float64 squares, ``x - shift``): compensated parts (:func:`_sums_and_hist`'s
+    scheme), added exactly (``math.fsum``).  NaN where a sum is not finite."""
+    flat = x.detach().reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64):  # widened exactly
+        flat = flat.to(torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) else torch.float64)
+    small = flat.numel() < _FLAT_SMALL
+    out = np.zeros((1 if small else _FLAT_PARTS, 4), np.float64)
+    (_flat1 if small else _flat)(flat.contiguous().numpy(), float(shift or 0.0), shift is not None, out)
+    if not np.isfinite(out).all():  # NaN/Inf scores, or float64 overflow: the caller sorts it out
+        return torch.full((2,), math.nan, dtype=torch.float64)
+    try:
+        return torch.tensor([math.fsum(out[:, :2].ravel()), math.fsum(out[:, 2:].ravel())], dtype=torch.float64)
+    except OverflowError:  # the parts are finite, their total is not
+        return torch.full((2,), math.nan, dtype=torch.float64)
+
+
 def usable(x: Tensor) -> bool:
     """Whether the compiled kernel handles this 2-D tensor of score rows."""
     return AVAILABLE and x.device.type == "cpu" and x.dim() == 2 and x.numel() > 0
@@ -187,6 +283,7 @@ def rows_keep(x: Tensor, k: Tensor | None, beta: float, shift: bool,
     when ``k`` is None (``select=False``: the float64 sums only, mask None).  Half precision
     and integers are widened (exactly) first."""
     rows, n = x.shape
+    x = x.detach()  # (scores computed from parameters may require grad: numpy() refuses those)
     kin = np.full(rows, -1, np.int64) if k is None else k.to(torch.int64).contiguous().numpy()
     out = np.empty((rows, n) if select else (1, 1), np.bool_)
     s1 = np.empty(rows, np.float64)
