@@ -226,8 +226,11 @@ def test_evaluate_tasks_with_limit_on_tiny_model(tiny):
     args = parser.parse_args(["--tasks", "piqa", "--limit", "2", "--quiet"])
     out = run_zeroshot(args, model, tok)
     assert out["tasks"]["piqa"]["n"] == 2
+    with pytest.raises(SystemExit):  # refused while parsing
+        parser.parse_args(["--tasks", "piqa", "--limit", "0"])
+    args.limit = 0  # arguments built without the parser are checked too
     with pytest.raises(ValueError, match="--limit"):
-        run_zeroshot(parser.parse_args(["--tasks", "piqa", "--limit", "0"]), model, tok)
+        run_zeroshot(args, model, tok)
 
 
 @pytest.mark.slow
