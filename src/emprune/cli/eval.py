@@ -61,11 +61,12 @@ def run(args) -> int:
     src, text = read_text(args.eval_text, "eval")
     limit = check_positions(args.model, args.seqlen)
     seqlen = args.seqlen or (min(2048, limit) if limit is not None and limit >= 2 else 2048)
-    if args.eval_tokens is not None and args.eval_tokens < seqlen:
+    known = args.seqlen is not None or limit is not None  # else (a hub id) the window is known after the load
+    if known and args.eval_tokens is not None and args.eval_tokens < seqlen:
         raise ValueError(f"--eval-tokens {args.eval_tokens} is less than one window of --seqlen {seqlen}; "
                          f"give at least {seqlen} tokens or a smaller --seqlen")
     tok = loading.load_tokenizer(args.model)
-    ids = text_ids(tok, "--eval-text", src, text, seqlen, more=False)[:args.eval_tokens]  # None: all
+    ids = text_ids(tok, "--eval-text", src, text, seqlen if known else 1, more=False)[:args.eval_tokens]  # None: all
     model, tok = loading.load_causal_lm(args.model, dtype=torch_dtype(args.dtype), device_map=device_map(args.device),
                                        progress=not args.quiet, tokenizer=tok)
     if args.seqlen is None and limit is None:  # positions unknown before the load (a hub id)

@@ -7,8 +7,8 @@ import sys
 from ..act.report import PruneReport
 from ..decide.scopes import SCOPES
 from .common import (MODEL_HELP, add_calib_args, add_model_args, beta_type, check_device, check_positions,
-                     check_seqlen, claim_out, cli_names, command_line, text_ids, damp_type, device_map, esc, min_keep_type, nm_type, open_fraction_type, read_text,
-                     sparsity_type, torch_dtype)
+                     check_seqlen, claim_out, cli_names, command_line, damp_type, device_map, esc, min_keep_type,
+                     nm_type, open_fraction_type, read_text, sparsity_type, text_ids, torch_dtype)
 
 
 def add_parser(sub) -> None:
