@@ -73,3 +73,14 @@ def tiny(tmp_path_factory):
     save_tiny(root / "model")
     (root / "text.txt").write_text(TEXT)
     return root / "model", root / "text.txt"
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Make loading the model's weights fail loudly: a CLI check that passes with this fixture
+    ran before the load (the command-line tests' fixture)."""
+    from emprune.models import loading
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the check")
+    monkeypatch.setattr(loading, "load_causal_lm", boom)

@@ -26,7 +26,7 @@ from emprune.cli import main  # noqa: E402
 from emprune.cli.common import Parser  # noqa: E402
 from emprune.models.io import usual_mode  # noqa: E402
 from emprune.models import data  # noqa: E402
-from emprune.models import checkpoint, loading, runtime  # noqa: E402
+from emprune.models import checkpoint, runtime  # noqa: E402
 from emprune.decide import recipes as P  # noqa: E402
 from emprune.jobs.eval import NonFiniteLossError, perplexity  # noqa: E402
 
@@ -35,12 +35,6 @@ TINY = ["--calib-samples", "3", "--seqlen", "16", "--quiet"]
 MAG = ["--criterion", "magnitude", "--sparsity", "0.5", "--quiet"]  # no calibration: fastest prune
 
 
-@pytest.fixture
-def no_load(monkeypatch):
-    """Make loading the model fail loudly: a check that passes this ran before the load."""
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded before the check")
-    monkeypatch.setattr(loading, "load_causal_lm", boom)
 
 
 def _env() -> dict:

@@ -25,12 +25,6 @@ SRC = str(Path(cli.__file__).resolve().parents[2])
 MAG = ["--criterion", "magnitude", "--sparsity", "0.5", "--quiet"]  # no calibration: fastest prune
 
 
-@pytest.fixture
-def no_load(monkeypatch):
-    """Loading the weights fails loudly: a check that passes with this ran before the load."""
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded before the check")
-    monkeypatch.setattr(loading, "load_causal_lm", boom)
 
 
 def run(argv: list[str]) -> int:

@@ -198,6 +198,19 @@ def text_ids(tokenizer, option: str, src: str, text: str, need_tokens: int, more
     return ids
 
 
+def calibration_ids(model: str, calib_text: str | None, seqlen: int) -> tuple[str, Any, Any]:
+    """``(source, tokenizer, ids)`` of the calibration text, all checked before the model's
+    weights are read: the text (:func:`read_text`), ``seqlen`` against the positions
+    (:func:`check_positions`), enough tokens for a window (:func:`text_ids`, with the tokenizer
+    alone; hand it to ``load_causal_lm(..., tokenizer=)`` so that it is not read twice)."""
+    from ..models import loading
+
+    src, text = read_text(calib_text, "calib")
+    check_positions(model, seqlen)
+    tok = loading.load_tokenizer(model)
+    return src, tok, text_ids(tok, "--calib-text", src, text, seqlen)
+
+
 def claim_out(out: str, overwrite: bool, models: list[str]) -> Any:
     """Before the load: the output folder's checks (:func:`~emprune.models.checkpoint.check_out_dir`;
     never the file or folder of an input model, nor a folder around or inside it), this run's

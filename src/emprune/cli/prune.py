@@ -6,9 +6,9 @@ import sys
 
 from ..act.report import PruneReport
 from ..decide.scopes import SCOPES
-from .common import (MODEL_HELP, add_calib_args, add_model_args, beta_type, check_device, check_positions,
+from .common import (MODEL_HELP, add_calib_args, add_model_args, beta_type, calibration_ids, check_device,
                      check_seqlen, claim_out, cli_names, command_line, damp_type, device_map, esc, min_keep_type,
-                     nm_type, open_fraction_type, read_text, sparsity_type, text_ids, torch_dtype)
+                     nm_type, open_fraction_type, sparsity_type, torch_dtype)
 
 
 def add_parser(sub) -> None:
@@ -118,10 +118,7 @@ def run(args) -> int:
     out = claim_out(args.out, args.overwrite, [args.model])
     calib_src = tok = ids = None
     if p.needs_data:
-        calib_src, calib_text = read_text(args.calib_text, "calib")
-        check_positions(args.model, args.seqlen)
-        tok = loading.load_tokenizer(args.model)
-        ids = text_ids(tok, "--calib-text", calib_src, calib_text, args.seqlen)
+        calib_src, tok, ids = calibration_ids(args.model, args.calib_text, args.seqlen)
     print(f"loading {args.model} ...", file=sys.stderr)
     model, tok = loading.load_causal_lm(args.model, dtype=torch_dtype(args.dtype),
                                        device_map=None if args.offload else device_map(args.device),

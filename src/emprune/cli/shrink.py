@@ -13,7 +13,7 @@ import time
 
 from ..jobs.options import keep_size
 from ..jobs import options as O
-from .common import add_calib_args, beta_type, check_positions, check_seqlen, claim_out, read_text, text_ids, units_type
+from .common import add_calib_args, beta_type, calibration_ids, check_seqlen, claim_out, units_type
 
 HELP = "remove MLP neurons / attention heads physically with EMP and save a smaller model"
 
@@ -101,10 +101,7 @@ def run(args: argparse.Namespace) -> int:
     needs_data = C.entry(criterion, level="unit").needs_calibration or comp or rec.allocate == "sensitivity"
     src = tok = ids = None
     if needs_data:  # the text, the windows and the tokens are checked before the (slow) model load
-        src, text = read_text(args.calib_text, "calib")
-        check_positions(args.model, args.seqlen)
-        tok = loading.load_tokenizer(args.model)
-        ids = text_ids(tok, "--calib-text", src, text, args.seqlen)
+        src, tok, ids = calibration_ids(args.model, args.calib_text, args.seqlen)
     print(f"loading {args.model} ...", file=sys.stderr)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model, tok = loading.load_causal_lm(args.model, dtype=dtype, progress=not args.quiet, tokenizer=tok)
