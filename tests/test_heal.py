@@ -244,7 +244,7 @@ def test_cli_shrunk_trains_at_its_shapes_and_reloads(tiny, tmp_path):
     d, text = tiny
     small = tmp_path / "small"
     assert main(["shrink", str(d), "--out", str(small), "--calib-text", str(text), "--calib-samples", "4",
-                 "--seqlen", "32", "--keep", "0.5", "--units", "mlp,heads", "--quiet"]) == 0
+                 "--seqlen", "32", "--keep", "0.5", "--units", "mlp,heads", "--multiple-of", "16", "--quiet"]) == 0
     healed = tmp_path / "healed"
     assert _heal(small, healed, text) == 0
     m0, m1 = emprune.from_pretrained(small), emprune.from_pretrained(healed)

@@ -175,7 +175,7 @@ def test_head_keep_mask_is_consistent(k, n_kv_pow, mode, seed):
 def test_layer_scope_counts_are_emp():
     model = tiny_llama()
     groups, scores, _ = score_units(model, "mlp", "magnitude")
-    rep = shrink(model, units="mlp", criterion="magnitude", recipe="paper", scope="layer", beta=0.9)
+    rep = shrink(model, units="mlp", criterion="magnitude", recipe="paper", scope="layer", beta=0.9, multiple_of=1)
     for s, gr in zip(scores, rep.groups):
         assert gr.units_after == int(emprune.keep_count(s, 0.9))
         assert gr.neff == pytest.approx(float(emprune.effective_number(s)))
@@ -186,7 +186,7 @@ def test_layer_scope_counts_are_emp():
 def test_global_paper_scope_is_one_threshold():
     model = tiny_llama()
     _, scores, _ = score_units(model, "mlp", "magnitude")
-    rep = shrink(model, units="mlp", criterion="magnitude", recipe="paper", scope="global")
+    rep = shrink(model, units="mlp", criterion="magnitude", recipe="paper", scope="global", multiple_of=1)
     total = sum(gr.units_after for gr in rep.groups)
     assert total == int(emprune.keep_count(torch.cat(scores)))
     assert rep.global_neff == pytest.approx(float(emprune.effective_number(torch.cat(scores))), rel=1e-6)
@@ -206,8 +206,8 @@ def test_default_removes_what_counts_say():
     counts remove, just elsewhere."""
     model = tiny_llama()
     per_layer = shrink(copy.deepcopy(model), units="mlp", criterion="fluctuation", recipe="sqrt-comp", scope="layer",
-                       calibration=CALIB)
-    default = shrink(copy.deepcopy(model), units="mlp", calibration=CALIB)
+                       calibration=CALIB, multiple_of=1)
+    default = shrink(copy.deepcopy(model), units="mlp", calibration=CALIB, multiple_of=1)  # (any width: EMP's own)
     removed = lambda r: sum(g.params_before - g.params_after for g in r.groups)
     mlp_unit = 3 * 64
     assert abs(removed(default) - removed(per_layer)) <= mlp_unit  # both carry the same compensation biases
@@ -442,8 +442,8 @@ def test_round_trip(tmp_path, uniform, units):
     model, tok = load_causal_lm(tmp_path / "dense")
     _perturb_norms(model)
     calib = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
-    rep, info = shrink_lm(model, calib, units=units, uniform=uniform, progress=False,
-                          **({} if uniform else {"recipe": "paper", "criterion": "activation"}))
+    rep, info = shrink_lm(model, calib, units=units, uniform=uniform, progress=False,  # per-layer: any width
+                          **({} if uniform else {"recipe": "paper", "criterion": "activation", "multiple_of": 1}))
     out = save_shrunk(model, tok, tmp_path / "small", info)
     assert is_shrunk(out)
     meta = json.loads((out / "emprune.json").read_text())

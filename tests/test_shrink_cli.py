@@ -43,9 +43,10 @@ def test_shrink_writes_loadable_folder(dense, tmp_path, capsys):
     assert _run(dense, out, "--units", "mlp,heads", "--keep", "0.5") == 0
     meta = json.loads((out / "emprune.json").read_text())
     assert meta["kind"] == "shrunk" and meta["summary"]["params_after"] < meta["summary"]["params_before"]
-    assert meta["command"].startswith("emprune ")
+    assert meta["command"].startswith("emprune ") and meta["multiple_of"] == 32
     model = emprune.from_pretrained(out)
-    assert [l.mlp.down_proj.in_features for l in model.model.layers] == [48, 48, 48]
+    # 0.5 x 96 = 48, on the default grid of 32 the nearest width (a tie keeps more): 64
+    assert [l.mlp.down_proj.in_features for l in model.model.layers] == [64, 64, 64]
     assert "saved to" in capsys.readouterr().out
     # --overwrite replaces an emprune output
     assert _run(dense, out, "--units", "mlp", "--recipe", "paper", "--criterion", "magnitude", "--overwrite") == 0
@@ -103,7 +104,7 @@ def test_emprune_command_shrinks_and_evaluates_the_folder(dense, tmp_path, capsy
     d, text = dense
     out = tmp_path / "small"
     assert emprune_main(["shrink", str(d), "--out", str(out), "--calib-text", str(text), "--calib-samples", "4",
-                         "--seqlen", "16", "--units", "mlp", "--keep", "0.5", "--quiet"]) == 0
+                         "--seqlen", "16", "--units", "mlp", "--keep", "0.5", "--multiple-of", "16", "--quiet"]) == 0
     res = tmp_path / "ppl.json"
     assert emprune_main(["eval", str(out), "--ppl", "--eval-text", str(text), "--eval-tokens", "256",
                          "--seqlen", "32", "--quiet", "--json", str(res)]) == 0
@@ -112,7 +113,7 @@ def test_emprune_command_shrinks_and_evaluates_the_folder(dense, tmp_path, capsy
     from emprune.models import loading
 
     model, _ = loading.load_causal_lm(out)
-    assert model.model.layers[0].mlp.down_proj.weight.shape[1] == 48  # 96 neurons -> 48 kept
+    assert model.model.layers[0].mlp.down_proj.weight.shape[1] == 48  # 96 neurons -> 48 kept (a multiple of 16)
 
 
 def test_default_is_sensitivity_recorded_and_reloads(dense, tmp_path, capsys):

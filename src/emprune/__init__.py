@@ -4,7 +4,8 @@ EMP keeps, in every group of scores, the ``floor(beta * N_eff)`` largest, where
 ``N_eff = (sum|s|)^2 / sum s^2``: the scores themselves say how much to prune.
 
 Entry points: the rule on tensors (:func:`keep_mask`, ...), masks on any model (:func:`prune`),
-structural removal (:func:`shrink`, :func:`shrink_traced`), and EMP's decisions for your own
+structural removal (:func:`shrink`, :func:`shrink_traced`), a GGUF file for llama.cpp
+(:func:`write_gguf`), and EMP's decisions for your own
 masks or structures (:class:`Target` -> :func:`decide` -> :class:`Decision`). Criteria live in
 :mod:`emprune.criteria` (one registry). The layers, bottom up: :mod:`.core`, :mod:`.structure`,
 :mod:`.criteria`, :mod:`.decide`, :mod:`.act`, :mod:`.models`, :mod:`.jobs`, :mod:`.cli`
@@ -34,6 +35,7 @@ from .jobs.shrink import shrink
 from .jobs.traced import shrink_traced
 from .models import io  # noqa: F401  (emprune.io.save_pruned / load_state_dict right after `import emprune`)
 from .models.checkpoint import from_pretrained
+from .models.export import write_gguf
 from .structure.targets import select_targets
 
 _compat.install()
@@ -45,5 +47,5 @@ __all__ = [
     "global_threshold", "global_masks", "global_mask", "global_effective_number",
     "prune", "make_permanent", "restore", "apply_mask", "select_targets",
     "PruneReport", "LayerReport", "Target", "decide", "Decision", "criteria", "shrink", "shrink_traced", "ShrinkReport",
-    "from_pretrained", "__version__",
+    "from_pretrained", "write_gguf", "__version__",
 ]

@@ -255,6 +255,9 @@ class ShrinkReport:
     recipe: dict[str, Any]
     keep: Any
     groups: list[GroupReport] = field(default_factory=list)
+    #: the grid of the kept MLP widths (multiples of it or the full width; 1: any width; None:
+    #: no MLP group in the run)
+    multiple_of: int | None = None
     params_before: int = 0
     params_after: int = 0
     embedding_params: int = 0
@@ -309,8 +312,9 @@ class ShrinkReport:
         sens = any(g.sensitivity is not None for g in self.groups)
         head = (f"{'group':<34} {'kind':<8} {'units':>12} {'N_eff':>9} {'params':>21} {'mass':>7} {'bound':>7}"
                 + (f" {'loss+':>8}" if sens else ""))
+        grid = f" multiple_of={self.multiple_of}" if self.multiple_of is not None else ""
         lines = [f"criterion={self.criterion} scope={self.scope} beta={self.beta} recipe={self.recipe.get('name')} "
-                 f"keep={self.keep}", head, "-" * len(head)]
+                 f"keep={self.keep}{grid}", head, "-" * len(head)]
         for g in self.groups:
             ne = f"{g.neff:9.1f}" if g.neff is not None else f"{'-':>9}"
             ma = f"{g.retained_mass:7.3f}" if g.retained_mass is not None else f"{'-':>7}"

@@ -10,7 +10,7 @@ from typing import Any, Callable
 from ..jobs import options as O
 
 
-def _argument_type(parse: Callable[[Any], Any]) -> Callable[[str], Any]:
+def argument_type(parse: Callable[[Any], Any]) -> Callable[[str], Any]:
     """An argparse ``type`` from a value parser of :mod:`emprune.jobs.options`: its one-line
     ``ValueError`` becomes argparse's error for the option (a plain ``ValueError`` would be
     reported as "invalid value", losing what was expected)."""
@@ -24,26 +24,26 @@ def _argument_type(parse: Callable[[Any], Any]) -> Callable[[str], Any]:
 
 
 #: ``--min-keep``: a fraction in (0, 1] (has a ``.`` or an exponent) or a count >= 1
-min_keep_type = _argument_type(O.fraction_or_count)
+min_keep_type = argument_type(O.fraction_or_count)
 #: ``--beta``, a learning rate: a positive finite number
-beta_type = _argument_type(O.positive)
+beta_type = argument_type(O.positive)
 #: ``--sparsity``: a fraction in [0, 1)
-sparsity_type = _argument_type(O.fraction)
+sparsity_type = argument_type(O.fraction)
 #: ``--damp``: a finite number >= 0
-damp_type = _argument_type(O.non_negative)
+damp_type = argument_type(O.non_negative)
 #: ``--target-sparsity``: a fraction in (0, 1)
-open_fraction_type = _argument_type(O.open_fraction)
+open_fraction_type = argument_type(O.open_fraction)
 #: ``--nm``: ``N:M`` with 1 <= N < M
-nm_type = _argument_type(O.nm_pattern)
+nm_type = argument_type(O.nm_pattern)
 #: comma-separated names (``compare --targets``, ``--recipes``): no empty item
-list_type = _argument_type(O.comma_list)
+list_type = argument_type(O.comma_list)
 #: ``shrink --units``: mlp, heads or mlp,heads (no empty or repeated item)
-units_type = _argument_type(O.lm_units)
+units_type = argument_type(O.lm_units)
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
     """An option type for whole numbers >= ``low`` (counts, lengths, sizes)."""
-    return _argument_type(O.at_least(low))
+    return argument_type(O.at_least(low))
 
 
 positive_int = int_at_least(1)

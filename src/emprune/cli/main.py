@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 from .._version import __version__
-from . import compare, eval as eval_cmd, heal, inspect, prune, shrink
+from . import bench, compare, eval as eval_cmd, export, heal, inspect, prune, shrink
 from .common import USER_ERRORS, Parser, one_line
 
 
@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "  shrink    remove MLP neurons / attention heads physically (structured EMP): smaller, faster\n"
                     "  heal      short recovery fine-tune of a pruned/shrunk model (zeros stay zero; full or LoRA)\n"
                     "  eval      perplexity of a causal LM (a saved pruned folder, a GGUF file, ...)\n"
+                    "  export    write a model as a GGUF file that llama.cpp runs (per-layer widths kept), quantised\n"
+                    "  bench     speed (pp/tg tok/s), size and peak memory where it runs (llama.cpp, PyTorch), vs a baseline\n"
                     "  compare   dense vs magnitude/Wanda vs EMP recipes: markdown + JSON + plot\n"
                     "  demo      a small real compare on SmolLM2-135M (CPU, under ~15 minutes)\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,13 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     for add in (inspect.add_parser, prune.add_parser, shrink.add_parser, heal.add_parser, eval_cmd.add_parser,
-                compare.add_parser, compare.add_demo_parser):
+                export.add_parser, bench.add_parser, compare.add_parser, compare.add_demo_parser):
         add(sub)
     return p
 
 
 COMMANDS = {"inspect": inspect.run, "prune": prune.run, "shrink": shrink.run, "heal": heal.run, "eval": eval_cmd.run,
-            "compare": compare.run, "demo": compare.run_demo}
+            "export": export.run, "bench": bench.run, "compare": compare.run, "demo": compare.run_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,8 @@ import time
 
 from ..jobs.options import keep_size
 from ..jobs import options as O
-from .common import add_calib_args, beta_type, calibration_ids, check_seqlen, claim_out, units_type
+from .common import (add_calib_args, beta_type, calibration_ids, check_seqlen, claim_out, positive_int,
+                     units_type)
 
 HELP = "remove MLP neurons / attention heads physically with EMP and save a smaller model"
 
@@ -60,6 +61,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "KV-group count) so that plain AutoModelForCausalLM.from_pretrained loads the folder")
     p.add_argument("--head-mode", choices=("query", "group"), default="query",
                    help="query: every KV group keeps the same number of query heads; group: whole KV groups")
+    p.add_argument("--multiple-of", type=positive_int, default=O.DEFAULT_MULTIPLE_OF, metavar="N",
+                   help=f"every kept MLP width a multiple of N, or the layer's full width (default "
+                        f"{O.DEFAULT_MULTIPLE_OF}: GGUF Q8_0/Q4_0 rows; 256 for K-quants; 1: any width). The "
+                        "allocation chooses the widths on that grid, EMP's total kept to within N/2 neurons of "
+                        "one layer; --keep sizes and per-layer counts go to the nearest multiple; with --uniform "
+                        "the width is a multiple of lcm(64, N). MLP neurons only: heads are whole units already")
     comp = p.add_mutually_exclusive_group()
     comp.add_argument("--compensate", dest="compensate", action="store_true", default=None,
                       help="fold removed units' mean output into a bias (FLAP; default: the recipe's)")
@@ -91,6 +98,11 @@ def run(args: argparse.Namespace) -> int:
         keep = keep_size(args.keep)
     except ValueError as e:
         raise ValueError(f"--keep {e}") from None
+    multiple_of = getattr(args, "multiple_of", O.DEFAULT_MULTIPLE_OF)
+    try:  # a parse-time check too; again for callers of run() with their own args
+        multiple_of = O.positive_int(multiple_of)
+    except ValueError as e:
+        raise ValueError(f"--multiple-of {e}") from None
     rec = get_recipe(args.recipe, "shrink")
     # the same output-folder rules as `emprune prune` (never the current folder or a parent, only
     # an earlier emprune output is replaced, symlinks followed, writability probed), before loading
@@ -112,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     report, info = shrink_lm(model, calib, units=units, criterion=criterion, scope=args.scope,
                              beta=1.0 if args.beta is None else args.beta, keep=keep, recipe=args.recipe,
                              head_mode=args.head_mode, compensate=args.compensate, uniform=args.uniform,
+                             multiple_of=multiple_of,
                              batch_size=args.batch_size, progress=not args.quiet)
     info["model"] = args.model
     info["command"] = "emprune " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", []))

@@ -13,12 +13,22 @@ these counts are often moved between targets; the allocators here do that, and
 * :class:`ByThreshold`: the paper's global scope for unit groups: one N_eff and one threshold
   over the (count) scores of every unit, each group then raised to its floor.
 
+Width grids: an MLP group with ``multiple > 1`` (``emprune shrink --multiple-of``) keeps only the
+widths of its grid (:func:`~emprune.structure.units.grid_widths`: multiples of ``m`` and its full
+width). The allocators then step on that grid instead of rounding afterwards: a group's width
+moves from one allowed width to the next below, and :func:`take_steps` takes the cheapest steps of
+all groups until EMP's total is reached as closely as the grid allows (within half a step: ``m/2``
+units of one group; :func:`by_sensitivity_on_grid`, :func:`grid_counts`). ``keep=`` sizes and
+EMP's per-layer counts (the layer scope) go to each group's nearest allowed width. Without a grid
+(``multiple == 1`` everywhere) every allocator is exactly what it was before grids existed.
+
 For masks (weights): :func:`owl_sparsities` (OWL's per-layer sparsities from outlier ratios),
 :func:`spread` (a matrix's count over its rows), :func:`parse_nm` (N:M patterns) and
 :func:`beta_for_fraction` (the beta whose EMP counts prune a given fraction).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -39,8 +49,85 @@ NORMALISATIONS = ("zscore", "mean")
 
 
 def removed_params(groups: Sequence[UnitGroup], counts: Sequence[int]) -> int:
-    """Parameters the groups lose when each keeps ``counts`` units (heads rounded as realised)."""
-    return sum((g.n - g.realised(k)) * g.params_per_unit() for g, k in zip(groups, counts))
+    """Parameters the groups lose when each keeps ``counts`` units (heads rounded as realised;
+    MLP widths as counted, off their width grid: this is the total the allocators aim at)."""
+    return sum((g.n - g.realised(k, grid=False)) * g.params_per_unit() for g, k in zip(groups, counts))
+
+
+# ------------------------------------------------------------------ width grids
+
+
+def on_grid(groups: Sequence[UnitGroup]) -> bool:
+    """Whether any group keeps widths on a grid coarser than one unit (MLP ``multiple > 1``)."""
+    return any(g.multiple > 1 for g in groups)
+
+
+def take_steps(steps: Sequence[Sequence[tuple[float, float]]], removed: float) -> list[int]:
+    """How many of each group's steps to take: cheapest first, until their sizes come closest
+    to ``removed``.
+
+    ``steps[j]``: group ``j``'s steps in the order they must be taken (a width goes down one
+    allowed width at a time), each ``(cost, size)`` with ``size > 0`` (parameters or units).
+    Costs along a group are made non-decreasing (a running maximum) so that the cheapest-first
+    order over all groups (ties: lower group, then earlier step) takes a prefix of every
+    group's list. A step is taken while the total after it minus half its size stays at or
+    below ``removed``: the total then differs from ``removed`` by at most half the size of the
+    step it stopped at or the last one taken (or falls short because every step was taken),
+    and each group's count never decreases as ``removed`` grows."""
+    flat = []
+    for j, st in enumerate(steps):
+        top = -math.inf
+        for i, (cost, size) in enumerate(st):
+            top = max(top, float(cost))
+            flat.append((top, j, i, float(size)))
+    flat.sort(key=lambda x: x[:3])
+    taken = [0] * len(steps)
+    done = 0.0
+    for _, j, _, size in flat:
+        if done + size / 2 > removed:  # the midpoint of this step lies past the target: stop
+            break
+        done += size
+        taken[j] += 1
+    return taken
+
+
+def down_widths(g: UnitGroup, floor: int) -> list[int]:
+    """The widths ``g`` may keep, from its full width down to the smallest one ``>= floor``."""
+    return [w for w in g.widths() if w >= floor][::-1]
+
+
+def keep_top(keys: Tensor, k: int) -> Tensor:
+    """Keep mask of the ``k`` largest ``keys`` (signed; ties: the lower index is kept, as
+    :func:`~emprune.core.rule.topk_mask` keeps it)."""
+    n = keys.numel()
+    order = n - 1 - torch.argsort(keys.double().flip(0), stable=True)  # ascending; ties: higher index first
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[order[: n - int(k)]] = False
+    return keep
+
+
+def grid_counts(groups: Sequence[UnitGroup], keys: Sequence[Tensor], removed: float, floors: Sequence[int],
+                weights: Sequence[float]) -> list[int]:
+    """Widths when every group loses its lowest ``keys`` one step of its width grid at a time.
+
+    A step takes a group from one of its widths (``g.widths()``) to the next below, never under
+    the smallest width ``>= floors[j]``; it costs the mean key of the units it removes (so a
+    group's steps cost more and more) and weighs ``weights[j]`` per unit (parameters per unit,
+    or 1 to count units). :func:`take_steps` takes the cheapest steps of all groups until the
+    removed weight comes closest to ``removed``: within half a step of one group (``m/2`` of
+    its units on a grid of ``m``), unless the floors stop it first."""
+    steps, downs = [], []
+    for g, key, fl, w in zip(groups, keys, floors, weights):
+        ws = down_widths(g, fl)
+        srt = torch.sort(key.double()).values  # lowest first: a step removes the next lowest
+        cs = torch.cat([torch.zeros(1, dtype=torch.float64), srt.cumsum(0)])
+        st = []
+        for a, b in zip(ws, ws[1:]):
+            lo, hi = g.n - a, g.n - b
+            st.append((float(cs[hi] - cs[lo]) / (hi - lo), (a - b) * float(w)))
+        steps.append(st)
+        downs.append(ws)
+    return [ws[c] for ws, c in zip(downs, take_steps(steps, removed))]
 
 
 def fixed_counts(groups: Sequence[UnitGroup], keep: Any) -> list[int]:
@@ -88,20 +175,25 @@ def _fraction_for_budget(groups: Sequence[UnitGroup], budget: float) -> list[int
     return kept(lo)[0]
 
 
+def _normalise(s: Tensor, how: str) -> Tensor:
+    """A group's scores standardised (``zscore``) or divided by their mean (``mean``): an
+    increasing map, so the order inside the group is the scores' own."""
+    if how == "zscore":
+        sd = s.std() if s.numel() > 1 else torch.tensor(1.0, dtype=torch.float64)
+        return (s - s.mean()) / (sd if sd > 0 else 1.0)
+    if how == "mean":
+        m = s.mean()
+        return s / (m if m > 0 else 1.0)
+    raise ValueError(f"allocate must be threshold, zscore or mean; got {how!r}")
+
+
 def by_normalised_scores(groups: Sequence[UnitGroup], scores: Sequence[Tensor], removed: float, how: str,
                          floors: Sequence[int]) -> list[Tensor]:
     """Remove ``removed`` parameters across all groups, lowest normalised score first; every
     group keeps at least its floor (its best units). Returns keep masks."""
     norm, gid, uid = [], [], []
     for j, (g, s) in enumerate(zip(groups, scores)):
-        if how == "zscore":
-            sd = s.std() if s.numel() > 1 else torch.tensor(1.0, dtype=torch.float64)
-            z = (s - s.mean()) / (sd if sd > 0 else 1.0)
-        elif how == "mean":
-            m = s.mean()
-            z = s / (m if m > 0 else 1.0)
-        else:
-            raise ValueError(f"allocate must be threshold, zscore or mean; got {how!r}")
+        z = _normalise(s, how)
         protected = torch.zeros(g.n, dtype=torch.bool)
         protected[s.topk(max(1, floors[j])).indices] = True
         cand = (~protected).nonzero().squeeze(1)
@@ -120,6 +212,14 @@ def by_normalised_scores(groups: Sequence[UnitGroup], scores: Sequence[Tensor], 
     return keep
 
 
+def _loss_weights(sens: Sequence[float], fraction: float) -> Tensor:
+    """``a_g = max(sens_g, tiny) / fraction^2``: the modelled loss of group ``g`` losing the
+    share ``f`` of its units is ``a_g f^2`` (``sens_g`` at ``f = fraction``)."""
+    pos = [x for x in sens if x > 0]
+    tiny = (min(pos) if pos else 1.0) * 1e-3  # a group that did not hurt is the cheapest, not free
+    return torch.tensor([max(x, tiny) for x in sens], dtype=torch.float64) / fraction ** 2
+
+
 def by_sensitivity(groups: Sequence[UnitGroup], sens: Sequence[float], removed: float, fraction: float,
                    max_remove: Sequence[float]) -> list[int]:
     """Units to keep per group: ``f_g = min(max_remove_g, lambda P_g / a_g)`` with
@@ -128,9 +228,7 @@ def by_sensitivity(groups: Sequence[UnitGroup], sens: Sequence[float], removed: 
     if removed <= 0:
         return [g.n for g in groups]
     size = torch.tensor([g.n * g.params_per_unit() for g in groups], dtype=torch.float64)
-    pos = [x for x in sens if x > 0]
-    tiny = (min(pos) if pos else 1.0) * 1e-3  # a group that did not hurt is the cheapest, not free
-    a = torch.tensor([max(x, tiny) for x in sens], dtype=torch.float64) / fraction ** 2
+    a = _loss_weights(sens, fraction)
     cap = torch.tensor(list(max_remove), dtype=torch.float64).clamp(max=1.0)
 
     def share(lam: float) -> Tensor:
@@ -152,6 +250,31 @@ def by_sensitivity(groups: Sequence[UnitGroup], sens: Sequence[float], removed: 
     return [max(1, g.n - int(round(float(x) * g.n))) for g, x in zip(groups, f)]
 
 
+def by_sensitivity_on_grid(groups: Sequence[UnitGroup], sens: Sequence[float], removed: float, fraction: float,
+                           floors: Sequence[int]) -> list[int]:
+    """:func:`by_sensitivity`'s optimisation with every group on its width grid: units to keep per
+    group.
+
+    The same model (group ``g`` losing the share ``f`` of its units costs ``a_g f^2``), solved
+    on the grid instead of rounded after: each group steps down its widths (``g.widths()``, to
+    the smallest ``>= floors[g]``), a step from share ``f`` to ``f'`` costing
+    ``a_g (f + f') / (n_g params_per_unit_g)`` per parameter it removes (increasing along the
+    group: the discrete form of ``f_g = lambda P_g / a_g``), and :func:`take_steps` takes the
+    cheapest steps until the removed parameters come closest to ``removed`` (within half a
+    step: ``m/2`` units of one group on a grid of ``m``; less only if every group reaches its
+    floor)."""
+    if removed <= 0:
+        return [g.n for g in groups]
+    a = _loss_weights(sens, fraction).tolist()
+    steps, downs = [], []
+    for g, ag, fl in zip(groups, a, floors):
+        ws = down_widths(g, fl)
+        ppu = g.params_per_unit()
+        steps.append([(ag * ((g.n - x) + (g.n - y)) / (g.n * g.n * ppu), (x - y) * ppu) for x, y in zip(ws, ws[1:])])
+        downs.append(ws)
+    return [ws[c] for ws, c in zip(downs, take_steps(steps, removed))]
+
+
 # ------------------------------------------------------------------ the allocators decide() takes
 
 
@@ -164,7 +287,9 @@ def _groups(targets: Sequence[Any]) -> list[UnitGroup]:
 
 @dataclass
 class FixedSize:
-    """A fixed size per group (``keep``, see :func:`fixed_counts`), not EMP's counts."""
+    """A fixed size per group (``keep``, see :func:`fixed_counts`), not EMP's counts; a group
+    with a width grid keeps the allowed width nearest to its count (``{"params": P}``: the
+    largest common fraction whose widths, on the grid, keep at most ``P``)."""
 
     keep: Any
     emp = False
@@ -177,7 +302,8 @@ class FixedSize:
 @dataclass
 class BySensitivity:
     """EMP's total (the parameters its per-group counts remove) removed where the measured loss
-    increase ``sens`` is smallest; each group's floor bounds where the total goes, not the total."""
+    increase ``sens`` is smallest; each group's floor bounds where the total goes, not the total.
+    Groups on a width grid: :func:`by_sensitivity_on_grid` (the same model, stepping on the grid)."""
 
     sens: list[float]
     fraction: float = 0.5
@@ -187,16 +313,19 @@ class BySensitivity:
     def __call__(self, targets: Sequence[Any], scores: list[Tensor], emp_k: list[int] | None,
                  floors: list[int]) -> list[int | Tensor]:
         groups = _groups(targets)
+        removed = removed_params(groups, emp_k or [])
+        if on_grid(groups):
+            return list(by_sensitivity_on_grid(groups, self.sens, removed, self.fraction, floors))
         ceilings = [(g.n - f) / g.n for g, f in zip(groups, floors)]
-        return list(by_sensitivity(groups, self.sens, removed_params(groups, emp_k or []), self.fraction,
-                                   ceilings))
+        return list(by_sensitivity(groups, self.sens, removed, self.fraction, ceilings))
 
 
 @dataclass
 class ByNormalisedScores:
     """EMP's total (of each unit kind, or of all kinds together with ``joint``) removed lowest
     normalised score first (``how``: ``zscore`` or ``mean``), on the selection scores or, with
-    ``on_count``, on the count scores."""
+    ``on_count``, on the count scores. Groups on a width grid lose their units in steps of the
+    grid, the step with the lowest mean normalised score first (:func:`grid_counts`)."""
 
     how: str
     joint: bool = False
@@ -215,8 +344,13 @@ class ByNormalisedScores:
         out: list[int | Tensor] = [0] * len(groups)
         for idx in parts:
             sub = [groups[j] for j in idx]
-            masks = by_normalised_scores(sub, [on[j] for j in idx], removed_params(sub, [ks[j] for j in idx]),
-                                         self.how, [floors[j] for j in idx])
+            removed = removed_params(sub, [ks[j] for j in idx])
+            if on_grid(sub):  # the same order, in steps of each group's width grid
+                z = [_normalise(on[j], self.how) for j in idx]
+                ws = grid_counts(sub, z, removed, [floors[j] for j in idx], [g.params_per_unit() for g in sub])
+                masks = [keep_top(zj, w) for zj, w in zip(z, ws)]
+            else:
+                masks = by_normalised_scores(sub, [on[j] for j in idx], removed, self.how, [floors[j] for j in idx])
             for j, m in zip(idx, masks):
                 out[j] = m
         return out
@@ -227,7 +361,9 @@ class ByThreshold:
     """One N_eff and one threshold over the count scores of every unit (float32, as the paper's
     global scope), ``floor(beta * N_eff)`` kept in all; with ``reselect`` (counts from another
     criterion) each group then keeps its count of the best units by its selection scores. Every
-    group keeps at least its floor. After the call, :attr:`neff` is the global N_eff."""
+    group keeps at least its floor. With width grids, the units that decision keeps in all are
+    spread again in steps of the grids, lowest mean count score first (:func:`grid_counts`; the
+    total within half a step). After the call, :attr:`neff` is the global N_eff."""
 
     beta: float
     reselect: bool = False
@@ -242,7 +378,15 @@ class ByThreshold:
         masks = list(rule.global_masks(srcs, thr))
         if self.reselect:
             masks = [rule.topk_mask(s, max(1, int(m.sum()))) for s, m in zip(scores, masks)]
-        return [m | rule.topk_mask(s, f) if f > 1 else m for m, s, f in zip(masks, scores, floors)]
+        masks = [m | rule.topk_mask(s, f) if f > 1 else m for m, s, f in zip(masks, scores, floors)]
+        groups = [t.group for t in targets]
+        if any(g is None for g in groups) or not on_grid(groups):
+            return list(masks)
+        # on the grid: that many units in all, removed lowest count score first in steps of the
+        # grid; each group then keeps its best units by the selection scores (or the count scores)
+        removed = sum(g.n - int(m.sum()) for g, m in zip(groups, masks))
+        ws = grid_counts(groups, srcs, removed, floors, [1.0] * len(groups))
+        return [keep_top(s if self.reselect else c, w) for s, c, w in zip(scores, srcs, ws)]
 
 
 # ------------------------------------------------------------------ masks (weights)

@@ -9,7 +9,8 @@ Scopes say how scores are grouped into the vectors EMP is applied to:
 :func:`decide` turns targets (lazy score sources) into one :class:`Decision` per target:
 how many entries each unit keeps (from the ``count`` scores' N_eff, a fixed sparsity or
 explicit counts, raised to an optional floor), which ones (the largest ``score`` entries; for a
-target that is a unit group, the group's own keep rule, e.g. GQA-consistent heads), and what
+target that is a unit group, the group's own keep rule, e.g. GQA-consistent heads or MLP widths
+on a grid), and what
 share of the score mass that keeps together with the bound guaranteeing it. With ``allocate=``
 an allocator (:mod:`.allocate`: a fixed size per group, a parameter total spread by measured
 sensitivity or by normalised scores) sets the counts of all targets together, starting from
@@ -181,7 +182,7 @@ def _decide_local(t: Target, scope: str, beta: float, sparsity: float | None,
     k = k.clamp_min(fl)
     emp_k = int(k.sum())
     if t.group is not None:  # one count; the group's own keep rule (e.g. GQA-consistent heads)
-        mask = t.group.keep_mask(s2d, emp_k)
+        mask = t.group.keep_mask(s2d, _on_grid_above(t.group, emp_k, fl))
         k = mask.sum().reshape(1).to("cpu", torch.int64)
     else:
         mask = rule.topk_mask(s2d, k.to(s2d.device) if dim is not None else int(k[0]), dim,
@@ -192,6 +193,14 @@ def _decide_local(t: Target, scope: str, beta: float, sparsity: float | None,
     guaranteed = rule.guaranteed_mass(nu.cpu(), k.cpu(), n)
     return Decision(t.name, tuple(sel.shape), unit, n, neff.cpu(), k.cpu(), raised, mass.cpu(),
                     guaranteed, mask.reshape(sel.shape), emp_k=emp_k)
+
+
+def _on_grid_above(group: Any, k: int, floor: int) -> int:
+    """``k`` for the group's keep rule; on a width grid (``group.multiple > 1``) whose nearest
+    width to ``k`` falls under the floor, the smallest width ``>= floor`` instead."""
+    if getattr(group, "multiple", 1) > 1 and group.realised(k) < floor:
+        return next(w for w in group.widths() if w >= floor)
+    return k
 
 
 def _explicit_k(t: Target, units: int | None, n: int) -> Tensor:

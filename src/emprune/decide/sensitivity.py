@@ -36,7 +36,8 @@ def group_sensitivity(model: nn.Module, groups: list[UnitGroup], scores: list[Te
                       loss_fn: Callable[[nn.Module, Any], Tensor], *, fraction: float = 0.5,
                       means: list[Tensor] | None = None, progress: bool = False) -> list[float]:
     """Loss increase when each group alone loses ``fraction`` of its units (the lowest
-    ``scores``, kept by the group's own rule: ``g.keep_mask``).
+    ``scores``, kept by the group's own rule: ``g.keep_mask``; off any MLP width grid, so
+    that the measurement is the same whatever ``multiple_of`` the decision then uses).
 
     The model is left exactly as it was (the consumer's parameters are restored, a bias created
     by the compensation is dropped again). ``means``: per-group consumer input means; given,
@@ -60,7 +61,7 @@ def group_sensitivity(model: nn.Module, groups: list[UnitGroup], scores: list[Te
     try:
         for j, (g, s) in it:
             k = max(1, round((1 - fraction) * g.n))
-            keep = g.keep_mask(s, k)
+            keep = g.keep_mask(s, k, grid=False)  # the recipe's fraction exactly, whatever the width grid
             c = g.consumer
             saved = {n: p.detach().clone() for n, p in c.named_parameters(recurse=False)}
             had_bias = getattr(c, "bias", None) is not None

@@ -5,6 +5,7 @@
 * :mod:`.shrink`, :mod:`.shrink_lm`, :mod:`.traced`: structural removal;
 * :mod:`.heal`: training the survivors (masked or shrunk) back;
 * :mod:`.eval`, :mod:`.zeroshot`: perplexity and zero-shot accuracy;
+* :mod:`.export`: a GGUF file for llama.cpp; :mod:`.bench`: speed, size and memory where a model runs;
 * :mod:`.compare`: dense vs baselines vs EMP recipes on one model load;
 * :mod:`.memory`: peak memory of a run.
 """

@@ -267,6 +267,12 @@ class PruneOptions:
         return dataclasses.replace(self, **changes)
 
 
+#: ``shrink --multiple-of``'s default: every kept MLP width a multiple of 32 (or the full width),
+#: the row block of GGUF's Q8_0 / Q4_0 (K-quants need 256); llama.cpp's fast kernels also want
+#: such widths. One constant: the CLI and the API take it from here.
+DEFAULT_MULTIPLE_OF = 32
+
+
 @dataclass
 class ShrinkOptions:
     """Options of ``emprune shrink`` / :func:`emprune.shrink`: structural units scored, counted
@@ -291,6 +297,12 @@ class ShrinkOptions:
                                   cli=False)
     head_mode: str = option("query", "query: every KV group keeps the same number of query heads; group: whole KV "
                                      "groups", choices=("query", "group"))
+    multiple_of: int = option(DEFAULT_MULTIPLE_OF,
+                              f"every kept MLP width a multiple of N, or the layer's full width (default "
+                              f"{DEFAULT_MULTIPLE_OF}: GGUF Q8_0/Q4_0 rows; 256 for K-quants; 1: any width). The "
+                              "allocation chooses the widths on that grid, EMP's total kept to within N/2 neurons "
+                              "of one layer; --keep sizes and per-layer counts go to the nearest multiple. MLP "
+                              "neurons only: heads are whole units already", type=positive_int, metavar="N")
     compensate: bool | None = option(None, "fold removed units' mean output into a bias (FLAP; default: the "
                                            "recipe's)", action="tristate")
     uniform: bool = option(False, "one width per model (intermediate size a multiple of 64, heads a multiple of the "
@@ -433,4 +445,4 @@ def build(cls: type, options: Any = None, fields: dict[str, Any] | None = None) 
 
 
 __all__ = ["MaskOptions", "PruneOptions", "ShrinkOptions", "HealOptions", "EvalOptions", "CompareOptions", "option", "build",
-           "KINDS", "DTYPES"]
+           "KINDS", "DTYPES", "DEFAULT_MULTIPLE_OF"]

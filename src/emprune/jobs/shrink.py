@@ -17,6 +17,7 @@ kind, ``mean-joint`` for several.
 from __future__ import annotations
 
 import itertools
+import operator
 import time
 from typing import Any, Callable, Iterable
 
@@ -35,7 +36,7 @@ from ..decide.scopes import Target, decide
 from ..decide.sensitivity import group_sensitivity
 from ..structure.layouts import decoder_layers
 from ..structure.surgery import sync_config
-from ..structure.units import HeadGroup, UnitGroup, find_groups
+from ..structure.units import HeadGroup, MLPGroup, UnitGroup, find_groups
 from .options import ShrinkOptions, build
 
 SCOPES = ("layer", "global")
@@ -168,6 +169,7 @@ class _Run:
         self.scope = o.scope or (DEFAULT_SCOPE if self.is_default or rec.allocate == "sensitivity" else "layer")
         one_of("scope", self.scope, SCOPES)
         self.beta = rule.check_beta(o.beta) if o.keep is None else None
+        self.multiple = check_multiple(o.multiple_of)
         self.lm = is_lm(model)
         self.rec = rec
 
@@ -208,6 +210,26 @@ class _Run:
         return A.ByNormalisedScores(rec.allocate, joint=rec.joint, on_count=rec.allocate_on == "count")
 
 
+def check_multiple(m: Any) -> int:
+    """``multiple_of`` as a whole number >= 1 (else ``ValueError``, one line)."""
+    try:
+        v = operator.index(m)
+    except TypeError:
+        v = 0
+    if isinstance(m, bool) or v < 1:
+        raise ValueError(f"multiple_of must be a whole number >= 1, got {m!r}")
+    return int(v)
+
+
+def _set_grids(groups: list[UnitGroup], o: ShrinkOptions, multiple: int) -> None:
+    """Per-run settings of the groups: the heads' keep mode, the MLP widths' grid."""
+    for g in groups:
+        if isinstance(g, HeadGroup):
+            g.mode = o.head_mode
+        elif isinstance(g, MLPGroup):
+            g.multiple = multiple
+
+
 def _targets(groups: list[UnitGroup], scores: list[Tensor], counts: list[Tensor], transform: str) -> list[Target]:
     same = counts is scores and transform in ("none", "score")
     return [Target(g.name, torch.Size([g.n]), (lambda s=s: s),
@@ -230,7 +252,9 @@ def shrink(model: nn.Module, *, calibration: Iterable[Any] | Tensor | None = Non
     :data:`~emprune.decide.recipes.RECIPES`), ``count_by``, ``head_mode`` (``query``: every KV
     group keeps the same number of query heads; ``group``: whole KV groups), ``compensate``
     (FLAP bias compensation; default the recipe's for EMP counts, off for ``keep=``),
-    ``dry_run`` (decide and report only, ``params_after`` computed), ``progress``.
+    ``multiple_of`` (every kept MLP width a multiple of it or the full width, chosen on that grid
+    by the allocation, see :mod:`emprune.decide.allocate`; 1: any width; heads and the units of
+    other networks have no grid), ``dry_run`` (decide and report only, ``params_after`` computed), ``progress``.
 
     ``calibration``: batches, or token ids ``[n, seqlen]`` for an LM (the ``sensitivity`` recipe
     measures the loss on its first :data:`SENSITIVITY_TOKENS` tokens; other models on the first
@@ -243,9 +267,7 @@ def shrink(model: nn.Module, *, calibration: Iterable[Any] | Tensor | None = Non
         scored = score_units(model, o.units, run.criterion, calibration, o.loss_fn, o.forward)
     groups, scores, stats = scored
     run.resolve(o, groups, stats, calibration)
-    for g in groups:
-        if isinstance(g, HeadGroup):
-            g.mode = o.head_mode
+    _set_grids(groups, o, run.multiple)
     counts = scores if o.count_by in (None, run.criterion) else unit_scores(groups, o.count_by, stats)
     before = _measure(model, o, run.lm)
 
@@ -258,7 +280,8 @@ def shrink(model: nn.Module, *, calibration: Iterable[Any] | Tensor | None = Non
                             else "global", run.beta or 1.0, min_keep=run.rec.min_keep, allocate=allocator))
     report = ShrinkReport(criterion=run.criterion, scope=run.scope, beta=run.beta,
                           recipe={**run.rec.to_dict(), "compensate": run.comp, "count_by": o.count_by or run.criterion,
-                                  "head_mode": o.head_mode}, keep=o.keep)
+                                  "head_mode": o.head_mode}, keep=o.keep,
+                          multiple_of=run.multiple if any(isinstance(g, MLPGroup) for g in groups) else None)
     exact = (run.scope == "layer" and o.keep is None and o.count_by in (None, run.criterion)
              and run.rec.transform == "none")
     report.groups = remove_units(groups, decisions, stats=stats, compensate=run.comp, exact_bound=exact,

@@ -4,11 +4,13 @@ config where it can be.
 :func:`shrink_lm`: one dense calibration pass over the calibration tokens (activation and
 fluctuation scores, FLAP bias compensation; a backward pass for Taylor), then :func:`~.shrink.shrink`
 (EMP decides, MLP neurons and/or attention heads are removed). ``uniform=True`` rounds the per-layer
-widths to one width per model (intermediate size a multiple of 64, heads a multiple of the KV-group
-size) so that the result is a stock config. :func:`summary`: the ``emprune.json`` of the result.
+widths to one width per model (intermediate size a multiple of ``lcm(64, multiple_of)``, which is
+``max(64, multiple_of)`` for powers of two, heads a multiple of the KV-group size) so that the result
+is a stock config. :func:`summary`: the ``emprune.json`` of the result.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -20,8 +22,9 @@ from ..decide import recipes
 from ..models.checkpoint import SHRUNK_KIND, versions
 from ..structure.layouts import decoder_layers
 from .options import ShrinkOptions, build, lm_units
-from .shrink import DEFAULT_CRITERION, lm_batches, lm_forward, lm_loss, score_units, shrink
+from .shrink import DEFAULT_CRITERION, check_multiple, lm_batches, lm_forward, lm_loss, score_units, shrink
 
+#: the uniform layout's intermediate size is a multiple of this (and of ``multiple_of``)
 INTERMEDIATE_MULTIPLE = 64
 
 
@@ -53,7 +56,8 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
     ``calib_tokens`` ``[n, seqlen]`` feed activation / fluctuation / Taylor scores and the bias
     compensation (one dense pass, in batches of ``batch_size``); the default recipe
     (``sensitivity``) also measures the loss on their first 1,024 tokens once per group. Options
-    as in :func:`~.shrink.shrink` (``units`` default ``mlp``; ``uniform``: one width per model);
+    as in :func:`~.shrink.shrink` (``units`` default ``mlp``; ``uniform``: one width per model;
+    ``multiple_of``: the grid of the MLP widths, default 32);
     ``progress``: bars over the calibration and the sensitivity measurement."""
     from tqdm.auto import tqdm
 
@@ -63,6 +67,7 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
     except ValueError as e:
         raise ValueError(f"units: {e}") from None
     rec = recipes.get_recipe(o.recipe, "shrink")
+    check_multiple(o.multiple_of)  # before the calibration pass
     crit = o.criterion or (DEFAULT_CRITERION if calib_tokens is not None else "magnitude")
     t0 = time.perf_counter()
     batches = None if calib_tokens is None else lm_batches(calib_tokens, o.batch_size)
@@ -74,11 +79,15 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
     if uniform := fields.get("uniform", options.uniform if options is not None else False):
         comp = ((rec.compensate and o.keep is None and calib_tokens is not None) if o.compensate is None
                 else o.compensate)
-        # the sensitivities (default recipe) are measured with the compensation the final model gets
-        dry = shrink(model, calibration=calib_tokens, scored=scored, options=o.replace(compensate=comp, dry_run=True))
-        widths = _uniform_widths(dry, scored[0])
+        # the sensitivities (default recipe) are measured with the compensation the final model gets;
+        # the dry run decides at any width (multiple_of=1): its mean is rounded once, to the uniform grid
+        dry = shrink(model, calibration=calib_tokens, scored=scored,
+                     options=o.replace(compensate=comp, dry_run=True, multiple_of=1))
+        grid = math.lcm(INTERMEDIATE_MULTIPLE, o.multiple_of)
+        widths = _uniform_widths(dry, scored[0], grid)
         report = shrink(model, calibration=calib_tokens, scored=scored, options=o.replace(compensate=comp, keep=widths))
-        report.extra["uniform_from"] = {"recipe": dry.recipe, "widths_before_rounding": dry.widths()}
+        report.extra["uniform_from"] = {"recipe": dry.recipe, "widths_before_rounding": dry.widths(),
+                                        "intermediate_multiple": grid}
     else:
         report = shrink(model, calibration=calib_tokens, scored=scored, options=o)
     report.extra["calibration_seconds"] = t_cal
@@ -106,7 +115,7 @@ def summary(model: nn.Module, report: ShrinkReport, calib_tokens: Tensor | None,
                                       "removed_fraction_non_embedding", "macs_before", "macs_after",
                                       "macs_note", "bound_ok", "global_neff", "seconds")},
         "criterion": report.criterion, "scope": report.scope, "beta": report.beta, "keep": report.keep,
-        "recipe": report.recipe,
+        "multiple_of": report.multiple_of, "recipe": report.recipe,
         "calibration": {"n_samples": int(calib_tokens.shape[0]) if calib_tokens is not None else 0,
                         "seqlen": int(calib_tokens.shape[1]) if calib_tokens is not None else 0,
                         "seconds": report.extra.get("calibration_seconds", 0.0)},

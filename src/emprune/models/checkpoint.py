@@ -319,6 +319,7 @@ def _fill(tmp: Path, model: nn.Module, tokenizer: Any, report_json: dict, dtype:
         model.to(dtype=dtype)
     with quiet_progress(not progress):
         model.save_pretrained(tmp)
+    _mark_per_layer(tmp / "config.json")
     tok_files = [Path(f) for f in tokenizer.save_pretrained(tmp)] if tokenizer is not None else []
     _check_complete(tmp, tok_files)
     files = sorted(q.relative_to(tmp).as_posix() for q in tmp.rglob("*") if q.is_file() and q.name != WRITING_MARK)
@@ -329,6 +330,28 @@ def _fill(tmp: Path, model: nn.Module, tokenizer: Any, report_json: dict, dtype:
     for path in [tmp, *tmp.rglob("*")]:  # mkdtemp (0700) and some writers (0600) are private
         if not path.is_symlink():
             os.chmod(path, usual_mode(path.is_dir()))
+
+
+#: prefixed to ``architectures`` in the ``config.json`` of a folder with per-layer widths
+SHRUNK_ARCH_PREFIX = "EmpruneShrunk"
+
+
+def _mark_per_layer(config_json: Path) -> None:
+    """A folder with per-layer widths (``emprune_shrunk.uniform`` false) has a ``config.json``
+    whose stock widths (``intermediate_size``, head counts) are the source model's, which no
+    block has any more: its ``architectures`` are renamed (``EmpruneShrunkLlamaForCausalLM``)
+    so that tools that build from them (llama.cpp's ``convert_hf_to_gguf.py``, vLLM) refuse the
+    folder instead of writing stale widths. Plain transformers refuses it too (size mismatch);
+    emprune's loader builds from ``model_type`` and the recorded widths; ``emprune export``
+    writes the GGUF."""
+    cfg = json.loads(config_json.read_text())
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    shr = text.get("emprune_shrunk") or cfg.get("emprune_shrunk")
+    if not isinstance(shr, dict) or shr.get("uniform", True) or not cfg.get("architectures"):
+        return
+    cfg["architectures"] = [a if a.startswith(SHRUNK_ARCH_PREFIX) else SHRUNK_ARCH_PREFIX + a
+                            for a in cfg["architectures"]]
+    config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _check_complete(tmp: Path, tok_files: list[Path]) -> None:

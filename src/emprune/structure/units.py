@@ -16,6 +16,12 @@ Kinds:
 * ``kan``: hidden nodes between two B-spline KAN layers (parameters ``base [out, in]`` and
   ``coef [out, in, c]``, as in ``benchmarks/small_models/kan_nodes.py``).
 
+Width grid: an MLP group's kept widths can be held to a grid (:attr:`MLPGroup.multiple` ``m``:
+multiples of ``m`` and the full width, :func:`grid_widths`), e.g. for quantised kernels whose rows
+come in blocks of 32 or 256; :meth:`UnitGroup.realised` gives the nearest allowed width and
+:meth:`UnitGroup.widths` all of them, so allocators can step on the grid. Heads are whole units
+already (their own rounding is the GQA structure); other kinds have no grid.
+
 Plain chains are found by walking the leaf modules in registration order (``nn.Sequential``
 stacks such as VGG or an MLP); networks with residual connections need a graph tracer (the
 optional ``torch-pruning`` package), not this walk.
@@ -33,6 +39,30 @@ from . import surgery as rm
 from .layouts import decoder_layers, layout_or_none, require_layout
 
 KINDS = ("mlp", "heads", "neurons", "channels", "kan")
+
+
+def grid_widths(n: int, multiple: int = 1) -> list[int]:
+    """The widths a group of ``n`` units may keep on a grid of ``multiple``: the multiples of
+    ``multiple`` up to ``n``, and ``n`` itself (the dense width, always allowed), ascending.
+    ``multiple=1``: every width ``1..n``; ``n < multiple``: ``[n]`` only (the group stays dense)."""
+    if n < 1:
+        return []
+    m = max(1, int(multiple))
+    return [*range(m, n, m), n]
+
+
+def nearest_width(k: int, n: int, multiple: int = 1) -> int:
+    """The width of :func:`grid_widths` ``(n, multiple)`` nearest to ``k`` (clamped to
+    ``[1, n]`` first); ties keep more. Non-decreasing in ``k``; ``multiple=1``: the clamp alone."""
+    k = max(1, min(int(k), n))
+    m = max(1, int(multiple))
+    lo = k // m * m  # the largest multiple <= k (0: none)
+    if lo == k:
+        return k
+    hi = min(lo + m, n)  # the next allowed width above k: a multiple or n
+    if lo == 0:
+        return hi
+    return hi if hi - k <= k - lo else lo
 
 
 @dataclass(eq=False)
@@ -114,14 +144,22 @@ class UnitGroup:
     def _rows(self, p: nn.Module) -> int:
         return self.n
 
-    def realised(self, k: int) -> int:
-        """Units actually kept when ``k`` are asked for (clamped to ``[1, n]``; heads round)."""
+    #: the grid of the kept widths (see :class:`MLPGroup`); 1 (no grid) for every other kind
+    multiple = 1
+
+    def realised(self, k: int, grid: bool = True) -> int:
+        """Units actually kept when ``k`` are asked for (clamped to ``[1, n]``; heads round;
+        MLP widths go to the nearest width of their grid unless ``grid=False``)."""
         return max(1, min(int(k), self.n))
 
-    def keep_mask(self, scores: Tensor, k: int) -> Tensor:
-        """The keep mask of :meth:`realised` ``(k)`` units by ``scores``: the top ones, ties
+    def widths(self) -> list[int]:
+        """Every width :meth:`realised` can give, ascending (what an allocator steps on)."""
+        return sorted({self.realised(k) for k in range(1, self.n + 1)})
+
+    def keep_mask(self, scores: Tensor, k: int, grid: bool = True) -> Tensor:
+        """The keep mask of :meth:`realised` ``(k, grid)`` units by ``scores``: the top ones, ties
         broken by lower index (heads: GQA-consistent, see :class:`HeadGroup`)."""
-        return rule.topk_mask(scores, self.realised(k))
+        return rule.topk_mask(scores, self.realised(k, grid))
 
     def conform(self, keep: Tensor, scores: Tensor) -> Tensor:
         """A keep mask chosen freely (a global decision) made valid for this group: at least one
@@ -135,13 +173,30 @@ class UnitGroup:
 
 @dataclass(eq=False)
 class MLPGroup(UnitGroup):
-    """LLaMA-family MLP neurons: rows of ``gate_proj`` / ``up_proj``, columns of ``down_proj``."""
+    """LLaMA-family MLP neurons: rows of ``gate_proj`` / ``up_proj``, columns of ``down_proj``.
+
+    ``multiple``: the grid of the widths a decision keeps (:func:`grid_widths`: multiples of it
+    and the full width; 1: any width). :meth:`realised` goes to the nearest one (ties keep more),
+    :meth:`conform` moves a freely chosen mask there; :meth:`remove` itself takes any mask."""
 
     mlp: nn.Module | None = None
+    multiple: int = 1
 
     @property
     def n(self) -> int:
         return self.mlp.down_proj.in_features
+
+    def realised(self, k: int, grid: bool = True) -> int:
+        return nearest_width(k, self.n, self.multiple if grid else 1)
+
+    def widths(self) -> list[int]:
+        return grid_widths(self.n, self.multiple)
+
+    def conform(self, keep: Tensor, scores: Tensor) -> Tensor:
+        """A mask chosen freely, moved to the nearest width of the grid (that many of the best
+        units by ``scores``) when its count is off the grid."""
+        c = int(keep.sum())
+        return keep if c >= 1 and self.realised(c) == c else self.keep_mask(scores, c)
 
     def producers(self) -> list[nn.Module]:
         return [m for m in (getattr(self.mlp, "gate_proj", None), self.mlp.up_proj) if m is not None]
@@ -221,15 +276,16 @@ class HeadGroup(UnitGroup):
         self.kv_keep(keep.cpu())
         return idx
 
-    def realised(self, k: int) -> int:
+    def realised(self, k: int, grid: bool = True) -> int:
         """Query heads kept when ``k`` are asked for: ``round(k / n_kv)`` per KV group (query
-        mode) or ``round(k / group size)`` whole KV groups (group mode)."""
+        mode) or ``round(k / group size)`` whole KV groups (group mode); ``grid`` changes
+        nothing (heads are whole units: no width grid applies to them)."""
         k = max(1, min(int(k), self.n))
         if self.mode == "group":
             return self.group_size * min(self.n_kv, max(1, round(k / self.group_size)))
         return self.n_kv * min(self.group_size, max(1, round(k / self.n_kv)))
 
-    def keep_mask(self, scores: Tensor, k: int) -> Tensor:
+    def keep_mask(self, scores: Tensor, k: int, grid: bool = True) -> Tensor:
         return head_keep_mask(scores, max(1, min(int(k), self.n)), self.n_kv, self.mode)
 
     def conform(self, keep: Tensor, scores: Tensor) -> Tensor:
