@@ -83,9 +83,11 @@ def build(row: str, dense: nn.Module, calib: torch.Tensor, args) -> tuple[nn.Mod
     else:
         recipe = {"shrink": "zscore", "uniform-shrink": "zscore"}.get(row, "sensitivity")
         kw = {"keep": 0.75, "uniform": True} if row == "uniform25" else {"recipe": recipe, "scope": "global"}
+        kw["multiple_of"] = 1  # any width, as the results in heal_smollm2.md were measured (before --multiple-of)
         if row in ("uniform-shrink", "uniform-sens"):  # the EMP row's kept MLP parameters, the same share everywhere
             ref, _ = shrink_lm(copy.deepcopy(dense), calib, units="mlp", progress=False, **kw)
-            kw = {"criterion": "activation", "keep": {"params": sum(g.params_after for g in ref.groups)}}
+            kw = {"criterion": "activation", "keep": {"params": sum(g.params_after for g in ref.groups)},
+                  "multiple_of": 1}
         report, summ = shrink_lm(m, calib, units="mlp", progress=False, **kw)
         info = {"targets": None, "pruned_fraction": summ["summary"]["removed_fraction_non_embedding"],
                 "layout": summ["layout"]}

@@ -46,6 +46,7 @@ def run(label, **kw):
     if isinstance(kw.get("recipe"), dict):
         kw["recipe"] = Recipe(**kw["recipe"])
     g = find_groups(m, units)
+    kw.setdefault("multiple_of", 1)  # any width, as the exploration was measured (before --multiple-of)
     rep = shrink(m, units=units, criterion="fluctuation" if crit == "fluct_sqrt" else crit, scored=(g, SC[crit], stats), **kw)
     p_wt = perplexity(m, wt, 256, progress=False, batch_size=8)["ppl"]; p_py = perplexity(m, py, 256, progress=False, batch_size=8)["ppl"]
     kept_params = sum(x.params_after for x in rep.groups); 

@@ -83,7 +83,7 @@ def apply(masks, mode, damp=0.01, label=""):
     return r
 
 # default masks (dry run)
-rep = shrink(copy.deepcopy(model), units="mlp", criterion="fluctuation", scored=(find_groups(model, "mlp"), S_fl, stats), dry_run=True)
+rep = shrink(copy.deepcopy(model), units="mlp", criterion="fluctuation", scored=(find_groups(model, "mlp"), S_fl, stats), dry_run=True, multiple_of=1)
 dmasks = []
 for gr in rep.groups:
     k = torch.zeros(gr.units_before, dtype=torch.bool); k[torch.tensor(gr.kept)] = True; dmasks.append(k)

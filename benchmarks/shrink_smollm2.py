@@ -171,6 +171,7 @@ def run_llm(args, R: dict) -> None:
             m = copy.deepcopy(model)
             g = find_groups(m, units)
             sc = [by_name[criterion][x.name] for x in g]
+            kw.setdefault("multiple_of", 1)  # any width: how shrink_smollm2.md was measured (before --multiple-of)
             rep = shrink(m, units=units, criterion=criterion, scored=(g, sc, stats), calibration=calib, **kw)
             row = evaluate(m, label, units, rep)
             kept = sum(x.params_after for x in rep.groups)
