@@ -100,6 +100,29 @@ def test_tiny_dense_is_llama_arch_and_logits_match(tiny_model, tmp_path):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text)["input_ids"]
 
 
+def test_llama3_rope_scaling_is_written(tmp_path, monkeypatch):
+    """Llama-3-style RoPE scaling goes in as llama.cpp's rope_freqs tensor: logits match within
+    1e-3 past the original context, and do not without that tensor (so the test sees it)."""
+    from tiny_llama import tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=500000.0,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+                      tie_word_embeddings=False)
+    m = LlamaForCausalLM(cfg).eval()
+    ids = list(range(2, 120))
+    ref = torch_logits(m, ids)
+    res = gx.write_gguf(m, tok, tmp_path / "r.gguf", "f32", progress=False)
+    assert np.abs(llamacpp.logits(res.path, ids) - ref).max() < 1e-3
+    monkeypatch.setattr(gx, "_rope_freqs", lambda cfg, hd: None)
+    bare = gx.write_gguf(m, tok, tmp_path / "bare.gguf", "f32", progress=False)
+    assert np.abs(llamacpp.logits(bare.path, ids) - ref).max() > 1e-3
+
+
 def _per_layer(model, mlp_keep, head_keep):
     """A copy of ``model`` shrunk to explicit per-layer MLP widths and query-head counts."""
     m = copy.deepcopy(model)
@@ -176,6 +199,16 @@ def test_cli_refuses_in_one_line_before_loading(tiny, tmp_path, capsys, no_load)
     one_error(capsys, "--fallback")
     assert run(["export", folder, "--gguf", str(tmp_path / "y.gguf"), "--tokenizer-from", folder]) == 2
     one_error(capsys, "--tokenizer-from")
+
+
+def test_k_quant_without_llama_cpp_is_one_line(tiny, tmp_path, capsys, no_load, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    assert run(["export", str(tiny[0]), "--gguf", str(tmp_path / "k.gguf"), "--type", "q4_k_m"]) == 2
+    one_error(capsys, "--type q4_k_m needs llama.cpp's Python binding", "pip install 'emprune[deploy]'")
+    assert not (tmp_path / "k.gguf").exists()
 
 
 def test_cli_refuses_widths_off_the_blocks_from_the_headers(tiny_model, tmp_path, capsys, monkeypatch):

@@ -43,7 +43,6 @@ noisier than one; raise ``threads`` on an idle machine with cores to spare.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import inspect
 import json
 import math
@@ -59,12 +58,12 @@ from pathlib import Path
 from typing import Any
 
 from ..models import data, loading
+from ..models.llamacpp import DEPLOY_HINT, llama_cpp_module
 from .options import build, option, positive_int
 
 LLAMA, TORCH = "llama.cpp", "PyTorch"
 #: ``runtime``: auto (llama.cpp for a GGUF, PyTorch otherwise) or torch (PyTorch for every model)
 RUNTIMES = ("auto", "torch")
-DEPLOY_HINT = "pip install 'emprune[deploy]'"
 _MB = 1e6
 
 
@@ -139,14 +138,8 @@ def check_inputs(model: str, vs: str | None, options: BenchOptions) -> list[Subj
 
 def require_llama_cpp(what: str) -> None:
     """Raise one line unless llama-cpp-python imports (a GGUF runs in llama.cpp)."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        raise ValueError(f"{what}: a GGUF file runs in llama.cpp, which needs llama-cpp-python: {DEPLOY_HINT} "
-                         f"(or --runtime torch to run it in PyTorch)")
-    try:
-        import llama_cpp  # noqa: F401
-    except (ImportError, OSError) as e:  # installed but broken (a missing shared library)
-        raise ValueError(f"{what}: llama-cpp-python is installed but does not import ({e}); reinstall it: "
-                         f"{DEPLOY_HINT}") from None
+    llama_cpp_module(what, missing=f"{what}: a GGUF file runs in llama.cpp, which needs llama-cpp-python: "
+                                   f"{DEPLOY_HINT} (or --runtime torch to run it in PyTorch)")
 
 
 # ------------------------------------------------------------------ the timed passes

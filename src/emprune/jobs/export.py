@@ -20,6 +20,7 @@ from pathlib import Path
 from ..models import checkpoint, loading
 from ..models import export as gx
 from ..models.io import check_can_write
+from ..models.llamacpp import llama_cpp_module
 
 
 @dataclass
@@ -107,7 +108,7 @@ def check_export(model: str, out: str | os.PathLike, qtype: str, *, fallback: st
         raise FileExistsError(f"--gguf {out} exists; pass --overwrite to replace it")
     check_can_write(dest, "--gguf")
     if qtype in gx.LLAMA_CPP_TYPES:
-        gx.llama_cpp_module(f"--type {qtype}")
+        llama_cpp_module(f"--type {qtype}")
     mt = _model_type(kind, where)
     if mt is not None and mt not in gx.EXPORTABLE:
         raise NotImplementedError(

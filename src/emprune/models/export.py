@@ -171,7 +171,7 @@ def gguf_tensors(model: nn.Module, layers: Layers) -> Iterator[tuple[str, Tensor
     """``(gguf name, float32 tensor)`` of every tensor the file holds, in llama.cpp's names.
     Every parameter of ``model`` is either written or accounted for (a tied LM head, an all-zero
     bias); anything else is refused, so that nothing is silently lost."""
-    sd = {k: v for k, v in model.state_dict().items()}
+    sd = dict(model.state_dict())
     used: set[str] = set()
     names = {id(m): n for n, m in model.named_modules()}
 
@@ -386,7 +386,6 @@ class ExportResult:
 def _metadata(w: Any, cfg: Any, layers: Layers, name: str, file_type: str | None) -> None:
     import gguf
 
-    arch = layers.arch
     n = len(layers.ffn)
     one = layers.uniform
     w.add_name(name)
@@ -409,10 +408,9 @@ def _metadata(w: Any, cfg: Any, layers: Layers, name: str, file_type: str | None
     if (rope.get("rope_type") or "default") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rope["factor"]))
-    del arch
 
 
-def _rope_freqs(model: nn.Module, cfg: Any) -> Tensor | None:
+def _rope_freqs(cfg: Any, hd: int) -> Tensor | None:
     """llama3-style RoPE: the per-frequency divisors llama.cpp reads from ``rope_freqs.weight``
     (default inverse frequencies over the scaled ones, from transformers' own RoPE functions)."""
     rope = _rope(cfg)
@@ -421,7 +419,6 @@ def _rope_freqs(model: nn.Module, cfg: Any) -> Tensor | None:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
-    hd = layer_shapes(model).head_dim
     base = float(rope["rope_theta"])
     plain = 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     return (plain / scaled.to(torch.float64)).to(torch.float32)
@@ -436,7 +433,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, out: str | os.PathLike, qtype: 
     rows do not fit ``qtype``'s blocks (none: refuse them); ``source_gguf``: a GGUF to take the
     tokenizer metadata from. Atomic: ``out`` appears complete or not at all."""
     qtype = type_arg(qtype)
-    if fallback is not None and fallback not in FLOAT_TYPES + tuple(NATIVE_TYPES):
+    if fallback is not None and fallback not in NATIVE_TYPES:
         raise ValueError(f"--fallback must be a type gguf-py writes ({', '.join(NATIVE_TYPES)}), got {fallback!r}")
     cfg = text_config(model)
     check_exportable(cfg)
@@ -444,7 +441,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, out: str | os.PathLike, qtype: 
         raise NotImplementedError(f"GGUF export: {type(model).__name__} has no LLaMA-family decoder blocks")
     layers = layer_shapes(model)
     tensors = dict(gguf_tensors(model, layers))
-    freqs = _rope_freqs(model, cfg)
+    freqs = _rope_freqs(cfg, layers.head_dim)
     if freqs is not None:
         tensors["rope_freqs.weight"] = freqs
     plan = plan_types({k: tuple(v.shape) for k, v in tensors.items()}, qtype, fallback)
@@ -490,6 +487,8 @@ def _write(path: Path, cfg: Any, layers: Layers, tensors: dict[str, Tensor], pla
 def _write_llama_cpp(out: Path, cfg: Any, layers: Layers, tensors: dict[str, Tensor], plan: TypePlan,
                      tok_keys: list, title: str, progress: bool) -> None:
     """A float32 file first, then llama.cpp's quantiser into ``out`` (atomically)."""
+    from .llamacpp import llama_cpp_module
+
     llama_cpp = llama_cpp_module(f"--type {plan.qtype}")
     import tempfile
 
@@ -531,16 +530,6 @@ def _c_stderr_to(path: Path) -> Iterator[Path]:
     finally:
         os.close(saved)
         path.unlink(missing_ok=True)
-
-
-def llama_cpp_module(why: str) -> Any:
-    """``import llama_cpp`` or ``ModuleNotFoundError`` with one line saying how to get it."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise ModuleNotFoundError(f"{why} needs llama.cpp's Python binding: pip install 'emprune[deploy]' "
-                                  "(llama-cpp-python; it builds llama.cpp, about 5 minutes)") from None
-    return llama_cpp
 
 
 def file_tensor_types(path: Path, qtype: str) -> tuple[dict[str, int], list[str]]:

@@ -7,6 +7,7 @@ moves logits by ~1e-2) and asks for the logits of every position.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from contextlib import contextmanager
@@ -15,7 +16,23 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .export import llama_cpp_module
+#: how to get llama.cpp's Python binding (llama-cpp-python)
+DEPLOY_HINT = "pip install 'emprune[deploy]'"
+
+
+def llama_cpp_module(why: str, missing: str | None = None) -> Any:
+    """``import llama_cpp``, or ``ValueError`` with one line: ``missing`` (default: ``why`` needs
+    the binding and how to install it) when it is not installed, another when it is installed
+    but does not import (a missing shared library)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ValueError(missing or f"{why} needs llama.cpp's Python binding: {DEPLOY_HINT} (llama-cpp-python; "
+                                    "it builds llama.cpp, about 5 minutes)")
+    try:
+        import llama_cpp
+    except (ImportError, OSError) as e:
+        raise ValueError(f"{why}: llama-cpp-python is installed but does not import ({e}); reinstall it: "
+                         f"{DEPLOY_HINT}") from None
+    return llama_cpp
 
 
 @contextmanager
