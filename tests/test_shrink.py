@@ -301,6 +301,23 @@ def test_sensitivity_total_is_emps_even_below_the_floor():
     assert abs(kept["sensitivity"] - kept["zscore"]) <= len(groups)
 
 
+def test_keep_params_sets_the_sensitivity_total():
+    """``keep_params``: the default allocation at a matched size (the groups keep about that
+    many parameters, spread by the measured sensitivity); refused with other recipes."""
+    model = tiny_llama(layers=4)
+    groups = find_groups(model, "mlp")
+    want = int(0.6 * sum(g.params() for g in groups))
+    rep = shrink(copy.deepcopy(model), units="mlp", calibration=CALIB, keep_params=want, multiple_of=1)
+    kept = sum(g.params_after for g in rep.groups)
+    assert abs(kept - want) <= groups[0].params_per_unit() and rep.recipe["name"] == "sensitivity"
+    assert len({g.units_after for g in rep.groups}) > 1  # spread by sensitivity, not uniform
+    with pytest.raises(ValueError, match="keep_params"):
+        shrink(copy.deepcopy(model), units="mlp", calibration=CALIB, keep_params=want, recipe="zscore",
+               scope="global")
+    with pytest.raises(ValueError, match="more than the groups hold"):
+        shrink(copy.deepcopy(model), units="mlp", calibration=CALIB, keep_params=10 * want)
+
+
 def test_sensitivity_recipe_refusals():
     model = tiny_llama(layers=1)
     with pytest.raises(ValueError, match="use scope='global'"):

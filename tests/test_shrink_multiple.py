@@ -261,11 +261,14 @@ def test_take_steps_law(steps, target, more):
     assert all(0 <= c <= len(s) for c, s in zip(taken, steps))
     done = sum(size for s, c in zip(steps, taken) for _, size in s[:c])
     sizes = [size for s in steps for _, size in s]
+    target = max(target, 0.0)  # nothing below zero can be removed: a negative target takes no step
     if sum(taken) == len(sizes):
         assert done - target <= max(sizes, default=0) / 2
     else:
         assert abs(done - target) <= max(sizes) / 2
     assert all(a <= b for a, b in zip(taken, take_steps(steps, target + more)))
+    if target == 0.0:
+        assert take_steps(steps, -1.0) == [0] * len(steps)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from ..jobs import options as O
 from .common import (add_calib_args, beta_type, calibration_ids, check_seqlen, claim_out, positive_int,
                      units_type)
 
-HELP = "remove MLP neurons / attention heads physically with EMP and save a smaller model"
+HELP = "remove MLP neurons / attention heads / whole decoder blocks physically with EMP and save a smaller model"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -24,13 +24,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from .. import criteria as C
     from ..decide.recipes import (DEFAULT_SHRINK as DEFAULT_RECIPE, DEFAULT_SHRINK_LM as DEFAULT_RECIPE_LM,
                                   DEFAULT_SHRINK_MIXED as DEFAULT_RECIPE_MIXED, RECIPES, choices, names)
+    from ..criteria.block_scores import LAYER_SCORES
+    from ..criteria.channel_scores import HIDDEN_SCORES
     from ..jobs.shrink import DEFAULT_CRITERION, DEFAULT_SCOPE
 
     p = subparsers.add_parser(
         "shrink", help=HELP,
-        description="Score the MLP neurons and/or attention heads of every decoder block, let EMP decide how "
+        description="Score the MLP neurons and/or attention heads of every decoder block (or the blocks "
+                    "themselves, --units layers), let EMP decide how "
                     "many to keep, and remove the rest physically (smaller Linear layers, fewer heads; "
-                    "head_dim unchanged, GQA-consistent). Saves safetensors + config + tokenizer + emprune.json. "
+                    "head_dim unchanged, GQA-consistent; fewer blocks, a stock config). Saves safetensors + config + tokenizer + emprune.json. "
                     "Per-layer widths load with emprune.from_pretrained(DIR) (and emprune eval DIR); "
                     "--uniform gives one width per model that plain transformers loads. Default: "
                     f"--units mlp --criterion {DEFAULT_CRITERION} --scope {DEFAULT_SCOPE} --recipe "
@@ -42,8 +45,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (created; see --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is an earlier emprune output (holds emprune.json)")
-    p.add_argument("--units", type=units_type, default="mlp", help="mlp, heads or mlp,heads (default mlp: at equal size it kept "
-                   "lower perplexity than mlp,heads on SmolLM2-135M, see benchmarks/results/shrink_smollm2.md)")
+    p.add_argument("--units", type=units_type, default="mlp",
+                   help="mlp, heads, layers (whole decoder blocks), hidden (residual channels) or a comma list "
+                        "(layers,hidden,mlp: blocks first, then channels, then widths; default mlp: at equal size it kept lower perplexity than mlp,heads on "
+                        "SmolLM2-135M, see benchmarks/results/shrink_smollm2.md)")
+    p.add_argument("--layer-score", choices=LAYER_SCORES, default=None,
+                   help="with --units layers, the block score whose EMP count says how many blocks stay (default "
+                        "influence with calibration data, else magnitude): influence (ShortGPT: 1 - cos(x_in, "
+                        "x_out)), loss (calibration-loss increase when the block alone is skipped), magnitude "
+                        "(weight norm)")
+    p.add_argument("--hidden-score", choices=HIDDEN_SCORES, default=None,
+                   help="with --units hidden, the residual-channel score (default activation with calibration data, "
+                        "else magnitude): activation (Minitron: the stream's norm outputs over the calibration text), "
+                        "magnitude (weight norms)")
+    p.add_argument("--layer-select", choices=("greedy", "score"), default=None,
+                   help="with --units layers, which blocks go (default greedy with calibration data, score with "
+                        "--recipe paper or without data): greedy (one at a time, the block whose skipping raises "
+                        "the calibration loss least, re-measured after each), score (the lowest-scored blocks)")
     p.add_argument("--criterion", choices=C.names(level="unit"), default=None,
                    help=f"unit score (default {DEFAULT_CRITERION}): magnitude (weight norms), activation "
                         "(||X|| * ||W_out||), fluctuation (FLAP: Var(X) * ||W_out||^2), taylor (|dL/dX * X|)")
@@ -111,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
     criterion = args.criterion or DEFAULT_CRITERION
     comp = args.compensate if args.compensate is not None else (rec.compensate and keep is None)
     needs_data = C.entry(criterion, level="unit").needs_calibration or comp or rec.allocate == "sensitivity"
+    if "layers" in units.split(","):
+        needs_data = needs_data or getattr(args, "layer_score", None) != "magnitude" or (
+            getattr(args, "layer_select", None) == "greedy")
+    if "hidden" in units.split(","):
+        needs_data = needs_data or getattr(args, "hidden_score", None) != "magnitude"
     src = tok = ids = None
     if needs_data:  # the text, the windows and the tokens are checked before the (slow) model load
         src, tok, ids = calibration_ids(args.model, args.calib_text, args.seqlen)
@@ -124,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
     report, info = shrink_lm(model, calib, units=units, criterion=criterion, scope=args.scope,
                              beta=1.0 if args.beta is None else args.beta, keep=keep, recipe=args.recipe,
                              head_mode=args.head_mode, compensate=args.compensate, uniform=args.uniform,
+                             layer_score=getattr(args, "layer_score", None),
+                             layer_select=getattr(args, "layer_select", None),
+                             hidden_score=getattr(args, "hidden_score", None),
                              multiple_of=multiple_of,
                              batch_size=args.batch_size, progress=not args.quiet)
     info["model"] = args.model

@@ -307,13 +307,15 @@ class BySensitivity:
 
     sens: list[float]
     fraction: float = 0.5
+    #: parameters to remove instead of EMP's total (a matched-size comparison), or None
+    removed: float | None = None
     emp = True
     floors_raise_counts = False  # the floors cap where the total goes; EMP's counts stay as they are
 
     def __call__(self, targets: Sequence[Any], scores: list[Tensor], emp_k: list[int] | None,
                  floors: list[int]) -> list[int | Tensor]:
         groups = _groups(targets)
-        removed = removed_params(groups, emp_k or [])
+        removed = removed_params(groups, emp_k or []) if self.removed is None else float(self.removed)
         if on_grid(groups):
             return list(by_sensitivity_on_grid(groups, self.sens, removed, self.fraction, floors))
         ceilings = [(g.n - f) / g.n for g, f in zip(groups, floors)]

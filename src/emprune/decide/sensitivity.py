@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from ..structure.depth import skipped
+from ..structure.layouts import decoder_layers
 from ..structure.units import KANGroup, UnitGroup
 
 
@@ -78,3 +80,76 @@ def group_sensitivity(model: nn.Module, groups: list[UnitGroup], scores: list[Te
     finally:
         model.train(was)
     return out
+
+
+@torch.no_grad()
+def block_sensitivity(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], Tensor], *,
+                      progress: bool = False) -> list[float]:
+    """Loss increase when each decoder block alone is skipped (its input passed through, see
+    :func:`~emprune.structure.depth.skipped`), on ``batches``: one float per block (may be
+    slightly negative). The model is left as it was."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("block sensitivity needs at least one calibration batch")
+    was = model.training
+    model.eval()
+    try:
+        base = _loss(model, batches, loss_fn)
+        it = range(len(decoder_layers(model)))
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="block sensitivity", unit="block")
+        out = []
+        for i in it:
+            with skipped(model, [i]):
+                out.append(_loss(model, batches, loss_fn) - base)
+    finally:
+        model.train(was)
+    return out
+
+
+@torch.no_grad()
+def greedy_blocks(model: nn.Module, k: int, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], Tensor], *,
+                  candidates: Callable[[list[int]], list[int]] | None = None,
+                  progress: bool = False) -> tuple[list[int], list[float]]:
+    """Which ``k`` decoder blocks to remove, one at a time: each round skips, one by one, every
+    block still there (or the ``candidates(removed)`` it names) on top of those already chosen and
+    takes the one whose skipping gives the lowest loss on ``batches``. Blocks interact (two
+    neighbours that are each harmless can be harmful together), so the loss is measured again
+    after every choice. Returns the blocks in the order chosen and the loss after each choice
+    (float64 sums). The model is left as it was."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("greedy block removal needs at least one calibration batch")
+    n = len(decoder_layers(model))
+    if not 0 <= k < n:
+        raise ValueError(f"can remove 0 to {n - 1} of {n} blocks, asked for {k}")
+    was = model.training
+    model.eval()
+    chosen: list[int] = []
+    losses: list[float] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=k, desc="choose blocks", unit="block")
+    try:
+        for _ in range(k):
+            pool = [i for i in (candidates(list(chosen)) if candidates else range(n)) if i not in chosen]
+            best: tuple[float, int] | None = None
+            for i in pool:
+                with skipped(model, chosen + [i]):
+                    v = _loss(model, batches, loss_fn)
+                if best is None or v < best[0]:
+                    best = (v, i)
+            assert best is not None, "no candidate block"
+            chosen.append(best[1])
+            losses.append(best[0])
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was)
+    return chosen, losses

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 from .. import criteria as C
 from ..decide import allocate, recipes
+from ..criteria.block_scores import LAYER_SCORES
+from ..criteria.channel_scores import HIDDEN_SCORES
 from ..decide.scopes import SCOPES
 from ..structure.targets import TARGET_SETS
 from ..structure.units import KINDS
@@ -73,16 +75,16 @@ def comma_list(s: Any) -> tuple[str, ...]:
 
 
 #: the unit kinds ``emprune shrink`` removes in a causal LM
-LM_UNITS = ("mlp", "heads")
+LM_UNITS = ("mlp", "heads", "layers", "hidden")
 
 
 def lm_units(s: Any) -> str:
-    """A comma-separated list of LM unit kinds (``mlp``, ``heads``; a list or tuple also does),
+    """A comma-separated list of LM unit kinds (``mlp``, ``heads``, ``layers``, ``hidden``; a list or tuple also does),
     as one canonical string; an empty item (``mlp,,heads``), an unknown kind or a repeated one
     is refused rather than dropped."""
     items = list(s) if isinstance(s, (list, tuple)) else str(s).split(",")
     items = [str(u).strip() for u in items]
-    want = "mlp, heads or mlp,heads"
+    want = "mlp, heads, layers, hidden or a comma list of them (layers,mlp)"
     if not items or any(not u for u in items):
         raise ValueError(f"expected {want} (no empty item), got {s!r}")
     bad = [u for u in items if u not in LM_UNITS]
@@ -278,13 +280,28 @@ class ShrinkOptions:
     """Options of ``emprune shrink`` / :func:`emprune.shrink`: structural units scored, counted
     by EMP (or a fixed size) and removed."""
 
-    units: Any = option("auto", "mlp, heads or mlp,heads (default mlp: at equal size it kept lower perplexity "
-                                "than mlp,heads on SmolLM2-135M, see benchmarks/results/shrink_smollm2.md)",
+    units: Any = option("auto", "mlp, heads, layers (whole decoder blocks), hidden (residual channels) or a comma "
+                                "list (layers,hidden,mlp: blocks first, then channels, then widths; default mlp: at equal size it kept lower perplexity than "
+                                "mlp,heads on SmolLM2-135M, see benchmarks/results/shrink_smollm2.md)",
                         cli_default="mlp")
     criterion: str | None = option(None, "unit score (default fluctuation with calibration data, else magnitude): "
                                          "magnitude (weight norms), activation (||X|| * ||W_out||), fluctuation "
                                          "(FLAP: Var(X) * ||W_out||^2), taylor (|dL/dX * X|)",
                                    choices=lambda: C.names(level="unit"))
+    layer_score: str | None = option(None, "with --units layers, the block score whose EMP count says how many "
+                                           "blocks stay (default influence with calibration data, else magnitude): "
+                                           "influence (ShortGPT: 1 - cos(x_in, x_out)), loss (calibration-loss "
+                                           "increase when the block alone is skipped), magnitude (weight norm)",
+                                     choices=LAYER_SCORES)
+    hidden_score: str | None = option(None, "with --units hidden, the residual-channel score (default activation "
+                                            "with calibration data, else magnitude): activation (Minitron: the "
+                                            "stream's norm outputs over the calibration text), magnitude (weight "
+                                            "norms)", choices=HIDDEN_SCORES)
+    layer_select: str | None = option(None, "with --units layers, which blocks go (default greedy with calibration "
+                                            "data, score with --recipe paper or without data): greedy (one at a "
+                                            "time, the block whose skipping raises the calibration loss least, "
+                                            "re-measured after each), score (the lowest-scored blocks)",
+                                      choices=("greedy", "score"))
     scope: str | None = option(None, "layer: EMP per layer; global: one decision over all layers and unit kinds "
                                      "(default global with the default recipe, layer otherwise)",
                                choices=("layer", "global"))
@@ -292,6 +309,9 @@ class ShrinkOptions:
                          cli_default=None)
     keep: Any = option(None, "fixed size instead of EMP: a fraction (0.75) or a count (1024) of units per layer",
                        type=keep_size, exclusive="size")
+    keep_params: int | None = option(None, "the parameters the unit groups keep, spread by the measured-sensitivity "
+                                           "allocation instead of EMP's total (matched-size comparisons of the "
+                                           "default recipe)", cli=False)
     recipe: Any = option("default", "", help_fn=_shrink_recipe_help, choices=lambda: recipes.choices("shrink"))
     count_by: str | None = option(None, "unit criterion whose N_eff sets how many (default: the criterion)",
                                   cli=False)

@@ -185,6 +185,15 @@ class _Run:
         self.comp = comp
         self.sens_batches: list[Any] | None = None
         self.loss_fn = o.loss_fn
+        self.removed = None
+        if o.keep_params is not None:
+            if rec.allocate != "sensitivity" or o.keep is not None or self.scope != "global":
+                raise ValueError("keep_params sets the total of the sensitivity allocation: use it with that recipe, "
+                                 "the global scope and no keep=")
+            self.removed = sum(g.params() for g in groups) - float(o.keep_params)
+            if self.removed < 0:
+                raise ValueError(f"keep_params {o.keep_params} is more than the groups hold now "
+                                 f"({sum(g.params() for g in groups)})")
         if rec.allocate == "sensitivity" and o.keep is None:
             if self.scope != "global":
                 raise ValueError(f"recipe {rec.name!r} allocates across layers: use scope='global'")
@@ -206,7 +215,7 @@ class _Run:
         if rec.allocate == "threshold":
             return A.ByThreshold(self.beta, reselect=o.count_by not in (None, self.criterion))
         if rec.allocate == "sensitivity":
-            return A.BySensitivity(list(sens or []), rec.sens_fraction)
+            return A.BySensitivity(list(sens or []), rec.sens_fraction, removed=self.removed)
         return A.ByNormalisedScores(rec.allocate, joint=rec.joint, on_count=rec.allocate_on == "count")
 
 
@@ -261,6 +270,9 @@ def shrink(model: nn.Module, *, calibration: Iterable[Any] | Tensor | None = Non
     batches with ``loss_fn``). ``scored``: reuse :func:`score_units`'s output (same model, not yet
     changed). The model is changed in place. Returns a :class:`ShrinkReport`."""
     o = build(ShrinkOptions, options, fields)
+    if scored is None and "layers" in (o.units.split(",") if isinstance(o.units, str) else o.units):
+        raise ValueError("units 'layers' (whole decoder blocks) is a causal-LM job: "
+                         "emprune.shrink_lm(model, calibration_tokens, units=...)")
     t0 = time.perf_counter()
     run = _Run(model, o, calibration, scored)
     if scored is None:
@@ -269,7 +281,7 @@ def shrink(model: nn.Module, *, calibration: Iterable[Any] | Tensor | None = Non
     run.resolve(o, groups, stats, calibration)
     _set_grids(groups, o, run.multiple)
     counts = scores if o.count_by in (None, run.criterion) else unit_scores(groups, o.count_by, stats)
-    before = _measure(model, o, run.lm)
+    before = measure_sizes(model, o, run.lm)
 
     sens = None
     if run.sens_batches is not None:
@@ -290,25 +302,25 @@ def shrink(model: nn.Module, *, calibration: Iterable[Any] | Tensor | None = Non
         gr.sensitivity = x
     if run.lm and not o.dry_run:
         sync_config(model)
-    _finish(report, model, o, run.lm, before)
+    finish_sizes(report, model, o, run.lm, before)
     report.global_neff = getattr(allocator, "neff", None)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _measure(model: nn.Module, o: ShrinkOptions, lm: bool) -> tuple[int, int, int | None]:
+def measure_sizes(model: nn.Module, o: ShrinkOptions, lm: bool) -> tuple[int, int, int | None]:
     """Parameters, embedding parameters and MACs of ``model`` now."""
     macs = (macs_lm(model, o.macs_seqlen) if lm
             else macs_plain(model, o.example_input) if o.example_input is not None else None)
     return sum(p.numel() for p in model.parameters()), _embedding_params(model), macs
 
 
-def _finish(report: ShrinkReport, model: nn.Module, o: ShrinkOptions, lm: bool,
+def finish_sizes(report: ShrinkReport, model: nn.Module, o: ShrinkOptions, lm: bool,
             before: tuple[int, int, int | None]) -> None:
     """Sizes before and after (computed for a dry run, measured otherwise)."""
     report.params_before, report.embedding_params, report.macs_before = before
     report.params_after = (report.params_before - sum(g.params_before - g.params_after for g in report.groups)
                            if o.dry_run else sum(p.numel() for p in model.parameters()))
-    report.macs_after = None if o.dry_run else _measure(model, o, lm)[2]
+    report.macs_after = None if o.dry_run else measure_sizes(model, o, lm)[2]
     report.macs_note = (f"per token at context {o.macs_seqlen}: every Linear incl. the LM head, plus QK^T and AV"
                         if lm else "per example_input forward: Linear and Conv multiply-adds")

@@ -22,6 +22,7 @@ from ..decide import recipes
 from ..models.checkpoint import SHRUNK_KIND, versions
 from ..structure.layouts import decoder_layers
 from .options import ShrinkOptions, build, lm_units
+from .axes import shrink_hidden, shrink_layers
 from .shrink import DEFAULT_CRITERION, check_multiple, lm_batches, lm_forward, lm_loss, score_units, shrink
 
 #: the uniform layout's intermediate size is a multiple of this (and of ``multiple_of``)
@@ -56,8 +57,10 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
     ``calib_tokens`` ``[n, seqlen]`` feed activation / fluctuation / Taylor scores and the bias
     compensation (one dense pass, in batches of ``batch_size``); the default recipe
     (``sensitivity``) also measures the loss on their first 1,024 tokens once per group. Options
-    as in :func:`~.shrink.shrink` (``units`` default ``mlp``; ``uniform``: one width per model;
-    ``multiple_of``: the grid of the MLP widths, default 32);
+    as in :func:`~.shrink.shrink` (``units`` default ``mlp``; ``layers`` removes whole blocks
+    first, :func:`~.axes.shrink_layers`, ``hidden`` residual channels next,
+    :func:`~.axes.shrink_hidden`, then the other kinds are shrunk on what stays;
+    ``uniform``: one width per model; ``multiple_of``: the grid of the MLP widths, default 32);
     ``progress``: bars over the calibration and the sensitivity measurement."""
     from tqdm.auto import tqdm
 
@@ -68,6 +71,17 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
         raise ValueError(f"units: {e}") from None
     rec = recipes.get_recipe(o.recipe, "shrink")
     check_multiple(o.multiple_of)  # before the calibration pass
+    uniform = fields.get("uniform", options.uniform if options is not None else False)
+    kinds = units.split(",")
+    whole: list[ShrinkReport] = []  # depth first, then the residual channels: widths are decided on what stays
+    for kind, job in (("layers", shrink_layers), ("hidden", shrink_hidden)):
+        if kind in kinds:
+            whole.append(job(model, calib_tokens, o.replace(units=kind, progress=progress)))
+            kinds.remove(kind)
+    if not kinds:
+        report = _combined(whole)
+        return report, summary(model, report, calib_tokens, uniform)
+    units = ",".join(kinds)
     crit = o.criterion or (DEFAULT_CRITERION if calib_tokens is not None else "magnitude")
     t0 = time.perf_counter()
     batches = None if calib_tokens is None else lm_batches(calib_tokens, o.batch_size)
@@ -76,7 +90,7 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
     scored = score_units(model, units, crit, batches, forward=lm_forward, loss_fn=lm_loss)
     t_cal = time.perf_counter() - t0
     o = o.replace(units=units, criterion=crit, progress=progress, uniform=False)
-    if uniform := fields.get("uniform", options.uniform if options is not None else False):
+    if uniform:
         comp = ((rec.compensate and o.keep is None and calib_tokens is not None) if o.compensate is None
                 else o.compensate)
         # the sensitivities (default recipe) are measured with the compensation the final model gets;
@@ -90,12 +104,33 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
                                         "intermediate_multiple": grid}
     else:
         report = shrink(model, calibration=calib_tokens, scored=scored, options=o)
+    if whole:
+        report = _combined([*whole, report])
     report.extra["calibration_seconds"] = t_cal
     if uniform:
         _make_stock(model)  # zero biases where the stock bias flags create them
         report.params_after = sum(p.numel() for p in model.parameters())
     info = summary(model, report, calib_tokens, uniform)
     return report, info
+
+
+def _combined(reports: list[ShrinkReport]) -> ShrinkReport:
+    """One report for several steps (blocks, channels, widths, in that order): the last step's
+    settings, every step's groups, sizes before from the first; each whole-model step's decision
+    in ``extra["depth"]`` / ``extra["hidden"]``."""
+    last = reports[-1]
+    if len(reports) == 1:
+        return last
+    first = reports[0]
+    last.groups = [g for r in reports for g in r.groups]
+    last.params_before, last.embedding_params, last.macs_before = (
+        first.params_before, first.embedding_params, first.macs_before)
+    for r in reports[:-1]:
+        last.seconds += r.seconds
+        key = "depth" if r.groups[0].kind == "layers" else "hidden"
+        last.extra[key] = {"score": r.criterion, "recipe": r.recipe["name"], "beta": r.beta, "keep": r.keep,
+                           **r.extra}
+    return last
 
 
 def summary(model: nn.Module, report: ShrinkReport, calib_tokens: Tensor | None, uniform: bool) -> dict[str, Any]:

@@ -10,6 +10,10 @@ Kinds:
 
 * ``mlp``: the intermediate neurons of a LLaMA-family MLP (rows of gate/up, columns of down);
 * ``heads``: the query heads of an attention module, GQA-aware (see :class:`HeadGroup`);
+* ``layers``: the decoder blocks of a causal LM, one group whose units are whole blocks
+  (:class:`LayerGroup`; removal in :mod:`.depth`);
+* ``hidden``: the channels of a causal LM's residual stream, one group (:class:`HiddenGroup`;
+  removal in :mod:`.hidden`: embedding, LM head, every projection and norm);
 * ``neurons``: hidden neurons between two Linears of a plain chain (MLP);
 * ``channels``: Conv output channels (+ the BatchNorm after them) feeding a Conv or, through
   ``Flatten``, a Linear;
@@ -35,10 +39,13 @@ import torch
 from torch import Tensor, nn
 
 from ..core import rule
+from . import depth, hidden
 from . import surgery as rm
 from .layouts import decoder_layers, layout_or_none, require_layout
 
-KINDS = ("mlp", "heads", "neurons", "channels", "kan")
+KINDS = ("mlp", "heads", "layers", "hidden", "neurons", "channels", "kan")
+#: the kinds of a decoder LM (the rest are found in plain chains)
+LM_KINDS = ("mlp", "heads", "layers", "hidden")
 
 
 def grid_widths(n: int, multiple: int = 1) -> list[int]:
@@ -296,6 +303,102 @@ class HeadGroup(UnitGroup):
         return (q + self.out_norms().square()).sqrt()
 
 
+@dataclass(eq=False)
+class LayerGroup(UnitGroup):
+    """The decoder blocks of a causal LM: one group, one unit per block (``consumer`` is the
+    block list). Removing a unit deletes the whole block (:func:`.depth.keep_blocks`: the
+    config's per-layer lists and the attention cache slots follow); its masked reference is
+    :func:`.depth.skipped` (the block passes its input through), not a zeroing, so
+    :meth:`zero` and :meth:`compensate` refuse. Blocks may differ in size (after a width
+    shrink): :meth:`block_params` counts each, :meth:`params_per_unit` is their mean."""
+
+    model: nn.Module | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.consumer)
+
+    def producers(self) -> list[nn.Module]:
+        return []
+
+    def block_params(self) -> list[int]:
+        """Parameters of every block, in order."""
+        return [sum(p.numel() for p in b.parameters()) for b in self.consumer]
+
+    def params(self) -> int:
+        return sum(self.block_params())
+
+    def params_per_unit(self) -> int:
+        return self.params() // max(self.n, 1)
+
+    def weight_norms(self) -> Tensor:
+        """L2 norm of every parameter of each block (the ``magnitude`` score of a block)."""
+        return torch.stack([sum((p.detach().double().square().sum() for p in b.parameters()),
+                                torch.zeros((), dtype=torch.float64)).sqrt().cpu() for b in self.consumer])
+
+    def out_norms(self) -> Tensor:
+        raise NotImplementedError("decoder blocks have no consumer columns: score them with "
+                                  "emprune.criteria.block_scores (loss, influence) or magnitude")
+
+    def zero(self, keep: Tensor) -> None:
+        raise NotImplementedError("the masked reference of removed blocks is emprune.structure.depth.skipped")
+
+    def compensate(self, keep: Tensor, mean_in: Tensor) -> None:
+        raise NotImplementedError("bias compensation is not defined for whole decoder blocks")
+
+    def _remove(self, idx: Tensor) -> None:
+        depth.keep_blocks(self.model, idx.tolist())
+
+
+@dataclass(eq=False)
+class HiddenGroup(UnitGroup):
+    """The channels of a causal LM's residual stream: one group, one unit per channel
+    (``consumer`` is the embedding). Removing a unit removes the channel everywhere
+    (:func:`.hidden.keep_channels`); the masked reference (:meth:`zero`) zeroes the channel's
+    embedding column and the rows that write it, so nothing flows through it. ``multiple``: the
+    grid of the kept width (transformers wants ``hidden_size`` a multiple of the head count; a
+    GGUF type wants whole blocks of 32 or 256)."""
+
+    model: nn.Module | None = None
+    multiple: int = 1
+
+    @property
+    def n(self) -> int:
+        return int(self.consumer.weight.shape[1])
+
+    def producers(self) -> list[nn.Module]:
+        return []
+
+    def params_per_unit(self) -> int:
+        return hidden.residual(self.model).params_per_channel()
+
+    def weight_norms(self) -> Tensor:
+        return hidden.residual(self.model).channel_norms()
+
+    def out_norms(self) -> Tensor:
+        return self.weight_norms()
+
+    def realised(self, k: int, grid: bool = True) -> int:
+        return nearest_width(k, self.n, self.multiple if grid else 1)
+
+    def widths(self) -> list[int]:
+        return grid_widths(self.n, self.multiple)
+
+    def conform(self, keep: Tensor, scores: Tensor) -> Tensor:
+        c = int(keep.sum())
+        return keep if c >= 1 and self.realised(c) == c else self.keep_mask(scores, c)
+
+    def zero(self, keep: Tensor) -> None:
+        self.check_keep(keep)
+        hidden.zero_channels(self.model, (~keep).nonzero().squeeze(1).tolist())
+
+    def compensate(self, keep: Tensor, mean_in: Tensor) -> None:
+        raise NotImplementedError("bias compensation is not defined for residual channels")
+
+    def _remove(self, idx: Tensor) -> None:
+        hidden.keep_channels(self.model, idx.tolist())
+
+
 def _expand(idx: Tensor, block: int) -> Tensor:
     return (idx[:, None] * block + torch.arange(block)).reshape(-1)
 
@@ -407,14 +510,22 @@ class KANGroup(UnitGroup):
 
 
 def llm_groups(model: nn.Module, kinds: tuple[str, ...] = ("mlp", "heads")) -> list[UnitGroup]:
-    """MLP and attention-head groups of every decoder block of a LLaMA-family causal LM (other
-    layouts: ``NotImplementedError``, one line)."""
+    """The groups of a LLaMA-family causal LM (other layouts: ``NotImplementedError``, one
+    line): one :class:`LayerGroup` over the blocks (``layers``) and one :class:`HiddenGroup` over
+    the residual channels (``hidden``), first, then the attention heads and MLP neurons of every
+    block."""
     require_layout(model, "llama", "emprune shrink")
 
     names = {m: n for n, m in model.named_modules()}
     config = getattr(model, "config", None)
     config = getattr(config, "get_text_config", lambda: config)()
     out: list[UnitGroup] = []
+    if "layers" in kinds:
+        blocks = decoder_layers(model)
+        out.append(LayerGroup(names[blocks], "layers", blocks, 1, None, model=model))
+    if "hidden" in kinds:
+        embed = model.get_input_embeddings()
+        out.append(HiddenGroup("hidden_size", "hidden", embed, 1, None, model=model))
     for i, block in enumerate(decoder_layers(model)):
         if "heads" in kinds:
             attn = getattr(block, "self_attn", None)
@@ -493,11 +604,11 @@ def find_groups(model: nn.Module, units: str | tuple[str, ...] | list[str] = "au
     else:
         kinds = tuple(units)
     if kinds == ("auto",):
-        kinds = ("mlp", "heads") if is_lm else ("neurons", "channels", "kan")
+        kinds = ("mlp", "heads") if is_lm else ("neurons", "channels", "kan")  # layers: asked for by name
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise ValueError(f"units must be a comma list of {', '.join(KINDS)} (or 'auto'); got {units!r}")
-    llm_kinds = tuple(k for k in kinds if k in ("mlp", "heads"))
+    llm_kinds = tuple(k for k in kinds if k in LM_KINDS)
     groups: list[UnitGroup] = []
     if llm_kinds:
         if layout_or_none(model) is not None:  # a decoder LM emprune knows, but maybe not LLaMA-like
@@ -505,7 +616,7 @@ def find_groups(model: nn.Module, units: str | tuple[str, ...] | list[str] = "au
         if not is_lm:
             raise ValueError(f"units {llm_kinds} need a decoder LM with model.model.layers")
         groups += llm_groups(model, llm_kinds)
-    plain = tuple(k for k in kinds if k not in ("mlp", "heads"))
+    plain = tuple(k for k in kinds if k not in LM_KINDS)
     if plain:
         groups += chain_groups(model, plain)
     if not groups:
