@@ -10,8 +10,13 @@ Rows (per model; every baseline at the default's number of removed blocks or at 
 * ``ShortGPT``: the lowest-BI blocks, as many as the default removes;
 * ``lowest loss, one-shot``: the blocks whose skipping alone costs least, as many;
 * ``last blocks``: the blocks just before the final one, as many as the default removes (the naive cut);
-* ``joint layers,mlp (default)``: ``--units layers,mlp`` (blocks first, then EMP's width shrink of
-  the rest), and ``width only (default) at joint size`` beside it;
+* blocks with widths (``--rows joint``): ``shared budget layers,mlp`` (``--budget shared``: EMP's
+  totals as one budget, spent where the measured calibration loss is lowest),
+  ``shared budget layers,mlp,heads (same size)`` (``keep={"params": P}``), ``per-kind layers,mlp
+  (default)`` (blocks first, then EMP's width shrink of the rest), and the single axes at the
+  shared budget's size: ``width only (default) at shared size``, ``layers only at shared size``;
+* ``--axis hidden``: residual channels (``--units hidden``) against magnitude and random channels of
+  the same count, the paper's rule, and the width shrinks of the same size;
 * ``width only (default)``: ``--units mlp`` with the default recipe's measured-sensitivity allocation,
   holding the same number of parameters as the default depth cut (``keep_params``);
 * ``width only (uniform)``: the same size, the same fraction of neurons in every layer.
@@ -26,8 +31,9 @@ from the MACs. ``--heal-steps``: the same rows after a short distillation from t
 (``emprune.jobs.heal.heal``, fixed small budget). ``--zeroshot``: the seven zero-shot tasks
 (``--zeroshot-limit`` items each) for the dense model, the default and ShortGPT.
 
-    python benchmarks/shrink_depth.py --model smollm2-135m                   # ~40 min on 2 cores
-    python benchmarks/shrink_depth.py --model gemma3-270m --heal-steps 0 --no-zeroshot
+    python benchmarks/shrink_depth.py --model smollm2-135m                   # ~2 h on 2 cores
+    python benchmarks/shrink_depth.py --model gemma3-270m --axis hidden      # a Gemma heal: ~25 min
+    python benchmarks/shrink_depth.py --model smollm2-135m --llamacpp-only   # the default cut in llama.cpp
     python benchmarks/shrink_depth.py --quick --out /tmp/q                     # smoke (tiny LLaMA)
 
 Results accumulate per model in ``benchmarks/results/shrink_depth.{json,md,png}`` (a model's
@@ -125,8 +131,10 @@ def measure(model, dense, texts: dict, args, *, speed: bool = True) -> dict:
 # ----------------------------------------------------------------------------- the rows
 
 
-def build_rows(dense, calib, args) -> dict:
-    """``{row: (model, info)}``, the default first (the others match its size)."""
+def build_rows(dense, calib, args, M: dict) -> dict:
+    """``{row: build}``, ``build() -> (model, info)``, the default first. Rows that match another
+    row's size read it from the results ``M`` when they are built (the rows are measured in
+    order, so the row they match is measured by then; a row measured earlier is not rebuilt)."""
     from emprune.jobs.axes import shrink_layers
     from emprune.jobs.shrink import shrink
     from emprune.jobs.shrink_lm import shrink_lm
@@ -134,58 +142,91 @@ def build_rows(dense, calib, args) -> dict:
     from emprune.structure.units import find_groups
 
     L = len(dense.model.layers)
-    rows = {}
+    done = M["rows"]
+    block = sum(p.numel() for p in dense.model.layers[0].parameters())
+    outside = sum(p.numel() for p in dense.parameters()) - block * L  # embedding, final norm (tied head)
 
-    def depth(name, **kw):
+    def k_default() -> int:
+        return len(done["EMP default"]["removed_layers"])
+
+    def removed(name: str) -> int:
+        return done["dense"]["after"]["params"] - done[name]["after"]["params"]
+
+    def depth(**kw):
+        def build():
+            m = copy.deepcopy(dense)
+            t = time.perf_counter()
+            args_ = {k: v() if callable(v) else v for k, v in kw.items()}
+            rep = shrink_layers(m, calib, batch_size=4, **args_)
+            log(f"removed {rep.extra['removed_layers']} (N_eff {_f(rep.groups[0].neff)})")
+            return m, {"options": args_, "removed_layers": rep.extra["removed_layers"],
+                       "scores": rep.extra["layer_scores"], "neff": rep.groups[0].neff,
+                       "seconds": time.perf_counter() - t}
+        return build
+
+    def last():
+        m = copy.deepcopy(dense)
+        k = k_default()
+        gone = list(range(L - 1 - k, L - 1))
+        keep_blocks(m, [i for i in range(L) if i not in gone])
+        return m, {"removed_layers": gone}
+
+    def width(of: str, uniform: bool = False):
+        def build():
+            m = copy.deepcopy(dense)
+            groups = find_groups(m, "mlp")
+            keep = sum(g.params() for g in groups) - removed(of)
+            t = time.perf_counter()
+            if uniform:  # the same fraction of neurons in every layer, the default's score and compensation
+                rep = shrink(m, units="mlp", calibration=calib, keep={"params": keep}, compensate=True,
+                             multiple_of=args.multiple_of)
+            else:
+                rep = shrink(m, units="mlp", calibration=calib, keep_params=keep, multiple_of=args.multiple_of)
+            log(f"{sum(p.numel() for p in m.parameters()):,} params (target {done['dense']['after']['params'] - removed(of):,})")
+            return m, {"matches": of, "widths": [g.units_after for g in rep.groups], "seconds": time.perf_counter() - t}
+        return build
+
+    def joint(units: str, same_as: str | None = None):
+        def build():
+            m = copy.deepcopy(dense)
+            t = time.perf_counter()
+            kw = {} if same_as is None else {"keep": {"params": done[same_as]["after"]["params"] - outside}}
+            rep, _ = shrink_lm(m, calib, units=units, budget="shared", batch_size=4, progress=False,
+                               multiple_of=args.multiple_of, **kw)
+            j = rep.extra["joint"]
+            log(f"joint {units}: removed {rep.extra['depth']['removed_layers']}, {rep.params_after:,} params; "
+                + ", ".join(f"{c['blocks']}: {_f(c.get('loss_increase'), 4)}" for c in j["candidates"]))
+            return m, {"removed_layers": rep.extra["depth"]["removed_layers"], "joint": j, "matches": same_as,
+                       "widths": [g.units_after for g in rep.groups if g.kind == "mlp"],
+                       "heads": [g.units_after for g in rep.groups if g.kind == "heads"],
+                       "seconds": time.perf_counter() - t}
+        return build
+
+    def sequential():
         m = copy.deepcopy(dense)
         t = time.perf_counter()
-        rep = shrink_layers(m, calib, batch_size=4, **kw)
-        rows[name] = (m, {"options": {k: v for k, v in kw.items()}, "removed_layers": rep.extra["removed_layers"],
-                          "scores": rep.extra["layer_scores"], "neff": rep.groups[0].neff,
-                          "seconds": time.perf_counter() - t})
-        log(f"{name}: removed {rep.extra['removed_layers']} (N_eff {_f(rep.groups[0].neff)})")
-        return rep
+        rep = shrink_layers(m, calib, batch_size=4)
+        rep2, _ = shrink_lm(m, calib, units="mlp", batch_size=4, progress=False, multiple_of=args.multiple_of)
+        return m, {"removed_layers": rep.extra["removed_layers"], "widths": [g.units_after for g in rep2.groups],
+                   "seconds": time.perf_counter() - t}
 
-    ref = depth("EMP default")
-    k = len(ref.extra["removed_layers"])
+    rows = {"EMP default": depth()}
     if "paper" in args.rows:
-        depth("EMP paper (influence)", recipe="paper", layer_score="influence")
-        depth("EMP paper (loss)", recipe="paper", layer_score="loss")
-    depth("ShortGPT (BI)", layer_score="influence", layer_select="score", keep=L - k)
-    depth("lowest loss, one-shot", layer_score="loss", layer_select="score", keep=L - k)
-    m = copy.deepcopy(dense)
-    last = list(range(L - 1 - k, L - 1))
-    keep_blocks(m, [i for i in range(L) if i not in last])
-    rows["last blocks"] = (m, {"removed_layers": last})
-    sizes = [("", ref.params_before - ref.params_after)]
-    if "joint" in args.rows:
-        m = copy.deepcopy(dense)
-        t = time.perf_counter()
-        rep, _ = shrink_lm(m, calib, units="layers,mlp", batch_size=4, progress=False,
-                           multiple_of=args.multiple_of)
-        rows["joint layers,mlp (default)"] = (m, {"removed_layers": rep.extra["depth"]["removed_layers"],
-                                                  "widths": [g.units_after for g in rep.groups[1:]],
-                                                  "seconds": time.perf_counter() - t})
-        log(f"joint: removed {rep.extra['depth']['removed_layers']}, {rep.params_after:,} params")
-        sizes.append((" at joint size", rep.params_before - rep.params_after))
+        rows["EMP paper (influence)"] = depth(recipe="paper", layer_score="influence")
+        rows["EMP paper (loss)"] = depth(recipe="paper", layer_score="loss")
+    rows["ShortGPT (BI)"] = depth(layer_score="influence", layer_select="score", keep=lambda: L - k_default())
+    rows["lowest loss, one-shot"] = depth(layer_score="loss", layer_select="score", keep=lambda: L - k_default())
+    rows["last blocks"] = last
     if "width" in args.rows:
-        for suffix, removed in sizes:
-            for name, kw in (("width only (default)", {}), ("width only (uniform)", {"recipe": "zscore"})):
-                if suffix and kw:
-                    continue  # at the joint size: the default allocation only
-                m = copy.deepcopy(dense)
-                groups = find_groups(m, "mlp")
-                keep = sum(g.params() for g in groups) - removed
-                t = time.perf_counter()
-                if kw:  # the same fraction of neurons in every layer, the default's score and compensation
-                    rep = shrink(m, units="mlp", calibration=calib, keep={"params": keep}, compensate=True,
-                                 multiple_of=args.multiple_of)
-                else:
-                    rep = shrink(m, units="mlp", calibration=calib, keep_params=keep, multiple_of=args.multiple_of)
-                rows[name + suffix] = (m, {"widths": [g.units_after for g in rep.groups],
-                                           "seconds": time.perf_counter() - t})
-                log(f"{name + suffix}: {sum(p.numel() for p in m.parameters()):,} params "
-                    f"(target {ref.params_before - removed:,})")
+        rows["width only (default)"] = width("EMP default")
+        rows["width only (uniform)"] = width("EMP default", uniform=True)
+    if "joint" in args.rows:
+        J = "shared budget layers,mlp"
+        rows[J] = joint("layers,mlp")
+        rows["shared budget layers,mlp,heads (same size)"] = joint("layers,mlp,heads", same_as=J)
+        rows["per-kind layers,mlp (default)"] = sequential
+        rows["width only (default) at shared size"] = width(J)
+        rows["layers only at shared size"] = depth(keep=lambda: L - round(removed(J) / block))
     return rows
 
 
@@ -225,7 +266,7 @@ def build_hidden_rows(dense, calib, args) -> dict:
         m = copy.deepcopy(dense)
         t = time.perf_counter()
         rep, _ = shrink_lm(m, calib, units="hidden,mlp", batch_size=4, progress=False, multiple_of=args.multiple_of)
-        rows["joint hidden,mlp (default)"] = (m, {"hidden": [d, m.config.hidden_size],
+        rows["hidden then mlp (default)"] = (m, {"hidden": [d, m.config.hidden_size],
                                                   "widths": [g.units_after for g in rep.groups[1:]],
                                                   "seconds": time.perf_counter() - t})
         sizes.append((" at joint size", rep.params_before - rep.params_after))
@@ -239,8 +280,17 @@ def build_hidden_rows(dense, calib, args) -> dict:
                 continue
             rep = shrink(m, units="mlp", calibration=calib, keep_params=keep_p, multiple_of=args.multiple_of)
             rows["width only (default)" + suffix] = (m, {"widths": [g.units_after for g in rep.groups]})
+            if not suffix:  # the same fraction of neurons in every layer (the default's score, compensation)
+                m = copy.deepcopy(dense)
+                rep = shrink(m, units="mlp", calibration=calib, keep={"params": keep_p}, compensate=True,
+                             multiple_of=args.multiple_of)
+                rows["width only (uniform)"] = (m, {"widths": [g.units_after for g in rep.groups]})
     log(f"hidden grid: multiples of {hidden_multiple(dense, args.multiple_of)}")
     return rows
+
+
+def _heals(name: str, args) -> bool:
+    return not name.startswith("EMP paper") and (args.heal_rows == "all" or name in args.heal_rows.split(";"))
 
 
 def heal_row(model, dense, heal_ids, args) -> object:
@@ -298,19 +348,21 @@ def run_model(args, R: dict) -> None:
         M["rows"]["dense"]["after"]["disk_mb"] = disk_mb(dense)
         M["rows"]["dense"]["after"]["layers"] = len(dense.model.layers)
         M["rows"]["dense"]["after"]["hidden"] = dense.config.get_text_config().hidden_size
-    t = time.perf_counter()
-    rows = (build_rows if args.axis == "layers" else build_hidden_rows)(dense, calib, args)
-    log(f"rows built in {time.perf_counter() - t:.0f} s")
+    rows = (build_rows(dense, calib, args, M) if args.axis == "layers" else build_hidden_rows(dense, calib, args))
     heal_ids = data.tokenize(tok, calib_text) if args.heal_steps else None
-    for name, (m, info) in rows.items():
-        if name in M["rows"] and not args.redo and ("healed" in M["rows"][name] or not args.heal_steps):
+    built = {}
+    for name, build in rows.items():
+        if name in M["rows"] and not args.redo and ("healed" in M["rows"][name] or not args.heal_steps
+                                                     or not _heals(name, args)):
             continue
+        log(f"-- {name}")
+        m, info = build() if callable(build) else build
+        built[name] = m
         rec = dict(info)
         rec["after"] = measure(m, dense, texts, args, speed=not name.startswith("EMP paper"))
         log(name, json.dumps({k: round(v, 2) for k, v in rec["after"]["ppl"].items()}),
             rec["after"].get("speed", {}).get("tg_speedup"))
-        if args.heal_steps and not name.startswith("EMP paper") and (
-                args.heal_rows == "all" or name in args.heal_rows.split(";")):
+        if args.heal_steps and _heals(name, args):
             t = time.perf_counter()
             healed = heal_row(m, dense, heal_ids, args)
             rec["healed"] = {"ppl": {k: ppl(healed, v, args.eval_seqlen) for k, v in texts.items() if k != "prompt"},
@@ -320,13 +372,17 @@ def run_model(args, R: dict) -> None:
         M["rows"][name] = rec
         save(R, args)
     if args.zeroshot and args.axis == "layers":
-        M.setdefault("zeroshot", {})
-        for name, m in (("dense", dense), ("EMP default", rows["EMP default"][0]), ("ShortGPT (BI)", rows["ShortGPT (BI)"][0])):
-            if name in M["zeroshot"] and not args.redo:
+        zs = M.setdefault("zeroshot", {})
+        if M.get("zeroshot_limit") != args.zeroshot_limit:
+            zs.clear()  # measured on another number of items: all again
+            M["zeroshot_limit"] = args.zeroshot_limit
+        for name in ("dense", "EMP default", "ShortGPT (BI)"):
+            if name in zs and not args.redo:
                 continue
+            m = dense if name == "dense" else built.get(name) or rows[name]()[0]
             t = time.perf_counter()
-            M["zeroshot"][name] = zeroshot(m, tok, args)
-            log(name, "zero-shot", M["zeroshot"][name]["mean"], f"{time.perf_counter() - t:.0f} s")
+            zs[name] = zeroshot(m, tok, args)
+            log(name, "zero-shot", zs[name]["mean"], f"{time.perf_counter() - t:.0f} s")
             save(R, args)
     save(R, args)
 
@@ -409,7 +465,10 @@ def markdown(R: dict) -> str:
         d = rows.get("dense", {}).get("after")
         if not d:
             continue
-        lines += [f"## {model}", "", f"Settings: {json.dumps(M.get('settings', {}))}; tokens: {json.dumps(M.get('texts', {}))}", "",
+        lines += [f"## {model}", "", f"Settings: {json.dumps(M.get('settings', {}))}; tokens: {json.dumps(M.get('texts', {}))}", ""]
+        if M.get("note"):
+            lines += [M["note"], ""]
+        lines += [
                   "| row | blocks | hidden | removed blocks | params | MACs | disk MB | ppl wikitext | ppl python-docs | ppl gpl-3 | "
                   "prefill | decode | ideal | of ideal | healed wikitext | healed python-docs | healed gpl-3 |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -427,10 +486,22 @@ def markdown(R: dict) -> str:
                 + (f"x{sp['pp_speedup']:.2f} [{sp['pp_range'][0]:.2f}-{sp['pp_range'][1]:.2f}] | "
                    f"x{sp['tg_speedup']:.2f} [{sp['tg_range'][0]:.2f}-{sp['tg_range'][1]:.2f}] | " if sp else "- | - | ")
                 + f"x{ideal:.2f} | {_f(of)} | {_f(h.get('wikitext'))} | {_f(h.get('python-docs'))} | {_f(h.get('gpl-3'))} |")
+        for name, r in rows.items():
+            j = r.get("joint")
+            if j:  # the shared budget's candidates: m blocks (greedy order), the rest on the widths
+                lines += ["", f"{name}: budget {j['budget_params'] / 1e6:.2f} M parameters (EMP: "
+                              f"{j['emp_blocks_removed']} blocks + {j['emp_width_params'] / 1e6:.2f} M of widths"
+                              + (f"; matched to {r['matches']}" if r.get("matches") else "") + "); candidates, "
+                              "blocks removed: calibration-loss increase (masked, 1,024 tokens) -> chosen "
+                              f"{j['chosen_blocks']}: " + ", ".join(
+                                  f"{c['blocks']}: {c['loss_increase']:.3f}" if "loss_increase" in c
+                                  else f"{c['blocks']}: too small" for c in j["candidates"])]
+            if r.get("note"):
+                lines += ["", f"{name}: {r['note']}."]
         zs = M.get("zeroshot")
         if zs:
             tasks = [t for t in next(iter(zs.values())) if t != "mean"]
-            lines += ["", f"Zero-shot ({M['settings'].get('zeroshot_limit')} items per task, accuracy; "
+            lines += ["", f"Zero-shot ({M.get('zeroshot_limit')} items per task, accuracy; "
                           "acc_norm where the task reports it):", "",
                       "| row | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
             for name, z in zs.items():

@@ -348,3 +348,97 @@ def test_real_model_cut_is_stock_and_reloads_exactly(name, units, keep, tmp_path
     g1 = plain.generate(ids, max_new_tokens=8, do_sample=False)
     g2 = plain.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(g1, g2)
+
+
+# ------------------------------------------------------------------ one budget across blocks and widths
+
+
+JOINT_IDS = torch.randint(0, 100, (8, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("make,units", [(llama, "layers,mlp"), (gemma, "layers,mlp,heads")])
+def test_joint_budget_applies_the_lowest_loss_candidate_exactly(make, units):
+    from emprune.jobs.shrink import loss_batches
+
+    m = make(8)
+    rep, info = shrink_lm(m, JOINT_IDS, units=units, budget="shared", progress=False, multiple_of=1)
+    j = info["extra"]["joint"]
+    measured = [c for c in j["candidates"] if "loss_increase" in c]
+    best = min(measured, key=lambda c: c["loss_increase"])
+    assert j["chosen_blocks"] == best["blocks"] == 8 - len(m.model.layers)
+    assert sorted(best["removed_blocks"]) == info["extra"]["depth"]["removed_layers"]
+    # the candidates are the greedy order's prefixes, from no block to as many as the budget pays for
+    assert [c["blocks"] for c in j["candidates"]] == list(range(len(j["candidates"])))
+    assert all(c["removed_blocks"] == j["candidates"][-1]["removed_blocks"][:c["blocks"]] for c in j["candidates"])
+    # what was measured masked is what the model computes now: same loss on the same tokens
+    loss = sum(float(lm_loss(m, b).detach().double()) for b in loss_batches(JOINT_IDS, True)) / len(loss_batches(JOINT_IDS, True))
+    assert loss == pytest.approx(j["base_loss"] + best["loss_increase"], abs=1e-5)
+    added = sum(lay.mlp.down_proj.bias.numel() for lay in m.model.layers if lay.mlp.down_proj.bias is not None)
+    added += sum(lay.self_attn.o_proj.bias.numel() for lay in m.model.layers if lay.self_attn.o_proj.bias is not None)
+    assert rep.params_before - rep.params_after == best["params_removed"] - added  # the compensation's biases
+    assert rep.groups[0].params_before == sum(p.numel() for p in make(8).model.layers.parameters())
+    assert rep.params_after == sum(p.numel() for p in m.parameters())
+    # the width groups are named and numbered as in the model that stays
+    layers = len(m.model.layers)
+    for g in rep.groups[1:]:
+        assert g.layer < layers and g.name.startswith(f"model.layers.{g.layer}.")
+        mod = m.get_submodule(g.name)
+        width = mod.down_proj.in_features if g.kind == "mlp" else mod.o_proj.in_features // mod.head_dim
+        assert width == g.units_after
+    out = m.generate(JOINT_IDS[:1, :5], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_joint_budget_keep_params_and_uniform_fallback():
+    m = llama(8)
+    blocks = sum(p.numel() for p in m.model.layers.parameters())
+    target = int(0.6 * blocks)
+    rep, info = shrink_lm(m, JOINT_IDS, units="layers,mlp", keep={"params": target}, progress=False, multiple_of=1)
+    now = sum(p.numel() for p in m.model.layers.parameters())
+    assert info["extra"]["joint"]["budget_params"] == blocks - target
+    assert abs(now - target) <= 0.02 * (blocks - target) + 1  # the chosen candidate's size, within the tolerance
+    # one width per model: blocks first, then the widths (no shared budget)
+    m2 = llama(8)
+    rep2, info2 = shrink_lm(m2, JOINT_IDS, units="layers,mlp", uniform=True, progress=False)
+    assert "joint" not in info2["extra"] and "depth" in info2["extra"]
+    with pytest.raises(ValueError, match="keep params"):
+        shrink_lm(llama(8), JOINT_IDS, units="layers,mlp", keep={"params": 10 * blocks}, progress=False)
+    for kw, msg in (({"uniform": True}, "per-layer widths"), ({"units": "layers"}, "units with layers and mlp"),
+                    ({"keep": 0.5}, "no per-group keep"), ({"recipe": "paper"}, "the default recipe")):
+        with pytest.raises(ValueError, match=f"budget 'shared' needs {msg}"):
+            shrink_lm(llama(8), JOINT_IDS, **{"units": "layers,mlp", "budget": "shared", **kw}, progress=False)
+    with pytest.raises(ValueError, match="budget 'shared' needs calibration tokens"):
+        shrink_lm(llama(8), None, units="layers,mlp", budget="shared", progress=False)
+    with pytest.raises(ValueError, match="is the shared budget"):
+        shrink_lm(llama(8), JOINT_IDS, units="layers,mlp", budget="per-kind", keep={"params": target}, progress=False)
+
+
+def test_default_budget_is_per_kind_and_cli_refuses_a_shared_budget_early(tmp_path, capsys, no_load):
+    from emprune.jobs.budget import DEFAULT_BUDGET
+
+    assert DEFAULT_BUDGET == "per-kind"
+    m = llama(8)
+    rep, info = shrink_lm(m, JOINT_IDS, units="layers,mlp", progress=False, multiple_of=1)
+    assert "joint" not in info["extra"] and info["extra"]["depth"]["removed_layers"]
+    assert run(["shrink", "smollm2-135m", "--units", "layers,mlp", "--budget", "shared", "--uniform",
+                "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "budget 'shared' needs per-layer widths" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_masked_loss_restores_the_model():
+    from emprune.decide.sensitivity import masked_loss
+    from emprune.jobs.shrink import loss_batches
+    from emprune.structure.units import find_groups
+
+    m = llama(4)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    groups = find_groups(m, "mlp")
+    keeps = [torch.arange(g.n) % 2 == 0 for g in groups]
+    batches = loss_batches(JOINT_IDS, True)
+    a = masked_loss(m, batches, lm_loss, skip=[1], groups=groups, keeps=keeps)
+    assert a != masked_loss(m, batches, lm_loss)
+    after = m.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(lay.mlp.down_proj.bias is None for lay in m.model.layers)

@@ -91,7 +91,26 @@ def test_activation_score_is_the_norm_outputs_energy():
     for h in hooks:
         h.remove()
     got = channel_activation(m, [IDS[:2], IDS[2:]], lm_forward)
-    assert torch.allclose(got, acc.sqrt(), rtol=1e-9) and len(r.norms) == 4
+    assert torch.allclose(got, acc.sqrt(), rtol=1e-9) and len(r.norms) == 4 and not r.write_norms
+
+
+def test_activation_score_reads_gemmas_pre_norms_only():
+    g = gemma(2)
+    r = residual(g)
+    names = {id(mod): n.split(".")[-1] for n, mod in g.named_modules()}
+    assert sorted({names[id(n)] for n in r.write_norms}) == ["post_attention_layernorm", "post_feedforward_layernorm"]
+    assert sorted({names[id(n)] for n in r.read_norms()}) == ["input_layernorm", "norm", "pre_feedforward_layernorm"]
+    acc = torch.zeros(64, dtype=torch.float64)
+
+    def add(mod, a, o):
+        acc.add_(o.double().reshape(-1, 64).square().sum(0))
+
+    hooks = [n.register_forward_hook(add) for n in r.read_norms()]
+    with torch.no_grad():
+        g(IDS, use_cache=False)
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(channel_activation(g, [IDS], lm_forward), acc.sqrt(), rtol=1e-9)
 
 
 def test_count_is_emps_on_the_grid():

@@ -325,6 +325,15 @@ class ShrinkReport:
         if sens:
             lines.append(f"loss+: calibration loss increase when that group alone loses "
                          f"{100 * self.recipe.get('sens_fraction', 0.5):.0f}% of its units (where EMP's total goes)")
+        j = self.extra.get("joint")
+        if j:
+            chosen = next(c for c in j["candidates"] if c["blocks"] == j["chosen_blocks"])
+            tried = [c for c in j["candidates"] if "loss_increase" in c]
+            lines.append(f"one budget: {j['budget_params']:,} parameters (EMP: {j['emp_blocks_removed']} blocks + "
+                         f"{j['emp_width_params']:,} of widths) spent as {chosen['blocks']} blocks + "
+                         f"{chosen['width_params']:,} of widths: the lowest calibration loss ("
+                         f"{chosen['loss_increase']:+.4f}) of {len(tried)} candidates (0 to "
+                         f"{j['candidates'][-1]['blocks']} blocks; each in emprune.json)")
         lines.append(self.summary())
         return "\n".join(lines)
 

@@ -26,6 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                   DEFAULT_SHRINK_MIXED as DEFAULT_RECIPE_MIXED, RECIPES, choices, names)
     from ..criteria.block_scores import LAYER_SCORES
     from ..criteria.channel_scores import HIDDEN_SCORES
+    from ..jobs.budget import BUDGETS, DEFAULT_BUDGET
     from ..jobs.shrink import DEFAULT_CRITERION, DEFAULT_SCOPE
 
     p = subparsers.add_parser(
@@ -47,7 +48,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="replace --out if it is an earlier emprune output (holds emprune.json)")
     p.add_argument("--units", type=units_type, default="mlp",
                    help="mlp, heads, layers (whole decoder blocks), hidden (residual channels) or a comma list "
-                        "(layers,hidden,mlp: blocks first, then channels, then widths; default mlp: at equal size it kept lower perplexity than mlp,heads on "
+                        "(layers,hidden,mlp: blocks, then channels, then widths; see --budget; default mlp: at equal size it kept lower perplexity than mlp,heads on "
                         "SmolLM2-135M, see benchmarks/results/shrink_smollm2.md)")
     p.add_argument("--layer-score", choices=LAYER_SCORES, default=None,
                    help="with --units layers, the block score whose EMP count says how many blocks stay (default "
@@ -62,6 +63,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="with --units layers, which blocks go (default greedy with calibration data, score with "
                         "--recipe paper or without data): greedy (one at a time, the block whose skipping raises "
                         "the calibration loss least, re-measured after each), score (the lowest-scored blocks)")
+    p.add_argument("--budget", choices=BUDGETS, default=None,
+                   help=f"with --units layers,mlp: shared (EMP's totals as one budget, spent where the measured loss "
+                        f"is lowest) or per-kind (blocks, then widths); default {DEFAULT_BUDGET}")
     p.add_argument("--criterion", choices=C.names(level="unit"), default=None,
                    help=f"unit score (default {DEFAULT_CRITERION}): magnitude (weight norms), activation "
                         "(||X|| * ||W_out||), fluctuation (FLAP: Var(X) * ||W_out||^2), taylor (|dL/dX * X|)")
@@ -101,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import criteria as C
+    from ..jobs.budget import check_budget
     from ..decide.recipes import get_recipe
     from ..jobs.shrink import DEFAULT_CRITERION
     from ..jobs.shrink_lm import shrink_lm
@@ -122,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ValueError(f"--multiple-of {e}") from None
     rec = get_recipe(args.recipe, "shrink")
+    check_budget(units.split(","), getattr(args, "budget", None), uniform=args.uniform, keep=keep, recipe=args.recipe)
     # the same output-folder rules as `emprune prune` (never the current folder or a parent, only
     # an earlier emprune output is replaced, symlinks followed, writability probed), before loading
     # a missing path, or the hub while offline, fails here at once (loading.locate)
@@ -149,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
                              head_mode=args.head_mode, compensate=args.compensate, uniform=args.uniform,
                              layer_score=getattr(args, "layer_score", None),
                              layer_select=getattr(args, "layer_select", None),
+                             budget=getattr(args, "budget", None),
                              hidden_score=getattr(args, "hidden_score", None),
                              multiple_of=multiple_of,
                              batch_size=args.batch_size, progress=not args.quiet)

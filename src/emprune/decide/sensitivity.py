@@ -14,7 +14,8 @@ many); the sensitivities only decide where.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,31 @@ def _loss(model: nn.Module, batches: list[Any], loss_fn: Callable[[nn.Module, An
     for b in batches:
         total += float(loss_fn(model, b).double())
     return total / max(len(batches), 1)
+
+
+@contextmanager
+def masked(groups: Sequence[UnitGroup], keeps: Sequence[Tensor], means: Sequence[Tensor] | None = None) -> Iterator[None]:
+    """Within the block, every group's units outside its ``keep`` mask are zeroed (the masked
+    reference of their removal), their mean output first folded into the consumer's bias when
+    ``means`` (the consumers' input means) are given; on exit every consumer is restored exactly
+    (its parameters copied back, a bias created by the compensation dropped)."""
+    saved = []
+    try:
+        for j, (g, keep) in enumerate(zip(groups, keeps)):
+            c = g.consumer
+            saved.append((c, {n: p.detach().clone() for n, p in c.named_parameters(recurse=False)},
+                          getattr(c, "bias", None) is not None))
+            if means is not None and not isinstance(g, KANGroup):
+                g.compensate(keep, means[j])
+            g.zero(keep)
+        yield
+    finally:
+        with torch.no_grad():
+            for c, params, had_bias in reversed(saved):
+                if not had_bias and getattr(c, "bias", None) is not None:
+                    c.bias = None  # created by the compensation
+                for n, p in c.named_parameters(recurse=False):
+                    p.copy_(params[n])
 
 
 @torch.no_grad()
@@ -64,19 +90,8 @@ def group_sensitivity(model: nn.Module, groups: list[UnitGroup], scores: list[Te
         for j, (g, s) in it:
             k = max(1, round((1 - fraction) * g.n))
             keep = g.keep_mask(s, k, grid=False)  # the recipe's fraction exactly, whatever the width grid
-            c = g.consumer
-            saved = {n: p.detach().clone() for n, p in c.named_parameters(recurse=False)}
-            had_bias = getattr(c, "bias", None) is not None
-            try:
-                if means is not None and not isinstance(g, KANGroup):
-                    g.compensate(keep, means[j])
-                g.zero(keep)
+            with masked([g], [keep], None if means is None else [means[j]]):
                 out.append(_loss(model, batches, loss_fn) - base)
-            finally:
-                if not had_bias and getattr(c, "bias", None) is not None:
-                    c.bias = None  # created by the compensation
-                for n, p in c.named_parameters(recurse=False):
-                    p.copy_(saved[n])
     finally:
         model.train(was)
     return out
@@ -153,3 +168,19 @@ def greedy_blocks(model: nn.Module, k: int, batches: Iterable[Any], loss_fn: Cal
             bar.close()
         model.train(was)
     return chosen, losses
+
+
+@torch.no_grad()
+def masked_loss(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], Tensor], *,
+                skip: Sequence[int] = (), groups: Sequence[UnitGroup] = (), keeps: Sequence[Tensor] = (),
+                means: Sequence[Tensor] | None = None) -> float:
+    """The mean loss on ``batches`` of one candidate shrink, masked: the decoder blocks ``skip``
+    passed through and each group's units outside its ``keeps`` mask zeroed (with the bias
+    compensation when ``means`` are given). The model is left as it was."""
+    was = model.training
+    model.eval()
+    try:
+        with skipped(model, list(skip)), masked(groups, keeps, means):
+            return _loss(model, list(batches), loss_fn)
+    finally:
+        model.train(was)

@@ -106,12 +106,12 @@ def _greedy_mask(model: nn.Module, n_keep: int, calib_tokens: Tensor, progress: 
     return keep, order
 
 
-def _recipe(o: ShrinkOptions, calib_tokens: Tensor | None) -> recipes.Recipe:
+def resolve_recipe(o: ShrinkOptions, calib_tokens: Tensor | None) -> recipes.Recipe:
     rec = recipes.get_recipe(o.recipe, "shrink")
     return recipes.get_recipe("default", "shrink", lm=calib_tokens is not None) if o.recipe == "default" else rec
 
 
-def _decide_one(group: Any, scores: Tensor, rec: recipes.Recipe, o: ShrinkOptions) -> Decision:
+def decide_one(group: Any, scores: Tensor, rec: recipes.Recipe, o: ShrinkOptions) -> Decision:
     """EMP's decision for one whole-model group: the count from the recipe's ``transform`` of
     ``scores`` with its ``min_keep`` (or ``keep=``), the highest scores kept (on the group's grid)."""
     count = None if rec.transform == "none" else (lambda: recipes.count_scores(scores, rec.transform))
@@ -122,7 +122,7 @@ def _decide_one(group: Any, scores: Tensor, rec: recipes.Recipe, o: ShrinkOption
     return d
 
 
-def _report(model: nn.Module, group: Any, d: Decision, o: ShrinkOptions, rec: recipes.Recipe, how: str,
+def report_removal(model: nn.Module, group: Any, d: Decision, o: ShrinkOptions, rec: recipes.Recipe, how: str,
             before: tuple[int, int, int | None], exact: bool, **recipe_extra: Any) -> ShrinkReport:
     """Remove what ``d`` did not keep (unless a dry run), sync the config, report."""
     report = ShrinkReport(criterion=how, scope="layer", beta=None if o.keep is not None else (o.beta or 1.0),
@@ -145,7 +145,7 @@ def shrink_layers(model: nn.Module, calib_tokens: Tensor | None, options: Shrink
     ``min_keep`` shape the count), ``beta``, ``keep``, ``dry_run``, ``progress``, ``batch_size``."""
     o = build(ShrinkOptions, options, fields)
     t0 = time.perf_counter()
-    rec = _recipe(o, calib_tokens)
+    rec = resolve_recipe(o, calib_tokens)
     how = o.layer_score or (DEFAULT_LAYER_SCORE if calib_tokens is not None else "magnitude")
     select = o.layer_select or (DEFAULT_LAYER_SELECT if calib_tokens is not None and rec.name != "paper" else "score")
     one_of("layer_select", select, LAYER_SELECTS)
@@ -155,18 +155,37 @@ def shrink_layers(model: nn.Module, calib_tokens: Tensor | None, options: Shrink
     before = measure_sizes(model, o, True)
     raw = score_blocks(model, group, how, calib_tokens, batch_size=o.batch_size, progress=o.progress)
     scores = raw.clamp_min(0)  # a block whose skipping lowers the loss scores 0, not below
-    d = _decide_one(group, scores, rec, o)
+    d = decide_one(group, scores, rec, o)
     order = None
     if select == "greedy":
         mask, order = _greedy_mask(model, int(d.mask.sum()), calib_tokens, o.progress)
         d = dataclasses.replace(d, mask=mask, mass=rule.retained_mass(scores, mask).reshape(1))
-    report = _report(model, group, d, o, rec, how, before, select == "score", layer_score=how, layer_select=select)
+    report = report_removal(model, group, d, o, rec, how, before, select == "score", layer_score=how, layer_select=select)
     report.extra["layer_scores"] = [float(x) for x in raw]
     report.extra["removed_layers"] = [i for i in range(len(raw)) if i not in set(report.groups[0].kept)]
     if order is not None:
         report.extra["removal_order"] = order
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def combined(reports: list[ShrinkReport]) -> ShrinkReport:
+    """One report for several steps (blocks, channels, widths, in that order): the last step's
+    settings, every step's groups, sizes before from the first; each whole-model step's decision
+    in ``extra["depth"]`` / ``extra["hidden"]``."""
+    last = reports[-1]
+    if len(reports) == 1:
+        return last
+    first = reports[0]
+    last.groups = [g for r in reports for g in r.groups]
+    last.params_before, last.embedding_params, last.macs_before = (
+        first.params_before, first.embedding_params, first.macs_before)
+    for r in reports[:-1]:
+        last.seconds += r.seconds
+        key = "depth" if r.groups[0].kind == "layers" else "hidden"
+        last.extra[key] = {"score": r.criterion, "recipe": r.recipe["name"], "beta": r.beta, "keep": r.keep,
+                           **r.extra}
+    return last
 
 
 def hidden_multiple(model: nn.Module, multiple_of: int) -> int:
@@ -185,7 +204,7 @@ def shrink_hidden(model: nn.Module, calib_tokens: Tensor | None, options: Shrink
     ``keep``, ``multiple_of``, ``dry_run``, ``batch_size``."""
     o = build(ShrinkOptions, options, fields)
     t0 = time.perf_counter()
-    rec = _recipe(o, calib_tokens)
+    rec = resolve_recipe(o, calib_tokens)
     how = o.hidden_score or (DEFAULT_HIDDEN_SCORE if calib_tokens is not None else "magnitude")
     one_of("hidden_score", how, HIDDEN_SCORES)
     (group,) = find_groups(model, "hidden")
@@ -193,8 +212,8 @@ def shrink_hidden(model: nn.Module, calib_tokens: Tensor | None, options: Shrink
     before = measure_sizes(model, o, True)
     batches = None if calib_tokens is None else lm_batches(calib_tokens, o.batch_size)
     scores = channel_scores(model, how, batches, lm_forward)
-    d = _decide_one(group, scores, rec, o)
-    report = _report(model, group, d, o, rec, how, before, group.multiple == 1, hidden_score=how)
+    d = decide_one(group, scores, rec, o)
+    report = report_removal(model, group, d, o, rec, how, before, group.multiple == 1, hidden_score=how)
     report.extra["hidden_multiple"] = group.multiple
     report.seconds = time.perf_counter() - t0
     return report

@@ -281,7 +281,7 @@ class ShrinkOptions:
     by EMP (or a fixed size) and removed."""
 
     units: Any = option("auto", "mlp, heads, layers (whole decoder blocks), hidden (residual channels) or a comma "
-                                "list (layers,hidden,mlp: blocks first, then channels, then widths; default mlp: at equal size it kept lower perplexity than "
+                                "list (layers,hidden,mlp: blocks, then channels, then widths; see --budget; default mlp: at equal size it kept lower perplexity than "
                                 "mlp,heads on SmolLM2-135M, see benchmarks/results/shrink_smollm2.md)",
                         cli_default="mlp")
     criterion: str | None = option(None, "unit score (default fluctuation with calibration data, else magnitude): "
@@ -302,6 +302,11 @@ class ShrinkOptions:
                                             "time, the block whose skipping raises the calibration loss least, "
                                             "re-measured after each), score (the lowest-scored blocks)",
                                       choices=("greedy", "score"))
+    budget: str | None = option(None, "with --units layers and mlp/heads: shared (one parameter budget, EMP's "
+                                      "totals summed, spent on blocks or widths where the measured calibration loss "
+                                      "is lowest) or per-kind (blocks first with their EMP count, then EMP's width "
+                                      "shrink of what stays); default per-kind, the better one on held-out text",
+                                choices=("shared", "per-kind"))
     scope: str | None = option(None, "layer: EMP per layer; global: one decision over all layers and unit kinds "
                                      "(default global with the default recipe, layer otherwise)",
                                choices=("layer", "global"))

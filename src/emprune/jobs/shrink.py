@@ -239,7 +239,7 @@ def _set_grids(groups: list[UnitGroup], o: ShrinkOptions, multiple: int) -> None
             g.multiple = multiple
 
 
-def _targets(groups: list[UnitGroup], scores: list[Tensor], counts: list[Tensor], transform: str) -> list[Target]:
+def unit_targets(groups: list[UnitGroup], scores: list[Tensor], counts: list[Tensor], transform: str) -> list[Target]:
     same = counts is scores and transform in ("none", "score")
     return [Target(g.name, torch.Size([g.n]), (lambda s=s: s),
                    None if same else (lambda c=c: recipes.count_scores(c, transform)), group=g)
@@ -288,7 +288,7 @@ def shrink(model: nn.Module, *, calibration: Iterable[Any] | Tensor | None = Non
         sens = group_sensitivity(model, groups, scores, run.sens_batches, run.loss_fn, fraction=run.rec.sens_fraction,
                                  means=[stats.mean(g) for g in groups] if run.comp else None, progress=o.progress)
     allocator = run.allocator(o, sens)
-    decisions = list(decide(_targets(groups, scores, counts, run.rec.transform), "layer" if allocator is None
+    decisions = list(decide(unit_targets(groups, scores, counts, run.rec.transform), "layer" if allocator is None
                             else "global", run.beta or 1.0, min_keep=run.rec.min_keep, allocate=allocator))
     report = ShrinkReport(criterion=run.criterion, scope=run.scope, beta=run.beta,
                           recipe={**run.rec.to_dict(), "compensate": run.comp, "count_by": o.count_by or run.criterion,

@@ -22,7 +22,8 @@ from ..decide import recipes
 from ..models.checkpoint import SHRUNK_KIND, versions
 from ..structure.layouts import decoder_layers
 from .options import ShrinkOptions, build, lm_units
-from .axes import shrink_hidden, shrink_layers
+from .axes import combined, shrink_hidden, shrink_layers
+from .budget import check_budget, shrink_joint
 from .shrink import DEFAULT_CRITERION, check_multiple, lm_batches, lm_forward, lm_loss, score_units, shrink
 
 #: the uniform layout's intermediate size is a multiple of this (and of ``multiple_of``)
@@ -59,7 +60,9 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
     (``sensitivity``) also measures the loss on their first 1,024 tokens once per group. Options
     as in :func:`~.shrink.shrink` (``units`` default ``mlp``; ``layers`` removes whole blocks
     first, :func:`~.axes.shrink_layers`, ``hidden`` residual channels next,
-    :func:`~.axes.shrink_hidden`, then the other kinds are shrunk on what stays;
+    :func:`~.axes.shrink_hidden`, then the other kinds are shrunk on what stays; with
+    ``budget="shared"`` (or ``keep={"params": P}``) blocks and widths share one budget instead,
+    :func:`~.budget.shrink_joint`, after the channels;
     ``uniform``: one width per model; ``multiple_of``: the grid of the MLP widths, default 32);
     ``progress``: bars over the calibration and the sensitivity measurement."""
     from tqdm.auto import tqdm
@@ -73,13 +76,19 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
     check_multiple(o.multiple_of)  # before the calibration pass
     uniform = fields.get("uniform", options.uniform if options is not None else False)
     kinds = units.split(",")
+    joint = check_budget(kinds, o.budget, uniform=uniform, keep=o.keep, recipe=o.recipe,
+                         has_data=calib_tokens is not None) and o.keep_params is None
     whole: list[ShrinkReport] = []  # depth first, then the residual channels: widths are decided on what stays
-    for kind, job in (("layers", shrink_layers), ("hidden", shrink_hidden)):
+    for kind, job in ((("hidden", shrink_hidden),) if joint else (("layers", shrink_layers), ("hidden", shrink_hidden))):
         if kind in kinds:
-            whole.append(job(model, calib_tokens, o.replace(units=kind, progress=progress)))
+            whole.append(job(model, calib_tokens, o.replace(units=kind, progress=progress, keep=None if joint else o.keep)))
             kinds.remove(kind)
+    if joint:  # blocks and widths share one budget, spent where the measured loss is lowest
+        report = combined([*whole, shrink_joint(model, calib_tokens, o.replace(units=",".join(kinds),
+                                                                                progress=progress))])
+        return report, summary(model, report, calib_tokens, uniform)
     if not kinds:
-        report = _combined(whole)
+        report = combined(whole)
         return report, summary(model, report, calib_tokens, uniform)
     units = ",".join(kinds)
     crit = o.criterion or (DEFAULT_CRITERION if calib_tokens is not None else "magnitude")
@@ -105,32 +114,13 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
     else:
         report = shrink(model, calibration=calib_tokens, scored=scored, options=o)
     if whole:
-        report = _combined([*whole, report])
+        report = combined([*whole, report])
     report.extra["calibration_seconds"] = t_cal
     if uniform:
         _make_stock(model)  # zero biases where the stock bias flags create them
         report.params_after = sum(p.numel() for p in model.parameters())
     info = summary(model, report, calib_tokens, uniform)
     return report, info
-
-
-def _combined(reports: list[ShrinkReport]) -> ShrinkReport:
-    """One report for several steps (blocks, channels, widths, in that order): the last step's
-    settings, every step's groups, sizes before from the first; each whole-model step's decision
-    in ``extra["depth"]`` / ``extra["hidden"]``."""
-    last = reports[-1]
-    if len(reports) == 1:
-        return last
-    first = reports[0]
-    last.groups = [g for r in reports for g in r.groups]
-    last.params_before, last.embedding_params, last.macs_before = (
-        first.params_before, first.embedding_params, first.macs_before)
-    for r in reports[:-1]:
-        last.seconds += r.seconds
-        key = "depth" if r.groups[0].kind == "layers" else "hidden"
-        last.extra[key] = {"score": r.criterion, "recipe": r.recipe["name"], "beta": r.beta, "keep": r.keep,
-                           **r.extra}
-    return last
 
 
 def summary(model: nn.Module, report: ShrinkReport, calib_tokens: Tensor | None, uniform: bool) -> dict[str, Any]:

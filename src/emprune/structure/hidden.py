@@ -34,6 +34,9 @@ READS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_p
 WRITES = ("self_attn.o_proj", "mlp.down_proj")
 
 
+#: in a block with ``pre_feedforward_layernorm`` (Gemma-2/3), these norms sit on the write path
+WRITE_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+
 @dataclass
 class Residual:
     """Every module that touches the residual stream of one causal LM."""
@@ -44,6 +47,13 @@ class Residual:
     writes: list[nn.Linear] = field(default_factory=list)
     norms: list[nn.Module] = field(default_factory=list)  # the block norms over the stream
     final_norm: nn.Module | None = None
+    #: the norms on the write path (Gemma-2/3's post-attention / post-feedforward norms normalise a
+    #: block's output before it is added to the stream); the others read the stream
+    write_norms: list[nn.Module] = field(default_factory=list)
+
+    def read_norms(self) -> list[nn.Module]:
+        """The norms whose outputs are the stream as the projections (and the head) read it."""
+        return [n for n in self.norms if not any(n is w for w in self.write_norms)] + [self.final_norm]
 
     @property
     def d(self) -> int:
@@ -93,10 +103,13 @@ def residual(model: nn.Module) -> Residual:
             if not isinstance(mod, nn.Linear):
                 raise NotImplementedError(f"block {i}: no Linear {path} (hidden channels need the LLaMA layout)")
             (out.reads if path in READS else out.writes).append(mod)
+        sandwich = hasattr(block, "pre_feedforward_layernorm")  # Gemma-2/3: pre- and post-norms
         for name, mod in block.named_children():  # the norms over the stream sit on the block itself
             w = getattr(mod, "weight", None)
             if name not in ("self_attn", "mlp") and isinstance(w, Tensor) and w.dim() == 1 and w.numel() == d:
                 out.norms.append(mod)
+                if sandwich and name in WRITE_NORMS:
+                    out.write_norms.append(mod)
     base = getattr(model, "model", None)
     out.final_norm = getattr(base, "norm", None)
     if out.final_norm is None or getattr(out.final_norm, "weight", None) is None:
