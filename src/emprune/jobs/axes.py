@@ -94,13 +94,20 @@ def lowest_influence(model: nn.Module, batches: list[Any], m: int) -> Callable[[
     return pick
 
 
+def greedy_order(model: nn.Module, k: int, batches: list[Any], progress: bool) -> list[int]:
+    """``k`` blocks in the greedy order (:func:`greedy_blocks` on ``batches``, each round among the
+    :data:`GREEDY_CANDIDATES` blocks of lowest influence, or a quarter of the blocks if more)."""
+    n = len(decoder_layers(model))
+    m = max(GREEDY_CANDIDATES, n // 4)
+    order, _ = greedy_blocks(model, k, batches, lm_loss, progress=progress,
+                             candidates=None if m >= n else lowest_influence(model, batches, m))
+    return order
+
+
 def _greedy_mask(model: nn.Module, n_keep: int, calib_tokens: Tensor, progress: bool) -> tuple[Tensor, list[int]]:
     """The keep mask of the greedy choice and the blocks in the order chosen."""
     n = len(decoder_layers(model))
-    batches = loss_batches(calib_tokens, True)
-    m = max(GREEDY_CANDIDATES, n // 4)
-    order, _ = greedy_blocks(model, n - n_keep, batches, lm_loss, progress=progress,
-                             candidates=None if m >= n else lowest_influence(model, batches, m))
+    order = greedy_order(model, n - n_keep, loss_batches(calib_tokens, True), progress)
     keep = torch.ones(n, dtype=torch.bool)
     keep[order] = False
     return keep, order

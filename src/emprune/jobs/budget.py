@@ -41,10 +41,10 @@ from ..core.checks import one_of
 from ..decide import allocate as A
 from ..decide import recipes
 from ..decide.scopes import decide
-from ..decide.sensitivity import greedy_blocks, masked_loss
+from ..decide.sensitivity import masked_loss
 from ..structure.surgery import sync_config
 from ..structure.units import find_groups
-from .axes import (DEFAULT_LAYER_SCORE, GREEDY_CANDIDATES, decide_one, resolve_recipe, report_removal, combined, lowest_influence,
+from .axes import (DEFAULT_LAYER_SCORE, combined, decide_one, greedy_order, report_removal, resolve_recipe,
                    score_blocks)
 from .options import ShrinkOptions
 from .shrink import (DEFAULT_CRITERION, unit_targets, finish_sizes, lm_batches, lm_forward, lm_loss, loss_batches,
@@ -203,9 +203,7 @@ def shrink_joint(model: nn.Module, calib_tokens: Tensor, o: ShrinkOptions) -> Sh
     min_blocks = max(1, math.ceil(floor * n) if isinstance(floor, float) else int(floor))
     m_max = max(0, min(n - min_blocks, int(budget // (sum(sizes) / n))))
     batches = loss_batches(calib_tokens, True)
-    cand = max(GREEDY_CANDIDATES, n // 4)
-    order, _ = greedy_blocks(model, m_max, batches, lm_loss, progress=o.progress,
-                             candidates=None if cand >= n else lowest_influence(model, batches, cand))
+    order = greedy_order(model, m_max, batches, o.progress)
     candidates, base, (m, sub, decs) = _spend(model, w, order, budget, sizes, batches)
 
     # apply what was measured: the blocks, then the widths of the blocks that stay (their groups
