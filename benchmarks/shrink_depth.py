@@ -15,8 +15,9 @@ Rows (per model; every baseline at the default's number of removed blocks or at 
   ``shared budget layers,mlp,heads (same size)`` (``keep={"params": P}``), ``per-kind layers,mlp
   (default)`` (blocks first, then EMP's width shrink of the rest), and the single axes at the
   shared budget's size: ``width only (default) at shared size``, ``layers only at shared size``;
-* ``--axis hidden``: residual channels (``--units hidden``) against magnitude and random channels of
-  the same count, the paper's rule, and the width shrinks of the same size;
+* ``--axis hidden``: residual channels (``--units hidden``, the default score ``activation-magnitude``)
+  against the ``activation`` and ``magnitude`` scores and random channels of the same count, the
+  paper's rule off the grid, ``hidden,mlp`` (``--rows joint``) and the width shrinks of the same size;
 * ``width only (default)``: ``--units mlp`` with the default recipe's measured-sensitivity allocation,
   holding the same number of parameters as the default depth cut (``keep_params``);
 * ``width only (uniform)``: the same size, the same fraction of neurons in every layer.
@@ -253,8 +254,9 @@ def build_hidden_rows(dense, calib, args) -> dict:
 
     ref = hidden("EMP default")
     k = ref.groups[0].units_after
-    if "paper" in args.rows:
-        hidden("EMP paper (activation)", recipe="paper", multiple_of=1)
+    if "paper" in args.rows:  # the default's score through the paper's rule off the grid
+        hidden("EMP paper", recipe="paper", multiple_of=1)
+    hidden("activation, same count", hidden_score="activation", keep=k)
     hidden("magnitude, same count", hidden_score="magnitude", keep=k)
     m = copy.deepcopy(dense)
     d = m.get_input_embeddings().weight.shape[1]
@@ -461,7 +463,8 @@ def markdown(R: dict) -> str:
              "the dense model (median of per-pair ratios [min-max]); `ideal` = dense MACs / row MACs per token "
              "(context 512, LM head included); `of ideal` = (measured - 1) / (ideal - 1) of the decode speedup.", ""]
     for model, M in R.get("models", {}).items():
-        rows = M["rows"]
+        # rows with a note (measured under earlier defaults) after the current ones
+        rows = dict(sorted(M["rows"].items(), key=lambda kv: bool(kv[1].get("note"))))
         d = rows.get("dense", {}).get("after")
         if not d:
             continue
@@ -496,8 +499,13 @@ def markdown(R: dict) -> str:
                               f"{j['chosen_blocks']}: " + ", ".join(
                                   f"{c['blocks']}: {c['loss_increase']:.3f}" if "loss_increase" in c
                                   else f"{c['blocks']}: too small" for c in j["candidates"])]
+
+        notes: dict[str, list[str]] = {}
+        for name, r in rows.items():
             if r.get("note"):
-                lines += ["", f"{name}: {r['note']}."]
+                notes.setdefault(r["note"], []).append(name)
+        for note, names in notes.items():
+            lines += ["", f"{'; '.join(names)}: {note}."]
         zs = M.get("zeroshot")
         if zs:
             tasks = [t for t in next(iter(zs.values())) if t != "mean"]
@@ -542,7 +550,8 @@ def plot(R: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, max(1, len(models)), figsize=(6 * max(1, len(models)), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         rows = R["models"][model]["rows"]
-        names = [n for n in rows if not n.startswith("EMP paper")]
+        # the current rows: not the paper's collapses, not rows kept from earlier defaults (a note)
+        names = [n for n in rows if not n.startswith("EMP paper") and not rows[n].get("note")]
         x = range(len(names))
         for j, text in enumerate(("wikitext", "python-docs", "gpl-3")):
             ax.bar([i + 0.27 * (j - 1) for i in x], [rows[n]["after"]["ppl"][text] for n in names], 0.27, label=text)

@@ -24,8 +24,8 @@ pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from emprune.core import rule  # noqa: E402
-from emprune.criteria.channel_scores import channel_activation  # noqa: E402
-from emprune.jobs.axes import hidden_multiple, shrink_hidden  # noqa: E402
+from emprune.criteria.channel_scores import channel_activation, channel_scores  # noqa: E402
+from emprune.jobs.axes import DEFAULT_HIDDEN_SCORE, hidden_multiple, shrink_hidden  # noqa: E402
 from emprune.jobs.shrink import lm_forward  # noqa: E402
 from emprune.structure.hidden import keep_channels, residual, zero_channels  # noqa: E402
 from test_shrink_depth import IDS, gemma, llama, qwen3, run  # noqa: E402
@@ -113,20 +113,32 @@ def test_activation_score_reads_gemmas_pre_norms_only():
     assert torch.allclose(channel_activation(g, [IDS], lm_forward), acc.sqrt(), rtol=1e-9)
 
 
+def test_default_score_is_the_geometric_mean_of_activation_and_weight_norm():
+    m = llama(2)
+    got = channel_scores(m, "activation-magnitude", [IDS], lm_forward)
+    act = channel_activation(m, [IDS], lm_forward)
+    assert torch.allclose(got, (act * residual(m).channel_norms()).sqrt(), rtol=1e-12)
+    assert DEFAULT_HIDDEN_SCORE == "activation-magnitude"
+    with pytest.raises(ValueError, match="needs calibration tokens"):
+        channel_scores(m, "activation-magnitude", None, lm_forward)
+
+
 def test_count_is_emps_on_the_grid():
     m = llama(2)
     with torch.no_grad():  # a heavy tail: a few channels carry most of the activation
         m.model.embed_tokens.weight[:, :4] *= 30
-    for recipe, multiple in (("paper", 1), ("default", 1), ("default", 32)):
+    for recipe, multiple, score in (("paper", 1, "activation"), ("default", 1, "activation"),
+                                    ("default", 1, None), ("default", 32, None)):
         mm = copy.deepcopy(m)
         grid = hidden_multiple(mm, multiple)
-        rep = shrink_hidden(mm, IDS, recipe=recipe, multiple_of=multiple)
-        s = torch.tensor(channel_activation(copy.deepcopy(m), [IDS], lm_forward).tolist(), dtype=torch.float64)
-        counted = s if recipe == "paper" else s.sqrt()
-        k = int(rule.keep_count_from_neff(rule.effective_number(counted), 1.0, 64))
+        rep = shrink_hidden(mm, IDS, recipe=recipe, multiple_of=multiple, hidden_score=score)
+        s = channel_scores(copy.deepcopy(m), score or "activation-magnitude", [IDS], lm_forward)
+        # the default counts hidden channels on the raw scores (no transform), with its 25 % floor
+        k = int(rule.keep_count_from_neff(rule.effective_number(s), 1.0, 64))
         if recipe == "default":
-            k = max(k, 16)  # the 25 % floor
+            k = max(k, 16)
         g = rep.groups[0]
+        assert rep.recipe["transform"] == "none" and rep.criterion == (score or "activation-magnitude")
         assert grid == math.lcm(4, multiple) and g.units_after % grid == 0 or g.units_after == 64
         assert abs(g.units_after - k) <= grid / 2, (recipe, multiple, g.units_after, k)
         assert mm.config.hidden_size == g.units_after

@@ -56,9 +56,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "x_out)), loss (calibration-loss increase when the block alone is skipped), magnitude "
                         "(weight norm)")
     p.add_argument("--hidden-score", choices=HIDDEN_SCORES, default=None,
-                   help="with --units hidden, the residual-channel score (default activation with calibration data, "
-                        "else magnitude): activation (Minitron: the stream's norm outputs over the calibration text), "
-                        "magnitude (weight norms)")
+                   help="with --units hidden, the residual-channel score (default activation-magnitude with calibration "
+                        "data, else magnitude): activation-magnitude (the geometric mean of the two), activation "
+                        "(Minitron: the stream's norm outputs over the calibration text), magnitude (weight norms)")
     p.add_argument("--layer-select", choices=("greedy", "score"), default=None,
                    help="with --units layers, which blocks go (default greedy with calibration data, score with "
                         "--recipe paper or without data): greedy (one at a time, the block whose skipping raises "

@@ -2,10 +2,11 @@
 residual channels (``--units hidden``), each one group decided by EMP.
 
 Hidden channels (:func:`shrink_hidden`): one score per channel of the residual stream
-(``hidden_score``: Minitron's activation score, or the weight norm; see
-:mod:`emprune.criteria.channel_scores`), EMP's count with the recipe's transform and floor on a
-grid (the kept ``hidden_size`` a multiple of the head count, which transformers' configs require,
-and of ``multiple_of``), the lowest-scored channels removed everywhere
+(``hidden_score``: by default the geometric mean of Minitron's activation score and the weight
+norm; see :mod:`emprune.criteria.channel_scores`), EMP's count of the raw scores (the default
+recipe's floor, no transform: these scores do not collapse; another ``--recipe`` brings its own
+transform) on a grid (the kept ``hidden_size`` a multiple of the head count, which transformers'
+configs require, and of ``multiple_of``), the lowest-scored channels removed everywhere
 (:func:`emprune.structure.hidden.keep_channels`).
 
 Depth (:func:`shrink_layers`):
@@ -58,8 +59,9 @@ from .shrink import check_multiple, finish_sizes, lm_batches, lm_forward, lm_los
 
 #: the block score whose EMP count is the default (chosen by measurement, benchmarks/results/shrink_depth.md)
 DEFAULT_LAYER_SCORE = "influence"
-#: the channel score of the default for ``--units hidden``
-DEFAULT_HIDDEN_SCORE = "activation"
+#: the channel score of the default for ``--units hidden`` (chosen by measurement,
+#: benchmarks/results/shrink_depth.md; see :mod:`emprune.criteria.channel_scores`)
+DEFAULT_HIDDEN_SCORE = "activation-magnitude"
 #: how the default chooses which blocks go (with calibration tokens)
 DEFAULT_LAYER_SELECT = "greedy"
 LAYER_SELECTS = ("greedy", "score")
@@ -212,6 +214,8 @@ def shrink_hidden(model: nn.Module, calib_tokens: Tensor | None, options: Shrink
     o = build(ShrinkOptions, options, fields)
     t0 = time.perf_counter()
     rec = resolve_recipe(o, calib_tokens)
+    if o.recipe == "default":  # the default score is not heavy-tailed: EMP's raw count, no transform
+        rec = dataclasses.replace(rec, transform="none")
     how = o.hidden_score or (DEFAULT_HIDDEN_SCORE if calib_tokens is not None else "magnitude")
     one_of("hidden_score", how, HIDDEN_SCORES)
     (group,) = find_groups(model, "hidden")

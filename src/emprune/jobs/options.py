@@ -293,10 +293,11 @@ class ShrinkOptions:
                                            "influence (ShortGPT: 1 - cos(x_in, x_out)), loss (calibration-loss "
                                            "increase when the block alone is skipped), magnitude (weight norm)",
                                      choices=LAYER_SCORES)
-    hidden_score: str | None = option(None, "with --units hidden, the residual-channel score (default activation "
-                                            "with calibration data, else magnitude): activation (Minitron: the "
-                                            "stream's norm outputs over the calibration text), magnitude (weight "
-                                            "norms)", choices=HIDDEN_SCORES)
+    hidden_score: str | None = option(None, "with --units hidden, the residual-channel score (default "
+                                            "activation-magnitude with calibration data, else magnitude): "
+                                            "activation-magnitude (the geometric mean of the two), activation "
+                                            "(Minitron: the stream's norm outputs over the calibration text), "
+                                            "magnitude (weight norms)", choices=HIDDEN_SCORES)
     layer_select: str | None = option(None, "with --units layers, which blocks go (default greedy with calibration "
                                             "data, score with --recipe paper or without data): greedy (one at a "
                                             "time, the block whose skipping raises the calibration loss least, "
