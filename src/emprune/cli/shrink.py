@@ -7,6 +7,7 @@ main entry point prints as one line). ``python -m emprune.llm.shrink_cli ...`` r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import time
@@ -16,6 +17,7 @@ from ..jobs import options as O
 from .common import (add_calib_args, beta_type, calibration_ids, check_seqlen, claim_out, positive_int,
                      units_type)
 
+_FIELDS = {f.name: f for f in dataclasses.fields(O.ShrinkOptions)}
 HELP = "remove MLP neurons / attention heads / whole decoder blocks physically with EMP and save a smaller model"
 
 
@@ -24,9 +26,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from .. import criteria as C
     from ..decide.recipes import (DEFAULT_SHRINK as DEFAULT_RECIPE, DEFAULT_SHRINK_LM as DEFAULT_RECIPE_LM,
                                   DEFAULT_SHRINK_MIXED as DEFAULT_RECIPE_MIXED, RECIPES, choices, names)
-    from ..criteria.block_scores import LAYER_SCORES
-    from ..criteria.channel_scores import HIDDEN_SCORES
-    from ..jobs.budget import BUDGETS, DEFAULT_BUDGET
     from ..jobs.shrink import DEFAULT_CRITERION, DEFAULT_SCOPE
 
     p = subparsers.add_parser(
@@ -50,22 +49,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="mlp, heads, layers (whole decoder blocks), hidden (residual channels) or a comma list "
                         "(layers,hidden,mlp: blocks, then channels, then widths; see --budget; default mlp: at equal size it kept lower perplexity than mlp,heads on "
                         "SmolLM2-135M, see benchmarks/results/shrink_smollm2.md)")
-    p.add_argument("--layer-score", choices=LAYER_SCORES, default=None,
-                   help="with --units layers, the block score whose EMP count says how many blocks stay (default "
-                        "influence with calibration data, else magnitude): influence (ShortGPT: 1 - cos(x_in, "
-                        "x_out)), loss (calibration-loss increase when the block alone is skipped), magnitude "
-                        "(weight norm)")
-    p.add_argument("--hidden-score", choices=HIDDEN_SCORES, default=None,
-                   help="with --units hidden, the residual-channel score (default activation-magnitude with calibration "
-                        "data, else magnitude): activation-magnitude (the geometric mean of the two), activation "
-                        "(Minitron: the stream's norm outputs over the calibration text), magnitude (weight norms)")
-    p.add_argument("--layer-select", choices=("greedy", "score"), default=None,
-                   help="with --units layers, which blocks go (default greedy with calibration data, score with "
-                        "--recipe paper or without data): greedy (one at a time, the block whose skipping raises "
-                        "the calibration loss least, re-measured after each), score (the lowest-scored blocks)")
-    p.add_argument("--budget", choices=BUDGETS, default=None,
-                   help=f"with --units layers,mlp: shared (EMP's totals as one budget, spent where the measured loss "
-                        f"is lowest) or per-kind (blocks, then widths); default {DEFAULT_BUDGET}")
+    for name in ("layer_score", "hidden_score", "layer_select", "budget"):  # described once, in ShrinkOptions
+        meta = _FIELDS[name].metadata
+        p.add_argument("--" + name.replace("_", "-"), choices=meta["choices"], default=None,
+                       help=meta["help"].replace("%", "%%"))
     p.add_argument("--criterion", choices=C.names(level="unit"), default=None,
                    help=f"unit score (default {DEFAULT_CRITERION}): magnitude (weight norms), activation "
                         "(||X|| * ||W_out||), fluctuation (FLAP: Var(X) * ||W_out||^2), taylor (|dL/dX * X|)")
