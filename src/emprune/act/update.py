@@ -61,15 +61,18 @@ def with_mask(d: Decision, mask: Tensor, scores: Tensor) -> Decision:
 
 
 @torch.no_grad()
-def apply_update(d: Decision, mod: nn.Linear, scores: Tensor, how: Update, hessian: Tensor | None = None) -> Decision:
+def apply_update(d: Decision, mod: nn.Linear, scores: Tensor, how: Update, hessian: Tensor | None = None,
+                 overwrite_hessian: bool = False) -> Decision:
     """Rewrite ``mod``'s weight as ``how`` says for decision ``d`` (``scores``: the selection
-    scores of the weights as decided; ``hessian``: the layer's input Hessian, for OBS) and
-    return the decision as applied. The pruned entries are left for the caller to zero."""
+    scores of the weights as decided; ``hessian``: the layer's input Hessian, for OBS, which
+    ``overwrite_hessian`` lets OBS use as its working matrix) and return the decision as applied.
+    The pruned entries are left for the caller to zero."""
     if how.method == "obs":
         if hessian is None:
             raise ValueError(f"{d.name}: the OBS update needs the layer's input Hessian")
         w = mod.weight.detach()
-        common = dict(blocksize=how.blocksize, damp=how.damp, damp_kind=how.damp_kind, quota=how.quota, where=d.name)
+        common = dict(blocksize=how.blocksize, damp=how.damp, damp_kind=how.damp_kind, quota=how.quota, where=d.name,
+                      overwrite_hessian=overwrite_hessian)
         if how.nm is not None:
             res = obs_prune(w, hessian, nm=how.nm, **common)  # type: ignore[arg-type]
         elif how.fixed:  # fixed or OWL: SparseGPT's per-block choice over all rows

@@ -262,3 +262,36 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedErr
 
 def one_line(e: BaseException) -> str:
     return re.sub(r"\s*\n\s*", " ", str(e)).strip() or type(e).__name__
+
+
+def offload_mode(model: str, offload: str | None, dtype: str, device: str | None) -> bool:
+    """Whether ``emprune prune`` / ``eval`` stream the model from disk, one block at a time:
+    asked (``--offload disk``: a local folder of safetensors only, on one device), or by default
+    for a local folder whose weights would not fit in memory (said on stderr). Decided from the
+    headers alone, before anything is loaded."""
+    import sys
+
+    from ..models.loading import locate
+    from ..models.stream import FIT_FRACTION, fits_in_memory, model_bytes
+    from ..jobs.memory import fmt_bytes
+
+    kind, where = locate(model)
+    if offload == "disk":
+        if kind == "hub":
+            raise ValueError(f"--offload disk streams a local model folder of safetensors shards or a .gguf file; "
+                             f"{model} is a hub id: download it to a folder first (huggingface-cli download), or "
+                             "drop --offload")
+        if device == "auto":
+            raise ValueError("--offload disk runs one block at a time on one device: --device cpu or cuda[:N], "
+                             "not auto")
+        if model_bytes(where, torch_dtype(dtype)) is None:
+            raise ValueError(f"--offload disk: {where} holds no readable safetensors weights")
+        return True
+    if offload is None and kind in ("folder", "gguf") and device != "auto":
+        fits, need, avail = fits_in_memory(where, torch_dtype(dtype))
+        if not fits:
+            print(f"note: {model} takes {fmt_bytes(need)} in {dtype}, more than {int(100 * FIT_FRACTION)}% of the "
+                  f"{fmt_bytes(avail)} available: streaming it from disk one block at a time (--offload disk)",
+                  file=sys.stderr)
+            return True
+    return False

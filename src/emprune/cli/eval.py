@@ -8,7 +8,7 @@ from typing import Any
 from ..jobs import zeroshot
 from ..models.io import check_can_write
 from .common import (MODEL_HELP, add_model_args, check_device, check_positions, check_seqlen, device_map,
-                     int_at_least, positive_int, read_text, text_ids, torch_dtype)
+                     int_at_least, offload_mode, positive_int, read_text, text_ids, torch_dtype)
 
 
 def add_parser(sub) -> None:
@@ -32,6 +32,11 @@ def add_parser(sub) -> None:
                          "'python-docs' (offline), or 'wikitext2'/'c4' (online)")
     ev.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass (default 8)")
     ev.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON to OUT")
+    ev.add_argument("--offload", choices=("disk",), default=None,
+                    help="disk: perplexity of a model larger than memory, read from its folder's safetensors shards "
+                         "one block at a time (every window through block 0, then block 1, ...; the same number as "
+                         "in memory); the default, said on stderr, for a local folder whose weights would not fit. "
+                         "Not with --tasks")
     add_zeroshot_arguments(ev)
     add_model_args(ev)
 
@@ -39,7 +44,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     """Run ``emprune eval`` for parsed ``args``; returns 0 on success."""
     from ..jobs.eval import perplexity
-    from ..models import checkpoint, loading
+    from ..models import loading
 
     if not args.ppl and not args.tasks:
         raise ValueError("nothing to evaluate: pass --ppl and/or --tasks")
@@ -52,6 +57,11 @@ def run(args) -> int:
     if args.json:
         check_can_write(args.json, "--json", parent_must_exist=True)
     loading.locate(args.model)  # a missing path, or the hub while offline, fails now, in one line
+    stream = offload_mode(args.model, args.offload, args.dtype, args.device) if args.ppl or args.offload else False
+    if stream and args.tasks:
+        raise ValueError("--tasks with a model streamed from disk (--offload disk) is not supported: zero-shot scoring "
+                         "runs thousands of short contexts through the whole model, and block by block it would hold "
+                         "the hidden states of all of them; evaluate --ppl only, or load the model in memory")
     if not args.ppl:
         model, tok = loading.load_causal_lm(args.model, dtype=torch_dtype(args.dtype),
                                            device_map=device_map(args.device), progress=not args.quiet)
@@ -67,6 +77,14 @@ def run(args) -> int:
                          f"give at least {seqlen} tokens or a smaller --seqlen")
     tok = loading.load_tokenizer(args.model)
     ids = text_ids(tok, "--eval-text", src, text, seqlen if known else 1, more=False)[:args.eval_tokens]  # None: all
+    if stream:
+        from ..jobs.eval import perplexity_streamed
+        from ..models.stream import DiskModel
+
+        disk = DiskModel(loading.locate(args.model)[1], torch_dtype(args.dtype), args.device)
+        check_seqlen(disk.model, seqlen)
+        res = perplexity_streamed(disk, ids, seqlen, batch_size=args.batch_size, progress=not args.quiet)
+        return _report_ppl(args, res, src)
     model, tok = loading.load_causal_lm(args.model, dtype=torch_dtype(args.dtype), device_map=device_map(args.device),
                                        progress=not args.quiet, tokenizer=tok)
     if args.seqlen is None and limit is None:  # positions unknown before the load (a hub id)
@@ -74,13 +92,21 @@ def run(args) -> int:
         seqlen = min(2048, cfg_limit) if isinstance(cfg_limit, int) and cfg_limit >= 2 else 2048
     check_seqlen(model, seqlen)
     res = perplexity(model, ids, seqlen, batch_size=args.batch_size, progress=not args.quiet)
+    return _report_ppl(args, res, src, model, tok)
+
+
+def _report_ppl(args: argparse.Namespace, res: dict, src: str, model: Any = None, tok: Any = None) -> int:
+    """Print the perplexity, run the zero-shot tasks (a model in memory), write ``--json``."""
+    from ..models import checkpoint
+
     res.update(model=args.model, text=src)
     report = checkpoint.read_report(args.model)  # a damaged one does not spoil the evaluation: None
     if report is not None:
         summary = report.get("summary")
         res["pruned_fraction"] = summary.get("pruned_fraction") if isinstance(summary, dict) else None
     print(f"perplexity {res['ppl']:.4f} on {res['tokens_evaluated']:,} predicted tokens "
-          f"({res['windows']} windows of {res['seqlen']}) of {src}; {res['seconds']:.1f} s")
+          f"({res['windows']} windows of {res['seqlen']}) of {src}; {res['seconds']:.1f} s"
+          + (" (streamed from disk)" if res.get("offload") else ""))
     if args.tasks:
         res["zeroshot"] = run_zeroshot(args, model, tok)
     _write_eval_json(args.json, res)

@@ -7,12 +7,13 @@ import sys
 from ..act.report import PruneReport
 from ..decide.scopes import SCOPES
 from .common import (MODEL_HELP, add_calib_args, add_model_args, beta_type, calibration_ids, check_device,
-                     check_seqlen, claim_out, cli_names, command_line, damp_type, device_map, esc, min_keep_type,
+                     check_seqlen, claim_out, cli_names, command_line, offload_mode, damp_type, device_map, esc, min_keep_type,
                      nm_type, open_fraction_type, sparsity_type, torch_dtype)
 
 
 def add_parser(sub) -> None:
     """The ``prune`` sub-command's parser."""
+    from ..models.stream import FIT_FRACTION
     from ..decide.recipes import DEFAULT_PRUNE as DEFAULT_RECIPE, RECIPES, choices, names
     from ..jobs.prune_lm import DEFAULT_DAMP, DEFAULT_DAMP_KIND, count_by_choices, criterion_choices
 
@@ -79,9 +80,14 @@ def add_parser(sub) -> None:
                         "sparsities, Yin et al. 2024: M=5, lambda=0.08, mean = --sparsity). Default uniform")
     add_calib_args(pr, 128, 512)
     add_model_args(pr)
-    pr.add_argument("--offload", action="store_true",
-                    help="keep the model in CPU memory and move one decoder block at a time to --device "
-                         "(for models larger than the GPU; see docs/llm.md)")
+    pr.add_argument("--offload", nargs="?", const="cpu", choices=("cpu", "disk", "none"), default=None,
+                    help="cpu (the value when none is given): keep the model in CPU memory and move one decoder "
+                         "block at a time to --device cuda (models larger than the GPU). disk: leave the weights in "
+                         "the model folder's safetensors shards and read, prune and write one block at a time "
+                         "(models larger than memory; peak memory is one block plus the embeddings); the default, "
+                         "said on stderr, for a local folder whose weights would take more than "
+                         f"{int(100 * FIT_FRACTION)}%% of the available memory. none: load the whole model in memory "
+                         "even then. See docs/llm.md")
     pr.add_argument("--save-dtype", choices=("bfloat16", "float16", "float32"), default=None,
                     help="dtype of the saved weights (default: the --dtype the model was loaded in); pruned "
                          "zeros stay exact zeros. bfloat16 halves the folder of a float32 run")
@@ -92,7 +98,7 @@ def run(args) -> int:
     import time
 
     from ..jobs.options import PruneOptions
-    from ..jobs.prune_lm import plan, prune_lm, summary_line
+    from ..jobs.prune_lm import plan, prune_lm
     from ..models import checkpoint, data, loading
     from ..structure.layouts import find_layout
 
@@ -101,9 +107,13 @@ def run(args) -> int:
     # everything that does not need the model is checked before the (slow) load
     if args.sparsity is not None and (args.count_by or mk is not None or args.count_unit):
         raise ValueError("--count-by/--min-keep/--count-unit shape EMP's counts; they have no meaning with --sparsity")
-    if args.offload and args.device in (None, "cpu", "auto"):
+    if args.offload == "cpu" and args.device in (None, "cpu", "auto"):
         raise ValueError("--offload needs an execution device: --device cuda (or cuda:N)")
     check_device(args.device)
+    stream = offload_mode(args.model, args.offload, args.dtype, args.device)
+    if stream and args.scope == "global":
+        raise ValueError("--scope global decides over every weight at once, which --offload disk never holds; "
+                         "use --scope row or layer")
     options = PruneOptions(criterion=args.criterion, scope=args.scope, beta=args.beta, sparsity=args.sparsity,
                            targets=args.targets, recipe=args.recipe, count_by=args.count_by, min_keep=mk,
                            count_unit=args.count_unit, update=args.update, damp=args.damp, damp_kind=args.damp_kind,
@@ -119,9 +129,11 @@ def run(args) -> int:
     calib_src = tok = ids = None
     if p.needs_data:
         calib_src, tok, ids = calibration_ids(args.model, args.calib_text, args.seqlen)
+    if stream:
+        return _run_streamed(args, options, out, calib_src, tok, ids, t0)
     print(f"loading {args.model} ...", file=sys.stderr)
     model, tok = loading.load_causal_lm(args.model, dtype=torch_dtype(args.dtype),
-                                       device_map=None if args.offload else device_map(args.device),
+                                       device_map=None if args.offload == "cpu" else device_map(args.device),
                                        progress=not args.quiet, tokenizer=tok)
     find_layout(model)  # an unsupported layout is refused now, before any calibration
     calib = None
@@ -138,6 +150,31 @@ def run(args) -> int:
     info["total_seconds"] = time.perf_counter() - t0
     saved = checkpoint.save_pruned(model, tok, out, info, overwrite=args.overwrite, dtype=save_dtype,
                                progress=not args.quiet)
+    _print_result(res, saved)
+    return 0
+
+
+def _run_streamed(args, options, out, calib_src, tok, ids, t0: float) -> int:
+    """``emprune prune --offload disk``: block by block from the folder's shards into new shards."""
+    from ..jobs.offload import Output, prune_to_disk
+    from ..models import data, loading
+
+    if tok is None:
+        tok = loading.load_tokenizer(args.model)
+    calib = data.calibration_windows(ids, args.calib_samples, args.seqlen, args.seed) if ids is not None else None
+    info = {"model": args.model, "command": command_line(args), "calibration": {"text": calib_src, "seed": args.seed}}
+    print(f"streaming {args.model} from disk, one block at a time ...", file=sys.stderr)
+    output = Output(out, tok, torch_dtype(args.save_dtype or args.dtype), args.overwrite, info, t0)
+    res, saved = prune_to_disk(loading.locate(args.model)[1], calib, options, output, torch_dtype(args.dtype))
+    _print_result(res, saved)
+    return 0
+
+
+def _print_result(res, saved) -> None:
+    """The table, the summary line, the warnings and where the folder is."""
+    from ..jobs.prune_lm import summary_line
+    from ..models import checkpoint
+
     print(_short_table(res.report))
     print(summary_line(res))
     for w in res.report.warnings[:10]:
@@ -146,7 +183,6 @@ def run(args) -> int:
         print(f"WARNING: ... and {len(res.report.warnings) - 10} more (see emprune.json)")
     print(f"saved to {saved} (load with transformers: AutoModelForCausalLM.from_pretrained({str(saved)!r})); "
           f"report: {saved / checkpoint.REPORT_NAME}")
-    return 0
 
 
 def _short_table(report: PruneReport) -> str:

@@ -101,10 +101,26 @@ class OBSResult:
         return iter((self.weight, self.mask))
 
 
-def _inverse_cholesky(h: Tensor, damp: float, where: str, kind: str = "mean") -> tuple[Tensor, Tensor]:
-    """Upper Cholesky factor ``U`` of the dampened ``H^-1`` (see the module doc) and the dead inputs."""
-    h = h.to(torch.float64).clone()
-    if not bool(torch.isfinite(h).all()):
+def _all_finite(m: Tensor) -> bool:
+    """Whether every entry of ``m`` is finite, checked a slice of rows at a time
+    (``torch.isfinite`` of a whole float64 matrix allocates more than the matrix itself)."""
+    step = max(1, (1 << 22) // max(1, m.shape[-1]))
+    return all(bool(torch.isfinite(m[r : r + step]).all()) for r in range(0, m.shape[0], step))
+
+
+def _inverse_cholesky(h: Tensor, damp: float, where: str, kind: str = "mean",
+                      overwrite: bool = False) -> tuple[Tensor, Tensor]:
+    """Upper Cholesky factor ``U`` of the dampened ``H^-1`` (see the module doc) and the dead inputs.
+
+    The three factorisations run in place in one float64 matrix (``out=`` the input, seen
+    column-major: the same LAPACK calls, the same bits), so the working set is that matrix plus
+    one temporary while the inverse is formed, not four matrices (on a 14,336-wide ``down_proj``:
+    3.3 GB instead of 6.6). With ``overwrite`` (a float64 ``h`` its caller hands over) ``h``
+    itself is that matrix. ``U`` comes back as a (transposed) view of it."""
+    h = h.to(torch.float64)
+    if not overwrite or h.device.type == "meta":
+        h = h.clone()
+    if not _all_finite(h):
         raise ValueError(f"{where}: the Hessian has NaN or infinite entries (non-finite calibration activations?)")
     diag = torch.diagonal(h)
     dead = diag == 0
@@ -114,16 +130,20 @@ def _inverse_cholesky(h: Tensor, damp: float, where: str, kind: str = "mean") ->
         diag += damp * diag + 1e-6 * mean  # (a tiny absolute term keeps a singular H definite)
     else:
         diag += damp * mean
-    chol, info = torch.linalg.cholesky_ex(h)
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    # h.mT is h's memory seen column-major, as LAPACK wants it (h is symmetric, so it holds the
+    # same matrix): the factorisations then need no transposed copy
+    v = h.mT
+    torch.linalg.cholesky_ex(v, out=(v, info))  # v = L
     if int(info) != 0:
         raise ValueError(f"{where}: the Hessian is not positive definite after dampening {damp:g} x mean(diag H); "
                          f"retry with a larger damp (e.g. {max(10 * damp, 0.01):g})")
-    hinv = torch.cholesky_inverse(chol)
-    u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-    if int(info) != 0 or not bool(torch.isfinite(u).all()):
+    torch.cholesky_inverse(v, out=v)  # v = H^-1 (symmetric)
+    torch.linalg.cholesky_ex(v, upper=True, out=(v, info))  # v = U
+    if int(info) != 0 or not _all_finite(v):
         raise ValueError(f"{where}: the inverse Hessian is numerically singular after dampening {damp:g}; "
                          f"retry with a larger damp (e.g. {max(10 * damp, 0.01):g})")
-    return u, dead
+    return v, dead
 
 
 def _check_k(k: Tensor | int, rows: int, cols: int, where: str) -> Tensor:
@@ -204,7 +224,7 @@ class OBSSettings:
 @torch.no_grad()
 def obs_prune(weight: Tensor, hessian: Tensor, *, k: Tensor | int | None = None, sparsity: float | None = None,
               nm: tuple[int, int] | None = None, settings: OBSSettings | None = None, where: str = "weight",
-              **fields: Any) -> OBSResult:
+              overwrite_hessian: bool = False, **fields: Any) -> OBSResult:
     """Prune ``weight`` (``[out, in]``) with SparseGPT's OBS reconstruction; returns the new
     weight (in ``weight``'s dtype and device; ``weight`` itself is not modified), the keep mask
     and the count kept per row.
@@ -218,7 +238,9 @@ def obs_prune(weight: Tensor, hessian: Tensor, *, k: Tensor | int | None = None,
     the group is reached, as SparseGPT does). ``settings`` (or its fields as keywords:
     ``blocksize``, ``damp``, ``damp_kind``, ``quota``): see :class:`OBSSettings`. The work runs in
     float32 (the Cholesky factorisations in float64) on ``weight``'s device. ``where`` names the
-    tensor in errors.
+    tensor in errors. ``overwrite_hessian``: ``hessian`` (float64, on ``weight``'s device) is a
+    copy the caller hands over, used as the factorisations' working matrix (one ``[in, in]``
+    float64 matrix less).
     """
     st = dataclasses.replace(settings or OBSSettings(), **fields)
     rows, cols = _check_inputs(weight, hessian, k, sparsity, nm, st, where)
@@ -232,8 +254,11 @@ def obs_prune(weight: Tensor, hessian: Tensor, *, k: Tensor | int | None = None,
         n, m = _check_nm(nm, cols, where)
         blocksize = max(m, blocksize // m * m)  # groups of m never straddle two blocks
 
-    u64, dead = _inverse_cholesky(hessian.to(dev), float(st.damp), where, st.damp_kind)
-    u = u64.to(torch.float32)
+    u64, dead = _inverse_cholesky(hessian.to(dev), float(st.damp), where, st.damp_kind, overwrite_hessian)
+    u = u64.to(torch.float32, memory_format=torch.contiguous_format)
+    if overwrite_hessian:  # handed over: its memory goes now, not when the caller lets go of it
+        u64.untyped_storage().resize_(0)
+    del u64
     d = torch.diagonal(u).clone()  # U_jj: the saliency's denominator
     w = weight.detach().to(torch.float32).clone()
     mask = torch.ones((rows, cols), dtype=torch.bool, device=dev)

@@ -53,9 +53,11 @@ class InputHessians(TargetStats):
             prod = self._last[2]  # the same input as the Linear hooked just before (q/k/v, gate/up)
         else:
             x2 = x.detach().reshape(-1, x.shape[-1]).float()
-            prod = (x2.T @ x2).double()
+            prod = x2.T @ x2  # float32; added to the float64 sum in place (each entry widened exactly)
             self._last = (x, x._version, prod)
-        s.sum += prod.to(s.sum.device)
+        step = max(1, (1 << 23) // max(1, prod.shape[1]))  # rows widened at once: 64 MB of float64
+        for r in range(0, prod.shape[0], step):  # a float64 copy of a whole 11,008-wide product would be 1 GB
+            s.sum[r : r + step] += prod[r : r + step].to(s.sum.device)
         s.tokens += x.numel() // x.shape[-1]
 
     def hessian(self, name: str) -> Tensor:
@@ -63,6 +65,13 @@ class InputHessians(TargetStats):
         if name not in self.data:
             raise KeyError(f"no input Hessian was gathered for {name}")
         return self.data[name].value
+
+    def take(self, name: str) -> Tensor:
+        """``2 X^T X`` (float64) of target ``name``, handed over: scaled in place and forgotten
+        here, so the caller owns the only copy (and may overwrite it)."""
+        if name not in self.data:
+            raise KeyError(f"no input Hessian was gathered for {name}")
+        return self.data.pop(name).sum.mul_(2.0)
 
     def release(self, names: Iterable[str] | None = None) -> None:
         """Forget the Hessians of ``names`` (all when None)."""

@@ -129,18 +129,78 @@ def _loss_function(model: nn.Module, probe: Tensor, chunk_entries: int) -> tuple
         return _full_loss(model), "full"
 
     def loss(batch: Tensor) -> float:
-        h = _hidden(base, batch)[:, :-1]  # positions that predict a next token
-        h = h.reshape(-1, h.shape[-1])
-        targets = batch[:, 1:].reshape(-1)
-        vocab = getattr(head, "out_features", None) or head.weight.shape[0]
-        rows = max(1, chunk_entries // vocab)
-        total = 0.0
-        for s in range(0, h.shape[0], rows):
-            logits = head(h[s : s + rows]).float()
-            total += F.cross_entropy(logits, targets[s : s + rows].to(logits.device), reduction="sum").item()
-        return total
+        return _chunked_nll(head, _hidden(base, batch), batch, chunk_entries)
 
     return loss, "chunked"
+
+
+def _chunked_nll(head: nn.Module, hidden: Tensor, batch: Tensor, chunk_entries: int) -> float:
+    """Summed next-token NLL of ``batch`` from its final hidden states, the output head run over
+    chunks of positions (at most ``chunk_entries`` logits at once), the loss in float32."""
+    h = hidden[:, :-1]  # positions that predict a next token
+    h = h.reshape(-1, h.shape[-1])
+    targets = batch[:, 1:].reshape(-1)
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+    rows = max(1, chunk_entries // vocab)
+    total = 0.0
+    for s in range(0, h.shape[0], rows):
+        logits = head(h[s : s + rows]).float()
+        total += F.cross_entropy(logits, targets[s : s + rows].to(logits.device), reduction="sum").item()
+    return total
+
+
+#: config fields that make a model's logits more than ``head(base(x))``: a model streamed from
+#: disk, never whole in memory, cannot be checked on a probe, so these are refused
+_LOGIT_EXTRAS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+
+
+@torch.no_grad()
+def perplexity_streamed(disk: Any, tokens: Tensor, seqlen: int, batch_size: int = 1, progress: bool = True,
+                        chunk_entries: int = LOGITS_CHUNK) -> dict[str, Any]:
+    """:func:`perplexity` of a model streamed from disk (:class:`~emprune.models.stream.DiskModel`),
+    block by block: every window runs through block 0, then every window through block 1, ...
+    (each block read once; the hidden states of all windows are held, or spill to disk:
+    :func:`~emprune.models.layerwise.buffer`), then the final norm and the chunked loss per batch
+    of ``batch_size`` windows. The same calls as the in-memory path over batches of
+    ``batch_size``: the same perplexity. Models whose logits are more than ``head(norm(h))``
+    (soft-capping, scaling) are refused (``NotImplementedError``)."""
+    from tqdm.auto import tqdm
+
+    from ..models.layerwise import passed_through, run_blocks
+
+    model = disk.model
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    extra = [k for k in _LOGIT_EXTRAS if getattr(text, k, None) not in (None, 1, 1.0)]
+    split = _base_and_head(model)
+    if extra or split is None:
+        raise NotImplementedError(f"perplexity from disk needs logits = head(norm(h)); this model has "
+                                  f"{', '.join(extra) or 'no base/head split'}: load it in memory")
+    tokens = tokens.reshape(-1)
+    n_windows = tokens.numel() // seqlen
+    if seqlen < 2 or n_windows == 0:
+        raise ValueError(f"need seqlen >= 2 and at least one window: {tokens.numel()} tokens, seqlen={seqlen}")
+    windows = tokens[: n_windows * seqlen].reshape(n_windows, seqlen)
+    start = time.perf_counter()
+    hidden = run_blocks(model, windows, disk, batch_size, progress)
+    disk.load_outer(head=True)
+    base, head = split
+    feed: dict[str, Tensor] = {}
+    nll_sum = 0.0
+    with passed_through(disk.layers, feed):
+        for i in tqdm(range(0, n_windows, batch_size), desc="perplexity", disable=not progress, unit="batch"):
+            batch = windows[i : i + batch_size].to(disk.device)
+            feed["hidden"] = hidden[i : i + batch_size]
+            loss = _chunked_nll(head, _hidden(base, batch), batch, chunk_entries)
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(f"the loss is {loss} on windows {i}-{i + batch.shape[0] - 1}: the model's "
+                                         "outputs are not finite")
+            nll_sum += loss
+    disk.release_outer()
+    n_pred = n_windows * (seqlen - 1)
+    nll = nll_sum / n_pred
+    return {"ppl": math.exp(nll) if nll < 700 else math.inf, "nll": nll, "tokens_evaluated": n_pred,
+            "windows": n_windows, "seqlen": seqlen, "seconds": time.perf_counter() - start, "loss": "chunked",
+            "offload": "disk"}
 
 
 def _non_finite_message(model: nn.Module, loss: float, first: int, last: int) -> str:

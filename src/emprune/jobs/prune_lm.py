@@ -55,7 +55,7 @@ from ..decide.allocate import beta_for_fraction, outlier_ratio, owl_sparsities, 
 from ..decide.recipes import Recipe, get_recipe
 from ..decide.scopes import Decision, Target, check_options, decide, floor_count
 from ..models.checkpoint import versions
-from ..models.layerwise import prune_layerwise
+from ..models.layerwise import Blocks, prune_layerwise, reading
 from ..structure.layouts import decoder_layers, linear_view
 from ..structure.targets import TARGET_SETS, block_targets
 from .memory import PeakMemory, fmt_bytes
@@ -327,8 +327,9 @@ def _finish(plan: Plan, d: Decision, mod: nn.Linear, record: Record) -> None:
     scores = plan.criterion(d.name, mod)  # on the weights as decided (before any update)
     dense_zeros = count_zeros(mod.weight)
     t0 = time.perf_counter()
-    h = plan.hessians.hessian(d.name) if plan.hessians is not None else None
-    applied = apply_update(d, mod, scores, plan.update, h)
+    h = plan.hessians.take(d.name) if plan.hessians is not None else None  # decided once: handed over
+    applied = apply_update(d, mod, scores, plan.update, h, overwrite_hessian=True)
+    del h
     if plan.update.method is not None:
         record.update_seconds += time.perf_counter() - t0
     record.apply(applied, mod, dense_zeros)
@@ -363,6 +364,7 @@ def _dense_pass(model: nn.Module, calib_tokens: Tensor, targets: str, observers:
         for c in observers:
             c.release(lin)
 
+    loop = dict(loop, device=reading(loop.get("device")))  # a streamed model writes nothing on this pass
     return prune_layerwise(model, calib_tokens, targets, visit, observers, **loop)  # type: ignore[arg-type]
 
 
@@ -405,7 +407,7 @@ def _count_neffs(plan: Plan, model: nn.Module, mods: dict[str, nn.Linear], calib
         finally:
             src.release()
     else:
-        visit(0, mods)
+        _each_block(model, mods, visit, False, loop.get("device"))
     return out
 
 
@@ -455,12 +457,25 @@ def _run(plan: Plan, model: nn.Module, mods: dict[str, nn.Linear], calib_tokens:
         timing = prune_layerwise(model, calib_tokens, targets,  # type: ignore[arg-type]
                                  lambda i, lin: _decide_group(plan, lin, record, i), plan.observers, **loop)
         return MODE_LAYERWISE, timing
+    _each_block(model, mods, lambda i, group: _decide_group(plan, group, record, i), True, loop["device"],
+                loop["progress"])
+    return MODE_NONE, {}
+
+
+def _each_block(model: nn.Module, mods: dict[str, nn.Linear], visit: Callable[[int, dict[str, nn.Linear]], Any],
+                final: bool, device: Any, progress: bool = False) -> None:
+    """``visit(i, targets of block i)`` for every block, without data (each block opened for its
+    turn when ``device`` is a :class:`Blocks`, e.g. a model streamed from disk)."""
     from tqdm.auto import tqdm
 
-    for i, group in enumerate(tqdm(_group_by_block(model, mods), desc="prune", disable=not loop["progress"],
-                                   unit="block")):
-        _decide_group(plan, group, record, i)
-    return MODE_NONE, {}
+    blocks = device if isinstance(device, Blocks) else None
+    layers = decoder_layers(model)
+    for i, group in enumerate(tqdm(_group_by_block(model, mods), desc="prune", disable=not progress, unit="block")):
+        if blocks is None:
+            visit(i, group)
+            continue
+        with blocks.open(i, layers[i], final):
+            visit(i, group)
 
 
 # ------------------------------------------------------------------------ the job
@@ -468,7 +483,7 @@ def _run(plan: Plan, model: nn.Module, mods: dict[str, nn.Linear], calib_tokens:
 
 @torch.no_grad()
 def prune_lm(model: nn.Module, calib_tokens: Tensor | None, options: PruneOptions | None = None,
-             **fields: Any) -> LMPruneResult:
+             blocks: Blocks | None = None, **fields: Any) -> LMPruneResult:
     """Prune ``model``'s targeted Linears in place; embeddings and ``lm_head`` are never touched.
 
     The options are the fields of :class:`~emprune.jobs.options.PruneOptions`, given as
@@ -510,13 +525,21 @@ def prune_lm(model: nn.Module, calib_tokens: Tensor | None, options: PruneOption
     refused with ``NotImplementedError``). GPT-2's ``Conv1D`` layers are pruned as ``nn.Linear``
     views (a row, a unit, is an output feature, as everywhere) and given back as ``Conv1D``
     holding the pruned weights in their own ``[in, out]`` layout.
+
+    ``blocks``: the model is streamed from disk (:class:`~emprune.models.stream.DiskModel`: its
+    blocks' weights on ``meta`` between their turns); every pass opens each block for its turn and
+    the final pass hands each finished block to the stream (which writes it). The global scope,
+    one decision over every weight at once, is refused there.
     """
     p = plan(options, **fields)
     if p.needs_data and calib_tokens is None:
         raise ValueError(f"criterion {p.label!r} with count_by {p.recipe.count_by!r}"
                          + (f" and update {p.update.method!r}" if p.update.method else "") + " needs calibration tokens")
+    if blocks is not None and p.options.scope == "global":
+        raise ValueError("scope 'global' decides over every weight at once, which a model streamed from disk "
+                         "never holds; use scope 'row' or 'layer', or load the model in memory")
     with linear_view(model):  # GPT-2: Conv1D seen as Linear (rows = output units) until the end
-        return _prune_lm(p, model, calib_tokens)
+        return _prune_lm(p, model, calib_tokens, blocks)
 
 
 def _prepare(p: Plan, model: nn.Module, mods: dict[str, nn.Linear], calib_tokens: Tensor | None,
@@ -541,14 +564,14 @@ def _prepare(p: Plan, model: nn.Module, mods: dict[str, nn.Linear], calib_tokens
     return pre
 
 
-def _prune_lm(p: Plan, model: nn.Module, calib_tokens: Tensor | None) -> LMPruneResult:
+def _prune_lm(p: Plan, model: nn.Module, calib_tokens: Tensor | None, blocks: Blocks | None) -> LMPruneResult:
     """Steps 2-4 of :func:`prune_lm`, on a model whose targets are all ``nn.Linear``."""
     o = p.options
     mods = block_targets(model, o.targets)
     missing = [n for n in mods if o.counts is not None and n not in o.counts]
     if missing:
         raise ValueError(f"counts has no entry for {missing[:3]} (reference run on other targets?)")
-    loop = dict(progress=o.progress, device=o.device, batch_size=o.batch_size)
+    loop = dict(progress=o.progress, device=blocks if blocks is not None else o.device, batch_size=o.batch_size)
     start = time.perf_counter()
     with PeakMemory(o.device if o.device is not None else next(model.parameters()).device) as mem:
         try:

@@ -22,7 +22,8 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -293,13 +294,31 @@ def save_pruned(
     lists the files written (``files``). ``dtype`` casts the model in place before saving (``None``: as it is). Files get the usual modes (umask), not the
     private ones of temporary files. Returns the folder written (symlinks resolved).
     """
+    with writing(out_dir, overwrite) as tmp:
+        if dtype is not None:
+            model.to(dtype=dtype)
+        with quiet_progress(not progress):
+            model.save_pretrained(tmp)
+        finish_folder(tmp, tokenizer, report_json)
+    return Path(out_dir).expanduser().resolve()
+
+
+@contextmanager
+def writing(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A hidden, marked temporary folder beside ``out_dir`` to fill in the ``with`` body, renamed
+    into place when the body ends without error (removed, with the previous ``out_dir`` left
+    intact, when it raises or is interrupted). ``out_dir`` is checked (:func:`check_out_dir`)
+    and claimed (:func:`claim_output`) first; leftovers of killed runs are dealt with
+    (:func:`clean_stale_temporaries`). The body must end with :func:`finish_folder`."""
     out = check_out_dir(out_dir, overwrite)
     claim_output(out)
     try:
         clean_stale_temporaries(out)
         tmp = _our_tmp_dir(out, "tmp")
         try:
-            _fill(tmp, model, tokenizer, report_json, dtype, progress)
+            yield tmp
+            if (tmp / WRITING_MARK).exists():
+                raise RuntimeError("internal: the output folder was not finished (finish_folder)")
             if out.is_dir() and any(out.iterdir()):  # files put there while we worked are not ours either
                 _refuse_foreign(out, out)
             _swap_into_place(tmp, out)
@@ -308,17 +327,12 @@ def save_pruned(
             raise
     finally:
         release_output(out)
-    return out
 
 
-def _fill(tmp: Path, model: nn.Module, tokenizer: Any, report_json: dict, dtype: torch.dtype | None,
-          progress: bool) -> None:
-    """Write the model, the tokenizer and, last, the report (listing every file) into ``tmp``,
-    then check that the folder is complete before it may be renamed into place."""
-    if dtype is not None:
-        model.to(dtype=dtype)
-    with quiet_progress(not progress):
-        model.save_pretrained(tmp)
+def finish_folder(tmp: Path, tokenizer: Any, report_json: dict) -> None:
+    """Complete a folder whose weights and config are written: mark per-layer widths in its
+    config, write the tokenizer and, last, the report (listing every file), after checking
+    that the folder is complete; files get the usual modes."""
     _mark_per_layer(tmp / "config.json")
     tok_files = [Path(f) for f in tokenizer.save_pretrained(tmp)] if tokenizer is not None else []
     _check_complete(tmp, tok_files)
@@ -424,9 +438,30 @@ def _state_dict(folder: Path) -> dict[str, Tensor]:
         return sd
     raise FileNotFoundError(f"{folder}: no model.safetensors (or index) to load")
 
-def _linear(w: Tensor, b: Tensor | None, dtype: torch.dtype) -> nn.Linear:
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta", dtype=dtype)
-    return lin.to_empty(device="cpu")
+def fit_shapes(model: nn.Module, text: Any, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+               device: str = "cpu") -> None:
+    """Resize every decoder block's projections of ``model`` to the stored ``shapes`` (tensor
+    name -> shape) where they differ (a shrunk folder's per-layer widths), in place: new Linears
+    on ``device`` (``meta`` for a model streamed from disk), each attention's
+    ``num_key_value_groups`` and each MLP's ``intermediate_size`` set to match."""
+    names = {m: n for n, m in model.named_modules()}
+    for block in decoder_layers(model):
+        for parent_name in ("mlp", "self_attn"):
+            parent = getattr(block, parent_name)
+            prefix = names[parent]
+            for child, mod in list(parent.named_children()):
+                key = f"{prefix}.{child}.weight"
+                if isinstance(mod, nn.Linear) and key in shapes:
+                    w, bias = shapes[key], f"{prefix}.{child}.bias" in shapes
+                    if tuple(w) != tuple(mod.weight.shape) or bias != (mod.bias is not None):
+                        lin = nn.Linear(w[1], w[0], bias=bias, device="meta", dtype=dtype)
+                        setattr(parent, child, lin if device == "meta" else lin.to_empty(device=device))
+        attn = block.self_attn
+        hd = int(getattr(attn, "head_dim", 0) or text.head_dim)
+        n_q, n_kv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
+        attn.num_key_value_groups = n_q // n_kv
+        if hasattr(block.mlp, "intermediate_size"):
+            block.mlp.intermediate_size = block.mlp.down_proj.in_features
 
 @torch.no_grad()
 def from_pretrained(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -434,9 +469,9 @@ def from_pretrained(folder: str | os.PathLike, dtype: torch.dtype = torch.float3
     """Load a shrunk folder as a normal transformers model with the saved per-layer shapes.
 
     Builds the model from ``config.json``, resizes every decoder block's projections to the
-    shapes in the safetensors file (``config.emprune_shrunk`` says which widths), sets each
-    attention module's ``num_key_value_groups``, and loads the weights (every tensor must fit:
-    a missing or unexpected one raises). Folders without ``emprune_shrunk`` load as usual."""
+    shapes in the safetensors file (``config.emprune_shrunk`` says which widths;
+    :func:`fit_shapes`), and loads the weights (every tensor must fit: a missing or unexpected
+    one raises). Folders without ``emprune_shrunk`` load as usual."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(folder).expanduser()
@@ -450,23 +485,7 @@ def from_pretrained(folder: str | os.PathLike, dtype: torch.dtype = torch.float3
         return model.eval()
     sd = _state_dict(path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    names = {m: n for n, m in model.named_modules()}
-    for block in decoder_layers(model):
-        for parent_name in ("mlp", "self_attn"):
-            parent = getattr(block, parent_name)
-            prefix = names[parent]
-            for child, mod in list(parent.named_children()):
-                key = f"{prefix}.{child}.weight"
-                if isinstance(mod, nn.Linear) and key in sd:
-                    w, b = sd[key], sd.get(f"{prefix}.{child}.bias")
-                    if tuple(w.shape) != tuple(mod.weight.shape) or (b is None) != (mod.bias is None):
-                        setattr(parent, child, _linear(w, b, dtype))
-        attn = block.self_attn
-        hd = int(getattr(attn, "head_dim", 0) or text.head_dim)
-        n_q, n_kv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
-        attn.num_key_value_groups = n_q // n_kv
-        if hasattr(block.mlp, "intermediate_size"):
-            block.mlp.intermediate_size = block.mlp.down_proj.in_features
+    fit_shapes(model, text, {k: tuple(v.shape) for k, v in sd.items()}, dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     tied = set()
     if getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False):

@@ -10,13 +10,20 @@ and rotary tables may differ per block, as in Gemma-3). Then, block by block:
 3. the block is re-run, so the next block is calibrated on the outputs of the already-pruned
    blocks before it.
 
-Only one block's inputs and outputs are held at a time.
+Only one block's inputs and outputs are held at a time. A model too large for memory comes with
+``device=`` a :class:`Blocks` (:class:`~emprune.models.stream.DiskModel`): its blocks live on disk (weights on
+``meta``) and each is materialised for its turn; the capture then runs the model's own forward
+with every block passed through (the other call arguments do not depend on the hidden states),
+and the activations between blocks spill to a memory-mapped temporary file when they are large
+(:func:`buffer`).
 """
 from __future__ import annotations
 
+import os
+import tempfile
 import time
-from contextlib import ExitStack, contextmanager
-from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from typing import Any, Callable, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -38,6 +45,68 @@ class Observer(Protocol):
     def observe(self, targets: dict[str, nn.Module]) -> Any: ...
 
 
+@runtime_checkable
+class Blocks(Protocol):
+    """Where a model's decoder blocks live between their turns (e.g. on disk:
+    :class:`~emprune.models.stream.DiskModel`). ``open(i, block, final)`` gives block ``i``
+    ready to run for the body of a ``with``; ``final`` says whether this pass produces the result
+    (a streamed model then writes the block out)."""
+
+    def open(self, i: int, block: nn.Module, final: bool = True) -> AbstractContextManager[nn.Module]: ...
+
+    def outer(self) -> AbstractContextManager[None]:
+        """What the capture of block 0's inputs needs (the embeddings) ready for the ``with`` body."""
+        ...
+
+
+class _Reading:
+    """A :class:`Blocks` whose every pass only reads (``final`` False): see :func:`reading`."""
+
+    def __init__(self, blocks: Blocks) -> None:
+        self.blocks = blocks
+
+    def open(self, i: int, block: nn.Module, final: bool = True) -> AbstractContextManager[nn.Module]:
+        return self.blocks.open(i, block, False)
+
+    def outer(self) -> AbstractContextManager[None]:
+        return self.blocks.outer()
+
+
+def reading(device: Any) -> Any:
+    """``device`` as a pass that only reads statistics sees it: a :class:`Blocks` then never
+    treats the pass as the final one (a streamed model writes nothing); anything else unchanged."""
+    return _Reading(device) if isinstance(device, Blocks) else device
+
+
+#: activations between blocks spill to a memory-mapped temporary file when the two buffers
+#: together would take more than this fraction of the available memory (CPU only)
+SPILL_FRACTION = 0.25
+
+
+def buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor for the activations of every calibration sample at one block: in
+    memory, or, on CPU when two of them would take more than :data:`SPILL_FRACTION` of the
+    available memory, backed by a memory-mapped temporary file (deleted at once: the mapping keeps
+    it alive until the tensor is freed; ``$TMPDIR`` chooses the disk)."""
+    from .stream import available_memory
+
+    numel = 1
+    for d in shape:
+        numel *= d
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    avail = available_memory() if device.type == "cpu" else None
+    if avail is None or 2 * nbytes <= SPILL_FRACTION * avail:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fd, path = tempfile.mkstemp(prefix="emprune-activations-", suffix=".bin")
+    try:
+        os.ftruncate(fd, nbytes)
+        t = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return t.view(shape)
+
+
 class _Caught(Exception):
     """Raised by the capture hook to stop the forward pass once block 0's inputs are stored."""
 
@@ -50,7 +119,7 @@ def prune_layerwise(
     on_block: OnBlock,
     observers: Sequence[Observer] = (),
     progress: bool = True,
-    device: torch.device | str | None = None,
+    device: torch.device | str | Blocks | None = None,
     batch_size: int = 8,
 ) -> dict[str, Any]:
     """Calibrate ``model`` block by block on ``calib_tokens`` ``[n, seqlen]`` and let ``on_block`` prune.
@@ -72,6 +141,10 @@ def prune_layerwise(
     larger matrix products, several times faster on CPU than one sample at a time; the
     statistics are the same sums (up to float rounding).
 
+    ``device`` may also be a :class:`Blocks`: where the blocks live between their turns and how
+    each is made ready for its turn (a model streamed from disk; :func:`reading` marks a pass
+    that only reads statistics).
+
     Returns timings: ``seconds``, ``capture_seconds``, ``decide_seconds``, ``block_seconds``.
     """
     from tqdm.auto import tqdm
@@ -82,17 +155,20 @@ def prune_layerwise(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     layout = find_layout(model)
     layers = model.get_submodule(layout.blocks)
-    dev = torch.device(device) if device is not None else None
+    blocks = device if isinstance(device, Blocks) else None
+    dev = torch.device(device) if device is not None and blocks is None else None  # type: ignore[arg-type]
     t0 = time.perf_counter()
     with _calibration_mode(model), linear_view(model):  # GPT-2's Conv1D as Linear: rows = output units
         names = {mod: name for name, mod in model.named_modules()}
-        inps, kwargs = _capture_inputs(model, layers, calib_tokens, dev)
+        with blocks.outer() if blocks is not None else nullcontext():
+            inps, kwargs = _capture_inputs(model, layers, calib_tokens, dev)
         timings: dict[str, Any] = {"capture_seconds": time.perf_counter() - t0, "decide_seconds": 0.0}
-        outs = torch.empty_like(inps)
+        outs = buffer(tuple(inps.shape), inps.dtype, inps.device)
         block_seconds = []
         for i in tqdm(range(len(layers)), desc="calibrate", disable=not progress, unit="block"):
             tb = time.perf_counter()
-            with _on_device(layers[i], i, dev) as block:
+            turn = blocks.open(i, layers[i]) if blocks is not None else _on_device(layers[i], i, dev)
+            with turn as block:
                 linears = {names[mod]: mod for mod in block_linears(block, targets, layout).values()}
                 with ExitStack() as hooks:
                     for obs in observers:
@@ -208,6 +284,8 @@ def _capture_inputs(
 
     handles = [layer.register_forward_pre_hook(keep_kwargs(i), with_kwargs=True) for i, layer in enumerate(layers)]
     inps = None
+    stack = ExitStack()
+    stack.enter_context(passed_through(layers))
     try:
         in_dev = input_device(model)
         for j in range(calib_tokens.shape[0]):
@@ -222,9 +300,10 @@ def _capture_inputs(
             hidden = store["hidden"][0]
             if inps is None:  # allocated once: [n, seqlen, hidden] on the execution device
                 target = dev or hidden.device
-                inps = torch.empty((calib_tokens.shape[0], *hidden.shape), dtype=hidden.dtype, device=target)
+                inps = buffer((calib_tokens.shape[0], *hidden.shape), hidden.dtype, target)
             inps[j] = hidden
     finally:
+        stack.close()
         for h in handles:
             h.remove()
     return inps, [_to_device(k, inps.device) for k in kws]  # type: ignore[arg-type]
@@ -249,3 +328,55 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, dict):
         return {k: _to_device(v, device) for k, v in obj.items()}
     return obj
+
+
+def _meta(block: nn.Module) -> bool:
+    return any(p.device.type == "meta" for p in block.parameters())
+
+
+@contextmanager
+def passed_through(layers: nn.ModuleList, feed: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+    """Every block whose weights are on ``meta`` (a model streamed from disk) returns its hidden
+    states unchanged for the duration (its hooks still fire), so the model's own forward computes
+    the embeddings and every block's other arguments without the blocks' weights. With ``feed``,
+    block 0 returns ``feed["hidden"]`` instead: the model's forward then finishes (final norm)
+    from hidden states computed block by block."""
+    patched = []
+
+    def through(first: bool) -> Callable[..., torch.Tensor]:
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            if first and feed is not None:
+                return feed["hidden"]
+            return args[0] if args else kwargs["hidden_states"]
+        return forward
+
+    try:
+        for i, block in enumerate(layers):
+            if _meta(block):
+                block.forward = through(i == 0)  # an instance attribute shadows the class's forward
+                patched.append(block)
+        yield
+    finally:
+        for block in patched:
+            del block.forward
+
+
+@torch.no_grad()
+def run_blocks(model: nn.Module, tokens: torch.Tensor, blocks: Blocks, batch_size: int = 8,
+               progress: bool = True) -> torch.Tensor:
+    """The hidden states after the last decoder block for every row of ``tokens`` ``[n, seqlen]``,
+    computed block by block (each block opened once, in ``batch_size`` rows at a time: the same
+    calls as the whole model's forward over batches of ``batch_size``): how a model streamed from
+    disk is evaluated. Returns ``[n, seqlen, hidden]`` (before the final norm)."""
+    from tqdm.auto import tqdm
+
+    layers = model.get_submodule(find_layout(model).blocks)
+    with _calibration_mode(model):
+        with blocks.outer():
+            inps, kwargs = _capture_inputs(model, layers, tokens, None)
+        outs = buffer(tuple(inps.shape), inps.dtype, inps.device)
+        for i in tqdm(range(len(layers)), desc="blocks", disable=not progress, unit="block"):
+            with blocks.open(i, layers[i], False) as block:
+                _run_block(block, inps, kwargs[i], batch_size, outs)
+            inps, outs = outs, inps
+    return inps
