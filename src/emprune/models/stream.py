@@ -92,28 +92,18 @@ class Shards:
         """Bytes of all tensors, as stored."""
         return sum(e[4] - e[3] for e in self.entries.values())
 
-    def read(self, names: list[str]) -> dict[str, Tensor]:
-        """The tensors ``names`` as stored (dtype and shape of the file), each its own CPU tensor."""
+    def require(self, names: list[str]) -> None:
+        """``KeyError`` (one line, naming the first missing) unless every tensor of ``names`` is here."""
         missing = [n for n in names if n not in self.entries]
         if missing:
             raise KeyError(f"{self.folder}: the checkpoint has no tensor {missing[0]!r}"
                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                            + ": its names do not match the model built from its config.json")
-        out: dict[str, Tensor] = {}
-        by_file: dict[Path, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.entries[n][0], []).append(n)
-        for path, group in by_file.items():
-            with open(path, "rb") as f:
-                for n in sorted(group, key=lambda k: self.entries[k][3]):
-                    _, dtype, shape, start, end = self.entries[n]
-                    raw = torch.empty(end - start, dtype=torch.uint8)
-                    f.seek(start)
-                    if end > start and f.readinto(memoryview(raw.numpy())) != end - start:
-                        raise ValueError(f"{path}: short read for {n} (file changed while reading?)")
-                    out[n] = raw.view(dtype).reshape(shape)
-        return out
 
+    def read(self, names: list[str]) -> dict[str, Tensor]:
+        """The tensors ``names`` as stored (dtype and shape of the file), each its own CPU tensor."""
+        self.require(names)
+        return {n: self.load(n, self.entries[n][1]) for n in names}
 
     def load(self, name: str, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
         """Tensor ``name`` in ``dtype`` (floating tensors; others as stored) on ``device``, read
@@ -175,15 +165,19 @@ class GGUFTensors:
     def nbytes(self) -> int:
         return sum(e[3] for e in self.entries.values())
 
+    def require(self, names: list[str]) -> None:
+        """``KeyError`` (one line, naming the first missing) unless every tensor of ``names`` is here."""
+        missing = [n for n in names if n not in self.entries]
+        if missing:
+            raise KeyError(f"{self.folder}: the GGUF file has no tensor for {missing[0]!r}"
+                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
     def read(self, names: list[str]) -> dict[str, Tensor]:
         """The tensors ``names``, de-quantised to float32 (as transformers' loader gives them)."""
         import numpy as np
         from gguf import dequantize
 
-        missing = [n for n in names if n not in self.entries]
-        if missing:
-            raise KeyError(f"{self.folder}: the GGUF file has no tensor for {missing[0]!r}"
-                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        self.require(names)
         out: dict[str, Tensor] = {}
         with open(self.folder, "rb") as f:
             for n in names:
@@ -296,9 +290,7 @@ class DiskModel:
     def materialize(self, module: nn.Module, prefix: str) -> None:
         """Give ``module`` (named ``prefix`` in the model) its weights from the shards, in place."""
         keys = list(_unique_state(module))
-        missing = [prefix + k for k in keys if prefix + k not in self.shards]
-        if missing:
-            self.shards.read(missing)  # raises, naming them
+        self.shards.require([prefix + k for k in keys])
         module.load_state_dict({k: self.shards.load(prefix + k, self.dtype, self.device) for k in keys},
                                strict=False, assign=True)
 
@@ -339,9 +331,7 @@ class DiskModel:
     def load_outer(self, head: bool = False) -> None:
         """Materialise everything outside the blocks (the output head only with ``head``)."""
         names = self.outer_names(head)
-        missing = [n for n in names if n not in self.shards]
-        if missing:
-            self.shards.read(missing)  # raises, naming them
+        self.shards.require(names)
         for n in names:  # one at a time, each read straight into its compute-dtype tensor
             self.model.load_state_dict({n: self.shards.load(n, self.dtype, self.device)}, strict=False, assign=True)
         self.model.tie_weights()
