@@ -41,6 +41,11 @@ def add_parser(sub) -> None:
     add_model_args(ev)
 
 
+_TASKS_STREAMED = ("--tasks with a model streamed from disk (--offload disk) is not supported: zero-shot scoring "
+                   "runs thousands of short contexts through the whole model, and block by block it would hold the "
+                   "hidden states of all of them; evaluate --ppl only, or load the model in memory")
+
+
 def run(args) -> int:
     """Run ``emprune eval`` for parsed ``args``; returns 0 on success."""
     from ..jobs.eval import perplexity
@@ -48,6 +53,8 @@ def run(args) -> int:
 
     if not args.ppl and not args.tasks:
         raise ValueError("nothing to evaluate: pass --ppl and/or --tasks")
+    if args.offload == "disk" and args.tasks:  # an option conflict: said before the task data is looked for
+        raise ValueError(_TASKS_STREAMED)
     check_device(args.device)
     if args.tasks:  # task names, sizes and the task data, before the model is loaded
         zeroshot.check_tasks(args.tasks)
@@ -59,9 +66,7 @@ def run(args) -> int:
     loading.locate(args.model)  # a missing path, or the hub while offline, fails now, in one line
     stream = offload_mode(args.model, args.offload, args.dtype, args.device) if args.ppl or args.offload else False
     if stream and args.tasks:
-        raise ValueError("--tasks with a model streamed from disk (--offload disk) is not supported: zero-shot scoring "
-                         "runs thousands of short contexts through the whole model, and block by block it would hold "
-                         "the hidden states of all of them; evaluate --ppl only, or load the model in memory")
+        raise ValueError(_TASKS_STREAMED)
     if not args.ppl:
         model, tok = loading.load_causal_lm(args.model, dtype=torch_dtype(args.dtype),
                                            device_map=device_map(args.device), progress=not args.quiet)
