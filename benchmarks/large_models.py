@@ -148,8 +148,9 @@ def timed(cmd: list[str], cgroup: str | None = None) -> dict:
 
 
 def prune_cmd(folder: Path, out: Path, stream: bool, args: argparse.Namespace, extra: list[str] = ()) -> list[str]:
-    """``emprune prune`` streamed (``--offload disk``) or forced in memory (``--offload none``)."""
-    return [sys.executable, "-m", "emprune", "prune", str(folder), "--out", str(out), "--overwrite", "--quiet",
+    """``emprune prune`` (or ``shrink``: ``--job``) streamed (``--offload disk``) or forced in memory
+    (``--offload none``)."""
+    return [sys.executable, "-m", "emprune", args.job, str(folder), "--out", str(out), "--overwrite", "--quiet",
             "--calib-samples", str(args.calib_samples), "--seqlen", str(args.seqlen),
             "--offload", "disk" if stream else "none", *extra]
 
@@ -179,10 +180,15 @@ def command() -> str:
     return shlex.join(["python", "benchmarks/large_models.py"] + sys.argv[1:])
 
 
+def label(args: argparse.Namespace) -> str:
+    """The key of a run's rows: the job (shrink only; prune rows keep their earlier keys) and the options."""
+    return ("emprune shrink: " if args.job == "shrink" else "") + (args.extra or "default recipe")
+
+
 def part_scale(args: argparse.Namespace, res: dict) -> None:
     extra = args.extra.split() if args.extra else []
-    label = args.extra or "default recipe"
-    entry = res.setdefault("scale", {}).setdefault(label, {})
+    label_ = label(args)
+    entry = res.setdefault("scale", {}).setdefault(label_, {})
     rows = entry.setdefault("rows", {})
     for size in args.sizes.split(","):
         folder, made_s, params = synth(size)
@@ -246,8 +252,8 @@ def part_smollm2(args: argparse.Namespace, res: dict) -> None:
             raise SystemExit("\n".join(r["tail"]))
         ppl[mode] = {"ppl": json.loads(j.read_text())["ppl"], "wall_s": r["wall_s"], "max_rss_bytes": r["max_rss_bytes"]}
     ratios = [d["wall_s"] / m["wall_s"] for m, d in zip(runs["memory"], runs["disk"])]
-    res["smollm2"] = {
-        "command": command(),
+    res["smollm2" if args.job == "prune" else "smollm2_shrink"] = {
+        "command": command(), "job": args.job,
         "folder": "SmolLM2-135M GGUF (Q4_1) de-quantised, saved as a bf16 folder", "runs": runs,
         "wall_ratio_disk_over_memory": ratios, "median_ratio": statistics.median(ratios),
         "tensors_compared": n, "tensors_differing": bad, "ppl_python_docs": ppl,
@@ -278,7 +284,7 @@ def part_cap(args: argparse.Namespace, res: dict) -> None:
             shutil.rmtree(out, ignore_errors=True)
     finally:
         cg.rmdir()
-    res.setdefault("cap", {})[args.extra or "default recipe"] = {"command": command(),
+    res.setdefault("cap", {})[label(args)] = {"command": command(),
                   "model": size, "parameters": params, "cap_bytes": cap,
                   "how": "cgroup v1 memory.limit_in_bytes (no swap on this box); the process joins the group before "
                          "exec", "runs": runs, "extra": extra}
@@ -290,7 +296,7 @@ def gb(n) -> str:
 
 
 def markdown(res: dict) -> str:
-    lines = ["# Models larger than memory: `emprune prune` streamed from disk vs in memory", "",
+    lines = ["# Models larger than memory: `emprune prune` and `emprune shrink` streamed from disk vs in memory", "",
              "Peak RSS is `/usr/bin/time -v`'s maximum resident set size of the whole process (Python, torch and "
              "transformers take about 0.5 GB before any weight). Synthetic models are random LLaMA-family models "
              "with Qwen2.5's shapes, stored in bf16 and computed in float32 (the default `--dtype`).", ""]
@@ -304,10 +310,13 @@ def markdown(res: dict) -> str:
                          f"{row['made_seconds']:.0f} | {gb(m.get('max_rss_bytes'))} | {m.get('wall_s', 0):.0f} | "
                          f"{gb(d.get('max_rss_bytes'))} | {d.get('wall_s', 0):.0f} |")
         lines.append("")
-    sm = res.get("smollm2")
-    if sm:
-        lines += ["## SmolLM2-135M: wall time and exactness", "", f"`{sm['command']}`", "",
-                  f"{sm['folder']}; default recipe (EMP counts + OBS update), {sm['calib_samples']} x {sm['seqlen']} "
+    for key, job, recipe in (("smollm2", "prune", "EMP counts + OBS update"),
+                             ("smollm2_shrink", "shrink", "MLP neurons, sensitivity allocation, bias compensation")):
+        sm = res.get(key)
+        if not sm:
+            continue
+        lines += [f"## SmolLM2-135M, `emprune {job}`: wall time and exactness", "", f"`{sm['command']}`", "",
+                  f"{sm['folder']}; default recipe ({recipe}), {sm['calib_samples']} x {sm['seqlen']} "
                   "calibration tokens; runs paired and alternating.", "",
                   "| pair | in memory (s) | streamed (s) | ratio | in memory RSS (GB) | streamed RSS (GB) |",
                   "|---|---|---|---|---|---|"]
@@ -373,6 +382,7 @@ def main() -> None:
     ap.add_argument("--cap-gb", type=float, default=3.0)
     ap.add_argument("--extra", default="", help="more emprune prune options, e.g. '--update none'")
     ap.add_argument("--skip", default="", help="'memory': streamed runs only")
+    ap.add_argument("--job", choices=("prune", "shrink"), default="prune", help="the command measured")
     args = ap.parse_args()
     res = load_results()
     if args.part == "make":

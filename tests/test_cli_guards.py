@@ -334,7 +334,7 @@ def test_ctrl_c_during_the_work_leaves_nothing(stage, tiny, pruned, tmp_path):
     tmpdir.mkdir()
     out = work / "out"
     if stage == "calibration":
-        where, argv = "emprune.models.layerwise:_run_block", [
+        where, argv = "emprune.models.layerwise:run_block", [
             "prune", str(folder), "--out", str(out), "--calib-text", str(text), "--seqlen", "16",
             "--calib-samples", "2", "--quiet"]
     elif stage == "training":

@@ -1,6 +1,6 @@
-"""Models larger than memory (issue 26): ``prune`` and ``eval --ppl`` streamed from the checkpoint's
-safetensors shards one block at a time (``--offload disk``) give the in-memory path's saved tensors
-byte for byte and its perplexity exactly; the output appears only when complete.
+"""Models larger than memory (issue 26): ``prune``, ``shrink`` and ``eval --ppl`` streamed from the
+checkpoint's safetensors shards one block at a time (``--offload disk``) give the in-memory path's
+saved tensors byte for byte and its perplexity exactly; the output appears only when complete.
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from emprune.cli import main  # noqa: E402
 from emprune.jobs.eval import perplexity, perplexity_streamed  # noqa: E402
-from emprune.jobs.offload import Output, prune_to_disk  # noqa: E402
-from emprune.jobs.options import PruneOptions  # noqa: E402
+from emprune.jobs.offload import Output, prune_to_disk, shrink_to_disk  # noqa: E402
+from emprune.jobs.options import PruneOptions, ShrinkOptions  # noqa: E402
 from emprune.jobs.prune_lm import prune_lm  # noqa: E402
+from emprune.jobs.shrink_lm import shrink_lm  # noqa: E402
 from emprune.models import checkpoint, layerwise, stream  # noqa: E402
 from emprune.models.stream import DiskModel, Shards  # noqa: E402
 
@@ -89,6 +90,65 @@ def test_streamed_prune_is_byte_identical(sharded, tmp_path, fields):
     assert set(index["weight_map"].values()) <= set(rep["files"])
     m = AutoModelForCausalLM.from_pretrained(out)  # plain transformers reads the folder
     assert m.model.layers[0].mlp.down_proj.weight.eq(0).any()
+
+
+def _shrunk_in_memory(folder, calib, opts: ShrinkOptions, out: Path, dtype=torch.float32):
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    report, info = shrink_lm(model, calib, opts, progress=False)
+    checkpoint.save_shrunk(model, None, out, info, progress=False)
+    return report, info
+
+
+def assert_same_shrink(a: tuple, b: tuple, mem: Path, disk: Path) -> None:
+    """Two shrinks (report, emprune.json) and their folders: the same tensors, byte for byte,
+    the same decisions and measurements, the same config."""
+    assert assert_same_bytes(mem, disk) > 10
+    (ra, ia), (rb, ib) = a, b
+    assert ia["kept_units"] == ib["kept_units"] and ia["widths"] == ib["widths"]
+    assert [g.sensitivity for g in ra.groups] == [g.sensitivity for g in rb.groups]
+    assert [g.neff for g in ra.groups] == [g.neff for g in rb.groups]
+    assert (ra.params_before, ra.params_after, ra.macs_after) == (rb.params_before, rb.params_after, rb.macs_after)
+    ca, cb = (json.loads((d / "config.json").read_text()) for d in (mem, disk))
+    assert ca == cb
+
+
+@pytest.mark.parametrize("fields", [
+    {},  # the default recipe: EMP's total placed by the measured sensitivity, bias compensation
+    {"units": "mlp,heads"},
+    {"units": "heads", "head_mode": "group"},
+    {"keep": 0.5},
+    {"recipe": "paper", "scope": "layer"},
+    {"recipe": "zscore", "multiple_of": 1},
+    {"criterion": "magnitude", "compensate": False},  # data-free: the blocks are only read
+])
+def test_streamed_shrink_is_byte_identical(sharded, tmp_path, fields):
+    fields = {"units": "mlp", **fields}
+    calib = None if fields.get("criterion") == "magnitude" else _calib(n=6)
+    opts = ShrinkOptions(progress=False, batch_size=4, **fields)
+    a = _shrunk_in_memory(sharded, calib, opts, tmp_path / "mem")
+    report, info, out = shrink_to_disk(sharded, calib, opts, Output(tmp_path / "disk"))
+    assert_same_shrink(a, (report, info), tmp_path / "mem", out)
+    if fields == {"units": "mlp"}:  # the default removes neurons (others may keep every unit of the tiny model)
+        assert a[0].params_after < a[0].params_before
+    rep = json.loads((out / "emprune.json").read_text())
+    assert rep["kind"] == "shrunk" and rep["offload"]["mode"] == "disk"
+    m = checkpoint.from_pretrained(out)  # the per-layer widths load from the shards' shapes
+    assert sum(p.numel() for p in m.parameters()) == report.params_after
+
+
+def test_streamed_shrink_spills_the_sensitivity_copies(sharded, tmp_path, monkeypatch):
+    """With almost no memory available, the calibration activations and the per-group copies of
+    the sensitivity pass live in memory-mapped temporary files; nothing changes."""
+    opts = ShrinkOptions(progress=False, units="mlp,heads")
+    calib = _calib(n=4)
+    a = shrink_to_disk(sharded, calib, opts, Output(tmp_path / "a"))
+    made = []
+    real = torch.from_file
+    monkeypatch.setattr(stream, "available_memory", lambda: 1000)
+    monkeypatch.setattr(torch, "from_file", lambda *x, **k: made.append(x[0]) or real(*x, **k))
+    b = shrink_to_disk(sharded, calib, opts, Output(tmp_path / "b"))
+    assert len(made) >= 4  # two calibration buffers, two for the measurement rows, the copies
+    assert_same_shrink(a[:2], b[:2], tmp_path / "a", tmp_path / "b")
 
 
 def test_streamed_save_dtype_and_bf16_compute(sharded, tmp_path):
@@ -201,6 +261,44 @@ def test_cli_offload_disk_refusals_before_loading(sharded, tmp_path, capsys, no_
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_shrink_offload_disk(sharded, tiny, tmp_path, capsys):
+    text = str(tiny[1])
+    assert main(["shrink", str(sharded), "--out", str(tmp_path / "d"), "--offload", "disk", "--calib-text", text,
+                 "--units", "mlp,heads", *TINY]) == 0
+    cap = capsys.readouterr()
+    assert "streaming" in cap.err and "saved to" in cap.out
+    assert main(["shrink", str(sharded), "--out", str(tmp_path / "m"), "--offload", "none", "--calib-text", text,
+                 "--units", "mlp,heads", *TINY]) == 0
+    assert assert_same_bytes(tmp_path / "d", tmp_path / "m")
+    d, m = (json.loads((tmp_path / x / "emprune.json").read_text()) for x in ("d", "m"))
+    assert d["kept_units"] == m["kept_units"] and d["calibration"]["text"] == m["calibration"]["text"] == text
+    assert d["offload"]["mode"] == "disk" and d["command"].startswith("emprune shrink")
+
+
+def test_cli_shrink_streams_by_default_when_the_model_does_not_fit(sharded, tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(stream, "available_memory", lambda: 1000)
+    assert main(["shrink", str(sharded), "--out", str(tmp_path / "d"), "--calib-text", str(tiny[1]), *TINY]) == 0
+    assert "--offload disk" in capsys.readouterr().err
+    assert json.loads((tmp_path / "d" / "emprune.json").read_text())["offload"]["mode"] == "disk"
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--units", "layers,mlp"], "--units layers decides over the whole model"),
+    (["--units", "hidden"], "--units hidden decides over the whole model"),
+    (["--uniform"], "--uniform decides one width"),
+    (["--criterion", "taylor"], "--criterion taylor needs a backward pass"),
+])
+def test_cli_shrink_offload_disk_refusals_before_loading(sharded, tiny, tmp_path, capsys, no_load, monkeypatch,
+                                                          extra, msg):
+    monkeypatch.setattr(stream, "DiskModel", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    argv = ["shrink", str(sharded), "--out", str(tmp_path / "o"), "--offload", "disk", "--calib-text",
+            str(tiny[1]), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "--offload none" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_streamed_eval_of_a_shrunk_folder(tiny, tmp_path):
     """Per-layer widths (an ``emprune shrink`` output) are read from the shards' shapes."""
     from emprune.models.loading import load_causal_lm
@@ -266,3 +364,32 @@ def test_gguf_is_streamed_one_tensor_at_a_time(tmp_path):
     a = perplexity(load_causal_lm("smollm2-135m", progress=False)[0], tokens, 128, batch_size=2, progress=False)
     b = perplexity_streamed(disk, tokens, 128, batch_size=2, progress=False)
     assert a["nll"] == b["nll"]
+
+
+@pytest.mark.real_model
+def test_smollm2_gguf_streamed_shrink_matches_in_memory(tmp_path):
+    """``emprune shrink``'s default recipe on SmolLM2-135M streamed from its quantised GGUF (each
+    block de-quantised for its turn, three passes) saves the in-memory path's tensors byte for
+    byte, with the same sensitivities and decisions; both outputs have the same perplexity."""
+    pytest.importorskip("gguf")
+    from emprune.models import data
+    from emprune.models.loading import load_causal_lm, locate
+
+    try:
+        path = locate("smollm2-135m")[1]
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    model, tok = load_causal_lm("smollm2-135m", progress=False)
+    ids = data.tokenize(tok, data.read_text_file(data.default_text_path("calib"), "calib")[:60000])
+    calib = data.calibration_windows(ids, 4, 128, 0)
+    opts = ShrinkOptions(progress=False, units="mlp")
+    report, info = shrink_lm(model.eval(), calib, opts, progress=False)
+    checkpoint.save_shrunk(model, None, tmp_path / "mem", info, progress=False)
+    del model
+    b = shrink_to_disk(path, calib, opts, Output(tmp_path / "disk"))
+    assert_same_shrink((report, info), b[:2], tmp_path / "mem", tmp_path / "disk")
+    assert report.params_after < report.params_before and report.groups[0].sensitivity is not None
+    tokens = ids[-4 * 128:]
+    a = perplexity(checkpoint.from_pretrained(tmp_path / "mem").eval(), tokens, 128, batch_size=2, progress=False)
+    c = perplexity_streamed(DiskModel(tmp_path / "disk"), tokens, 128, batch_size=2, progress=False)
+    assert a["nll"] == c["nll"] and a["ppl"] < 1e4

@@ -14,8 +14,8 @@ import time
 
 from ..jobs.options import keep_size
 from ..jobs import options as O
-from .common import (add_calib_args, beta_type, calibration_ids, check_seqlen, claim_out, positive_int,
-                     units_type)
+from .common import (add_calib_args, beta_type, calibration_ids, check_seqlen, claim_out, offload_mode,
+                     positive_int, torch_dtype, units_type)
 
 _FIELDS = {f.name: f for f in dataclasses.fields(O.ShrinkOptions)}
 HELP = "remove MLP neurons / attention heads / whole decoder blocks physically with EMP and save a smaller model"
@@ -24,6 +24,7 @@ HELP = "remove MLP neurons / attention heads / whole decoder blocks physically w
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``shrink`` sub-command to ``subparsers`` (an ``argparse`` sub-parsers object)."""
     from .. import criteria as C
+    from ..models.stream import FIT_FRACTION
     from ..decide.recipes import (DEFAULT_SHRINK as DEFAULT_RECIPE, DEFAULT_SHRINK_LM as DEFAULT_RECIPE_LM,
                                   DEFAULT_SHRINK_MIXED as DEFAULT_RECIPE_MIXED, RECIPES, choices, names)
     from ..jobs.shrink import DEFAULT_CRITERION, DEFAULT_SCOPE
@@ -83,18 +84,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_calib_args(p, 32, 512, "calibration (activation, fluctuation and Taylor scores)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="weights dtype (default float32)")
+    p.add_argument("--offload", choices=("disk", "none"), default=None,
+                   help="disk: leave the weights in the model folder's safetensors shards (or the .gguf file) and "
+                        "score, measure and shrink one decoder block at a time, each written as it is done (models "
+                        "larger than memory; --units mlp and/or heads; the same result as in memory); the default, "
+                        "said on stderr, for a local folder whose weights would take more than "
+                        f"{int(100 * FIT_FRACTION)}%% of the available memory. none: load the whole model in memory "
+                        "even then. See docs/llm.md")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``emprune shrink`` for parsed ``args``; returns 0 on success."""
-    import torch
-
     from .. import criteria as C
     from ..jobs.budget import check_budget
     from ..decide.recipes import get_recipe
     from ..jobs.shrink import DEFAULT_CRITERION
+    from ..jobs.shrink_disk import check_streamable
     from ..jobs.shrink_lm import shrink_lm
     from ..models import checkpoint, data, loading
 
@@ -118,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
     # the same output-folder rules as `emprune prune` (never the current folder or a parent, only
     # an earlier emprune output is replaced, symlinks followed, writability probed), before loading
     # a missing path, or the hub while offline, fails here at once (loading.locate)
+    stream = offload_mode(args.model, getattr(args, "offload", None), args.dtype, None)
+    if stream:
+        check_streamable(units.split(","), uniform=args.uniform, budget=getattr(args, "budget", None),
+                         criterion=args.criterion)
     out = claim_out(args.out, args.overwrite, [args.model])
     criterion = args.criterion or DEFAULT_CRITERION
     comp = args.compensate if args.compensate is not None else (rec.compensate and keep is None)
@@ -130,35 +141,63 @@ def run(args: argparse.Namespace) -> int:
     src = tok = ids = None
     if needs_data:  # the text, the windows and the tokens are checked before the (slow) model load
         src, tok, ids = calibration_ids(args.model, args.calib_text, args.seqlen)
+    dtype = torch_dtype(args.dtype)
+    options = O.ShrinkOptions(units=units, criterion=criterion, scope=args.scope,
+                              beta=1.0 if args.beta is None else args.beta, keep=keep, recipe=args.recipe,
+                              head_mode=args.head_mode, compensate=args.compensate,
+                              layer_score=getattr(args, "layer_score", None),
+                              layer_select=getattr(args, "layer_select", None), budget=getattr(args, "budget", None),
+                              hidden_score=getattr(args, "hidden_score", None), multiple_of=multiple_of,
+                              uniform=args.uniform, batch_size=args.batch_size, progress=not args.quiet)
+    command = "emprune " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", []))
+    if stream:
+        return _run_streamed(args, options, out, (src, tok, ids), command, t0)
     print(f"loading {args.model} ...", file=sys.stderr)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model, tok = loading.load_causal_lm(args.model, dtype=dtype, progress=not args.quiet, tokenizer=tok)
     calib = None
     if ids is not None:
         check_seqlen(model, args.seqlen)
         calib = data.calibration_windows(ids, args.calib_samples, args.seqlen, args.seed)
-    report, info = shrink_lm(model, calib, units=units, criterion=criterion, scope=args.scope,
-                             beta=1.0 if args.beta is None else args.beta, keep=keep, recipe=args.recipe,
-                             head_mode=args.head_mode, compensate=args.compensate, uniform=args.uniform,
-                             layer_score=getattr(args, "layer_score", None),
-                             layer_select=getattr(args, "layer_select", None),
-                             budget=getattr(args, "budget", None),
-                             hidden_score=getattr(args, "hidden_score", None),
-                             multiple_of=multiple_of,
-                             batch_size=args.batch_size, progress=not args.quiet)
+    report, info = shrink_lm(model, calib, options)
     info["model"] = args.model
-    info["command"] = "emprune " + " ".join(shlex.quote(a) for a in getattr(args, "_argv", []))
+    info["command"] = command
     info["calibration"].update(text=src, seed=args.seed)
     info["total_seconds"] = time.perf_counter() - t0
     saved = checkpoint.save_shrunk(model, tok, out, info, overwrite=args.overwrite, progress=not args.quiet)
+    _print_result(report, info, saved, args.uniform)
+    return 0
+
+
+def _run_streamed(args: argparse.Namespace, options, out, calibration: tuple, command: str, t0: float) -> int:
+    """``emprune shrink --offload disk``: scored, measured and shrunk block by block from the
+    folder's shards (or the GGUF file) into new shards."""
+    from ..jobs.offload import Output, shrink_to_disk
+    from ..models import data, loading
+
+    src, tok, ids = calibration
+    if tok is None:
+        tok = loading.load_tokenizer(args.model)
+    calib = data.calibration_windows(ids, args.calib_samples, args.seqlen, args.seed) if ids is not None else None
+    print(f"streaming {args.model} from disk, one block at a time ...", file=sys.stderr)
+    dtype = torch_dtype(args.dtype)
+    output = Output(out, tok, dtype, args.overwrite, {"model": args.model, "command": command,
+                                                       "calibration": {"text": src, "seed": args.seed}}, t0)
+    report, info, saved = shrink_to_disk(loading.locate(args.model)[1], calib, options, output, dtype)
+    _print_result(report, info, saved, args.uniform)
+    return 0
+
+
+def _print_result(report, info: dict, saved, uniform: bool) -> None:
+    """The table (shortened for many groups), where the folder is and how it loads."""
+    from ..models import checkpoint
+
     lines = str(report).split("\n")
     if len(lines) > 40:
         lines = lines[:20] + [f"... ({len(lines) - 36} more rows in emprune.json) ..."] + lines[-16:]
     print("\n".join(lines))
     how = ("AutoModelForCausalLM.from_pretrained(DIR) or emprune.from_pretrained(DIR)"
            if info["layout"] == "uniform" else "emprune.from_pretrained(DIR) (per-layer widths)")
-    if args.uniform and info["layout"] != "uniform":
+    if uniform and info["layout"] != "uniform":
         print("WARNING: --uniform could not give a stock config for this model (see emprune.json); "
               "load it with emprune.from_pretrained(DIR)")
     print(f"saved to {saved}; load with {how}; report: {saved / checkpoint.REPORT_NAME}")
-    return 0

@@ -26,7 +26,7 @@ from ..structure.units import KANGroup, UnitGroup
 
 
 @torch.no_grad()
-def _loss(model: nn.Module, batches: list[Any], loss_fn: Callable[[nn.Module, Any], Tensor]) -> float:
+def mean_loss(model: nn.Module, batches: list[Any], loss_fn: Callable[[nn.Module, Any], Tensor]) -> float:
     """Mean loss over ``batches`` (float64 accumulation)."""
     total = 0.0
     for b in batches:
@@ -59,6 +59,13 @@ def masked(groups: Sequence[UnitGroup], keeps: Sequence[Tensor], means: Sequence
                     p.copy_(params[n])
 
 
+def sensitivity_keep(g: UnitGroup, scores: Tensor, fraction: float) -> Tensor:
+    """The units group ``g`` keeps while its sensitivity is measured: the highest ``scores`` but
+    ``fraction`` of them, by the group's own rule (``g.keep_mask``), off any MLP width grid so that
+    the measurement is the same whatever ``multiple_of`` the decision then uses."""
+    return g.keep_mask(scores, max(1, round((1 - fraction) * g.n)), grid=False)
+
+
 @torch.no_grad()
 def group_sensitivity(model: nn.Module, groups: list[UnitGroup], scores: list[Tensor], batches: Iterable[Any],
                       loss_fn: Callable[[nn.Module, Any], Tensor], *, fraction: float = 0.5,
@@ -79,7 +86,7 @@ def group_sensitivity(model: nn.Module, groups: list[UnitGroup], scores: list[Te
         raise ValueError("sensitivity needs at least one calibration batch")
     was = model.training
     model.eval()
-    base = _loss(model, batches, loss_fn)
+    base = mean_loss(model, batches, loss_fn)
     out: list[float] = []
     it = enumerate(zip(groups, scores))
     if progress:
@@ -88,10 +95,9 @@ def group_sensitivity(model: nn.Module, groups: list[UnitGroup], scores: list[Te
         it = tqdm(it, total=len(groups), desc="sensitivity", unit="group")
     try:
         for j, (g, s) in it:
-            k = max(1, round((1 - fraction) * g.n))
-            keep = g.keep_mask(s, k, grid=False)  # the recipe's fraction exactly, whatever the width grid
+            keep = sensitivity_keep(g, s, fraction)
             with masked([g], [keep], None if means is None else [means[j]]):
-                out.append(_loss(model, batches, loss_fn) - base)
+                out.append(mean_loss(model, batches, loss_fn) - base)
     finally:
         model.train(was)
     return out
@@ -109,7 +115,7 @@ def block_sensitivity(model: nn.Module, batches: Iterable[Any], loss_fn: Callabl
     was = model.training
     model.eval()
     try:
-        base = _loss(model, batches, loss_fn)
+        base = mean_loss(model, batches, loss_fn)
         it = range(len(decoder_layers(model)))
         if progress:
             from tqdm.auto import tqdm
@@ -118,7 +124,7 @@ def block_sensitivity(model: nn.Module, batches: Iterable[Any], loss_fn: Callabl
         out = []
         for i in it:
             with skipped(model, [i]):
-                out.append(_loss(model, batches, loss_fn) - base)
+                out.append(mean_loss(model, batches, loss_fn) - base)
     finally:
         model.train(was)
     return out
@@ -155,7 +161,7 @@ def greedy_blocks(model: nn.Module, k: int, batches: Iterable[Any], loss_fn: Cal
             best: tuple[float, int] | None = None
             for i in pool:
                 with skipped(model, chosen + [i]):
-                    v = _loss(model, batches, loss_fn)
+                    v = mean_loss(model, batches, loss_fn)
                 if best is None or v < best[0]:
                     best = (v, i)
             assert best is not None, "no candidate block"
@@ -181,6 +187,6 @@ def masked_loss(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.
     model.eval()
     try:
         with skipped(model, list(skip)), masked(groups, keeps, means):
-            return _loss(model, list(batches), loss_fn)
+            return mean_loss(model, list(batches), loss_fn)
     finally:
         model.train(was)

@@ -1,5 +1,6 @@
-"""Jobs on models larger than memory: prune a checkpoint block by block from its safetensors shards
-into new shards (:func:`prune_to_disk`), and measure its perplexity the same way
+"""Jobs on models larger than memory: prune (:func:`prune_to_disk`) or shrink
+(:func:`shrink_to_disk`) a checkpoint block by block from its safetensors shards into new shards,
+and measure its perplexity the same way
 (:func:`~emprune.jobs.eval.perplexity_streamed`).
 
 The weights never sit in memory all at once: the model is built on ``meta``
@@ -18,15 +19,17 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from ..models import checkpoint
 from ..models.stream import DiskModel, ShardWriter, describe
-from .options import PruneOptions
+from ..act.report import ShrinkReport
+from .options import PruneOptions, ShrinkOptions
 from .prune_lm import LMPruneResult, prune_lm
+from .shrink_lm import shrink_lm
 
 
 @dataclass(frozen=True)
@@ -51,32 +54,60 @@ def prune_to_disk(folder: str | os.PathLike, calib_tokens: Tensor | None, option
     :func:`~emprune.jobs.prune_lm.prune_lm` does with ``options``, one block at a time, computing
     in ``dtype`` on ``options.device`` (CPU by default), and write the result as ``output`` says,
     with ``emprune.json``. Returns ``(result, folder written)``."""
+    def job(disk: DiskModel) -> tuple[LMPruneResult, dict[str, Any]]:
+        res = prune_lm(disk.model, calib_tokens, options, blocks=disk)
+        return res, res.info
+
+    res, _, saved = _to_disk(folder, output, dtype, options.device, job)
+    return res, saved
+
+
+def shrink_to_disk(folder: str | os.PathLike, calib_tokens: Tensor | None, options: ShrinkOptions, output: Output,
+                   dtype: torch.dtype = torch.float32) -> tuple[ShrinkReport, dict[str, Any], Path]:
+    """Shrink the safetensors checkpoint ``folder`` (or ``.gguf`` file) as
+    :func:`~emprune.jobs.shrink_lm.shrink_lm` does with ``options`` (MLP neurons and attention
+    heads: :func:`~emprune.jobs.shrink_disk.check_streamable`), one block at a time, on CPU in
+    ``dtype``, and write the result as ``output`` says, with ``emprune.json``. Returns
+    ``(report, emprune.json contents, folder written)``."""
+    def job(disk: DiskModel) -> tuple[ShrinkReport, dict[str, Any]]:
+        return shrink_lm(disk.model, calib_tokens, options, progress=options.progress, blocks=disk)
+
+    return _to_disk(folder, output, dtype, None, job)
+
+
+def _to_disk(folder: str | os.PathLike, output: Output, dtype: torch.dtype, device: Any,
+             job: Callable[[DiskModel], tuple[Any, dict[str, Any]]]) -> tuple[Any, dict[str, Any], Path]:
+    """Run ``job`` on ``folder`` streamed from disk (a :class:`DiskModel` whose finished blocks are
+    written to their own shards), then write the tensors outside the blocks, the configs and
+    ``emprune.json`` (the job's info, completed by ``output``): the folder appears only when
+    complete. Returns ``(what the job returned first, emprune.json contents, folder written)``."""
     save_dtype = output.save_dtype or dtype
-    disk = DiskModel(folder, dtype, options.device)
+    disk = DiskModel(folder, dtype, device)
     with checkpoint.writing(output.out_dir, output.overwrite) as tmp:
         shards = ShardWriter(tmp)
         cast = disk.saved_cast(save_dtype)
         disk.on_done = lambda i, block: shards.add(disk.block_tensors(i, block), cast)
-        res = prune_lm(disk.model, calib_tokens, options, blocks=disk)
+        res, info = job(disk)
         disk.on_done = None
         for names in disk.outer_groups():  # read as stored, one large tensor at a time, cast while written
             shards.add(disk.shards.read(names), cast)
         shards.finish()
         _save_configs(disk, tmp, save_dtype)
-        info = dict(output.info)
-        res.info["calibration"].update(info.pop("calibration", {}))
-        res.info.update(info, offload=describe(disk), saved_dtype=str(save_dtype).replace("torch.", ""))
+        extra = dict(output.info)
+        info.setdefault("calibration", {}).update(extra.pop("calibration", {}))
+        info.update(extra, offload=describe(disk), saved_dtype=str(save_dtype).replace("torch.", ""))
         if output.started is not None:
-            res.info["total_seconds"] = time.perf_counter() - output.started
-        checkpoint.finish_folder(tmp, output.tokenizer, res.info)
-    return res, Path(output.out_dir).expanduser().resolve()
+            info["total_seconds"] = time.perf_counter() - output.started
+        checkpoint.finish_folder(tmp, output.tokenizer, info)
+    return res, info, Path(output.out_dir).expanduser().resolve()
 
 
 def _save_configs(disk: DiskModel, tmp: Path, save_dtype: torch.dtype) -> None:
-    """``config.json`` (its dtype the saved one) and ``generation_config.json``, as
-    ``save_pretrained`` writes them."""
+    """``config.json`` (its dtype the saved one, its ``architectures`` the model class) and
+    ``generation_config.json``, as ``save_pretrained`` writes them."""
     config = disk.model.config
     config.dtype = str(save_dtype).replace("torch.", "")
+    config.architectures = [type(disk.model).__name__]  # as save_pretrained sets it (a GGUF's config has none)
     config.save_pretrained(tmp)
     gen = getattr(disk.model, "generation_config", None)
     if gen is not None and disk.model.can_generate():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import operator
 import time
+from functools import partial
 from typing import Any, Callable, Iterable
 
 import torch
@@ -34,10 +35,12 @@ from ..decide import allocate as A
 from ..decide import recipes
 from ..decide.scopes import Target, decide
 from ..decide.sensitivity import group_sensitivity
+from ..models.stream import DiskModel
 from ..structure.layouts import decoder_layers
 from ..structure.surgery import sync_config
 from ..structure.units import HeadGroup, MLPGroup, UnitGroup, find_groups
 from .options import ShrinkOptions, build
+from .shrink_disk import remove_from_disk, sensitivity_from_disk
 
 SCOPES = ("layer", "global")
 #: calibration tokens the sensitivity measurement uses (the first rows of the calibration set)
@@ -248,7 +251,7 @@ def unit_targets(groups: list[UnitGroup], scores: list[Tensor], counts: list[Ten
 
 @torch.no_grad()
 def shrink(model: nn.Module, *, calibration: Iterable[Any] | Tensor | None = None, scored: Scored | None = None,
-           options: ShrinkOptions | None = None, **fields: Any) -> ShrinkReport:
+           options: ShrinkOptions | None = None, blocks: DiskModel | None = None, **fields: Any) -> ShrinkReport:
     """Score structural units, let EMP decide how many to keep, remove the rest physically.
 
     Options (:class:`~emprune.jobs.options.ShrinkOptions`, or its fields as keywords): ``units``
@@ -268,8 +271,15 @@ def shrink(model: nn.Module, *, calibration: Iterable[Any] | Tensor | None = Non
     ``calibration``: batches, or token ids ``[n, seqlen]`` for an LM (the ``sensitivity`` recipe
     measures the loss on its first :data:`SENSITIVITY_TOKENS` tokens; other models on the first
     batches with ``loss_fn``). ``scored``: reuse :func:`score_units`'s output (same model, not yet
-    changed). The model is changed in place. Returns a :class:`ShrinkReport`."""
+    changed). The model is changed in place. Returns a :class:`ShrinkReport`.
+
+    ``blocks``: the model is streamed from disk (:class:`~emprune.models.stream.DiskModel`, through
+    :func:`~emprune.jobs.shrink_lm.shrink_lm`, which scores it first): the same decisions, with the
+    sensitivity measured and the units removed block by block (:mod:`emprune.jobs.shrink_disk`),
+    each block written out as it is done."""
     o = build(ShrinkOptions, options, fields)
+    if blocks is not None and scored is None:
+        raise ValueError("a model streamed from disk is scored first: emprune.shrink_lm(model, tokens, blocks=...)")
     if scored is None and "layers" in (o.units.split(",") if isinstance(o.units, str) else o.units):
         raise ValueError("units 'layers' (whole decoder blocks) is a causal-LM job: "
                          "emprune.shrink_lm(model, calibration_tokens, units=...)")
@@ -285,8 +295,9 @@ def shrink(model: nn.Module, *, calibration: Iterable[Any] | Tensor | None = Non
 
     sens = None
     if run.sens_batches is not None:
-        sens = group_sensitivity(model, groups, scores, run.sens_batches, run.loss_fn, fraction=run.rec.sens_fraction,
-                                 means=[stats.mean(g) for g in groups] if run.comp else None, progress=o.progress)
+        measure = partial(group_sensitivity, model) if blocks is None else partial(sensitivity_from_disk, blocks)
+        sens = measure(groups, scores, run.sens_batches, run.loss_fn, fraction=run.rec.sens_fraction,
+                       means=[stats.mean(g) for g in groups] if run.comp else None, progress=o.progress)
     allocator = run.allocator(o, sens)
     decisions = list(decide(unit_targets(groups, scores, counts, run.rec.transform), "layer" if allocator is None
                             else "global", run.beta or 1.0, min_keep=run.rec.min_keep, allocate=allocator))
@@ -296,8 +307,9 @@ def shrink(model: nn.Module, *, calibration: Iterable[Any] | Tensor | None = Non
                           multiple_of=run.multiple if any(isinstance(g, MLPGroup) for g in groups) else None)
     exact = (run.scope == "layer" and o.keep is None and o.count_by in (None, run.criterion)
              and run.rec.transform == "none")
-    report.groups = remove_units(groups, decisions, stats=stats, compensate=run.comp, exact_bound=exact,
-                                 dry_run=o.dry_run)
+    remove = (remove_units if blocks is None or o.dry_run
+              else partial(remove_from_disk, blocks, progress=o.progress))
+    report.groups = remove(groups, decisions, stats=stats, compensate=run.comp, exact_bound=exact, dry_run=o.dry_run)
     for gr, x in zip(report.groups, sens or []):
         gr.sensitivity = x
     if run.lm and not o.dry_run:

@@ -17,13 +17,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import criteria as C
 from ..act.report import ShrinkReport
+from ..core.checks import one_of
 from ..decide import recipes
 from ..models.checkpoint import SHRUNK_KIND, versions
+from ..models.stream import DiskModel
 from ..structure.layouts import decoder_layers
+from ..structure.units import find_groups
 from .options import ShrinkOptions, build, lm_units
 from .axes import combined, shrink_hidden, shrink_layers
 from .budget import check_budget, shrink_joint
+from .shrink_disk import check_streamable, score_from_disk
 from .shrink import DEFAULT_CRITERION, check_multiple, lm_batches, lm_forward, lm_loss, score_units, shrink
 
 #: the uniform layout's intermediate size is a multiple of this (and of ``multiple_of``)
@@ -52,7 +57,7 @@ def _uniform_widths(report: ShrinkReport, groups: list, multiple: int = INTERMED
 
 @torch.no_grad()
 def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOptions | None = None, *,
-              progress: bool = True, **fields: Any) -> tuple[ShrinkReport, dict[str, Any]]:
+              progress: bool = True, blocks: DiskModel | None = None, **fields: Any) -> tuple[ShrinkReport, dict[str, Any]]:
     """Shrink ``model`` in place; returns the report and the JSON summary for ``emprune.json``.
 
     ``calib_tokens`` ``[n, seqlen]`` feed activation / fluctuation / Taylor scores and the bias
@@ -64,9 +69,12 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
     ``budget="shared"`` (or ``keep={"params": P}``) blocks and widths share one budget instead,
     :func:`~.budget.shrink_joint`, after the channels;
     ``uniform``: one width per model; ``multiple_of``: the grid of the MLP widths, default 32);
-    ``progress``: bars over the calibration and the sensitivity measurement."""
-    from tqdm.auto import tqdm
+    ``progress``: bars over the calibration and the sensitivity measurement.
 
+    ``blocks``: ``model`` is streamed from disk (:class:`~emprune.models.stream.DiskModel`, whose
+    ``on_done`` writes each finished block): scored, measured and shrunk block by block
+    (:mod:`~emprune.jobs.shrink_disk`), the same result as in memory; MLP neurons and heads only
+    (:func:`~emprune.jobs.shrink_disk.check_streamable`)."""
     o = build(ShrinkOptions, options, {"units": "mlp", **fields} if options is None else fields)
     try:
         units = lm_units(o.units)
@@ -76,6 +84,8 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
     check_multiple(o.multiple_of)  # before the calibration pass
     uniform = fields.get("uniform", options.uniform if options is not None else False)
     kinds = units.split(",")
+    if blocks is not None:
+        check_streamable(kinds, uniform=uniform, budget=o.budget, criterion=o.criterion)
     joint = check_budget(kinds, o.budget, uniform=uniform, keep=o.keep, recipe=o.recipe,
                          has_data=calib_tokens is not None) and o.keep_params is None
     whole: list[ShrinkReport] = []  # depth first, then the residual channels: widths are decided on what stays
@@ -93,10 +103,7 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
     units = ",".join(kinds)
     crit = o.criterion or (DEFAULT_CRITERION if calib_tokens is not None else "magnitude")
     t0 = time.perf_counter()
-    batches = None if calib_tokens is None else lm_batches(calib_tokens, o.batch_size)
-    if batches is not None and progress:
-        batches = tqdm(batches, desc="calibrate", unit="batch")
-    scored = score_units(model, units, crit, batches, forward=lm_forward, loss_fn=lm_loss)
+    scored = _score(model, units, crit, calib_tokens, o.replace(progress=progress), blocks)
     t_cal = time.perf_counter() - t0
     o = o.replace(units=units, criterion=crit, progress=progress, uniform=False)
     if uniform:
@@ -112,7 +119,7 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
         report.extra["uniform_from"] = {"recipe": dry.recipe, "widths_before_rounding": dry.widths(),
                                         "intermediate_multiple": grid}
     else:
-        report = shrink(model, calibration=calib_tokens, scored=scored, options=o)
+        report = shrink(model, calibration=calib_tokens, scored=scored, options=o, blocks=blocks)
     if whole:
         report = combined([*whole, report])
     report.extra["calibration_seconds"] = t_cal
@@ -121,6 +128,22 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
         report.params_after = sum(p.numel() for p in model.parameters())
     info = summary(model, report, calib_tokens, uniform)
     return report, info
+
+
+def _score(model: nn.Module, units: str, criterion: str, calib_tokens: Tensor | None, o: ShrinkOptions,
+           blocks: DiskModel | None) -> tuple:
+    """The groups, their scores and the calibration statistics (one dense pass over the
+    calibration tokens in batches of ``o.batch_size``; block by block from disk with ``blocks``)."""
+    from tqdm.auto import tqdm
+
+    if blocks is not None:
+        one_of("criterion", criterion, C.names(level="unit"))
+        groups = find_groups(model, units)
+        return (groups, *score_from_disk(blocks, groups, criterion, calib_tokens, o.batch_size, o.progress))
+    batches = None if calib_tokens is None else lm_batches(calib_tokens, o.batch_size)
+    if batches is not None and o.progress:
+        batches = tqdm(batches, desc="calibrate", unit="batch")
+    return score_units(model, units, criterion, batches, forward=lm_forward, loss_fn=lm_loss)
 
 
 def summary(model: nn.Module, report: ShrinkReport, calib_tokens: Tensor | None, uniform: bool) -> dict[str, Any]:

@@ -174,13 +174,13 @@ def prune_layerwise(
                     for obs in observers:
                         hooks.enter_context(obs.observe(linears))
                     called = hooks.enter_context(_calls(linears))
-                    _run_block(block, inps, kwargs[i], batch_size)
+                    run_block(block, inps, kwargs[i], batch_size)
                 if len(called) < len(linears):
                     raise RuntimeError(f"target Linears never called by their block: {sorted(set(linears) - called)}")
                 td = time.perf_counter()
                 on_block(i, linears)
                 timings["decide_seconds"] += time.perf_counter() - td
-                _run_block(block, inps, kwargs[i], batch_size, outs)  # pruned outputs feed the next block
+                run_block(block, inps, kwargs[i], batch_size, outs)  # pruned outputs feed the next block
             inps, outs = outs, inps
             block_seconds.append(time.perf_counter() - tb)
     timings.update(
@@ -242,8 +242,8 @@ def _calls(mods: dict[str, nn.Module]) -> Iterator[set[str]]:
             h.remove()
 
 
-def _run_block(block: nn.Module, inps: torch.Tensor, call: Call, batch_size: int,
-               outs: torch.Tensor | None = None) -> None:
+def run_block(block: nn.Module, inps: torch.Tensor, call: Call, batch_size: int,
+              outs: torch.Tensor | None = None) -> None:
     """Run ``block`` over ``inps`` in batches with its captured other arguments ``call``; store
     the hidden states in ``outs`` if given."""
     args, kwargs = call
@@ -371,12 +371,23 @@ def run_blocks(model: nn.Module, tokens: torch.Tensor, blocks: Blocks, batch_siz
     from tqdm.auto import tqdm
 
     layers = model.get_submodule(find_layout(model).blocks)
-    with _calibration_mode(model):
-        with blocks.outer():
-            inps, kwargs = _capture_inputs(model, layers, tokens, None)
+    with block_inputs(model, tokens, blocks) as (inps, kwargs):
         outs = buffer(tuple(inps.shape), inps.dtype, inps.device)
         for i in tqdm(range(len(layers)), desc="blocks", disable=not progress, unit="block"):
             with blocks.open(i, layers[i], False) as block:
-                _run_block(block, inps, kwargs[i], batch_size, outs)
+                run_block(block, inps, kwargs[i], batch_size, outs)
             inps, outs = outs, inps
     return inps
+
+
+@contextmanager
+def block_inputs(model: nn.Module, tokens: torch.Tensor, blocks: Blocks) -> Iterator[tuple[torch.Tensor, list[Call]]]:
+    """For the ``with`` body, in eval mode without a KV cache: block 0's hidden-state inputs for
+    every row of ``tokens`` ``[n, seqlen]`` (a :func:`buffer`) and each block's other call
+    arguments (a :data:`Call` per block, for :func:`run_block`), captured with the embeddings of
+    ``blocks`` (a model streamed from disk: :meth:`Blocks.outer`) held only while they are read."""
+    layers = model.get_submodule(find_layout(model).blocks)
+    with _calibration_mode(model):
+        with blocks.outer():
+            inps, kwargs = _capture_inputs(model, layers, tokens, None)
+        yield inps, kwargs
