@@ -120,6 +120,8 @@ def assert_same_shrink(a: tuple, b: tuple, mem: Path, disk: Path) -> None:
     {"recipe": "paper", "scope": "layer"},
     {"recipe": "zscore", "multiple_of": 1},
     {"criterion": "magnitude", "compensate": False},  # data-free: the blocks are only read
+    {"uniform": True, "multiple_of": 1},  # a stock config: zero biases added once every block is written
+    {"uniform": True, "units": "mlp,heads"},
 ])
 def test_streamed_shrink_is_byte_identical(sharded, tmp_path, fields):
     fields = {"units": "mlp", **fields}
@@ -134,6 +136,8 @@ def test_streamed_shrink_is_byte_identical(sharded, tmp_path, fields):
     assert rep["kind"] == "shrunk" and rep["offload"]["mode"] == "disk"
     m = checkpoint.from_pretrained(out)  # the per-layer widths load from the shards' shapes
     assert sum(p.numel() for p in m.parameters()) == report.params_after
+    if fields.get("uniform") and info["layout"] == "uniform":  # plain transformers reads a stock folder
+        assert sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(out).parameters()) == report.params_after
 
 
 def test_streamed_shrink_spills_the_sensitivity_copies(sharded, tmp_path, monkeypatch):
@@ -285,7 +289,6 @@ def test_cli_shrink_streams_by_default_when_the_model_does_not_fit(sharded, tiny
 @pytest.mark.parametrize("extra, msg", [
     (["--units", "layers,mlp"], "--units layers decides over the whole model"),
     (["--units", "hidden"], "--units hidden decides over the whole model"),
-    (["--uniform"], "--uniform decides one width"),
     (["--criterion", "taylor"], "--criterion taylor needs a backward pass"),
 ])
 def test_cli_shrink_offload_disk_refusals_before_loading(sharded, tiny, tmp_path, capsys, no_load, monkeypatch,

@@ -127,8 +127,7 @@ def run(args: argparse.Namespace) -> int:
     # a missing path, or the hub while offline, fails here at once (loading.locate)
     stream = offload_mode(args.model, getattr(args, "offload", None), args.dtype, None)
     if stream:
-        check_streamable(units.split(","), uniform=args.uniform, budget=getattr(args, "budget", None),
-                         criterion=args.criterion)
+        check_streamable(units.split(","), budget=getattr(args, "budget", None), criterion=args.criterion)
     out = claim_out(args.out, args.overwrite, [args.model])
     criterion = args.criterion or DEFAULT_CRITERION
     comp = args.compensate if args.compensate is not None else (rec.compensate and keep is None)

@@ -87,8 +87,9 @@ def _to_disk(folder: str | os.PathLike, output: Output, dtype: torch.dtype, devi
         shards = ShardWriter(tmp)
         cast = disk.saved_cast(save_dtype)
         disk.on_done = lambda i, block: shards.add(disk.block_tensors(i, block), cast)
+        disk.on_add = lambda tensors: shards.add(tensors, cast)
         res, info = job(disk)
-        disk.on_done = None
+        disk.on_done = disk.on_add = None
         for names in disk.outer_groups():  # read as stored, one large tensor at a time, cast while written
             shards.add(disk.shards.read(names), cast)
         shards.finish()

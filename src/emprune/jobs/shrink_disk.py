@@ -21,10 +21,13 @@ the weights run here, each reading every decoder block once (a
 The calls are those of the in-memory path on the same rows and batch shapes, so the statistics,
 the sensitivities, the decisions and the saved tensors are the same, byte for byte.
 
+``uniform`` (one width per model) runs the sensitivity pass for its dry-run decision, then the
+removal pass at the rounded widths; the zero biases a stock config asks for are created once every
+block is written and go to a shard of their own (:meth:`~emprune.models.stream.DiskModel.add`).
+
 What is not streamed (refused by :func:`check_streamable`, one line): whole blocks (``layers``)
 and residual channels (``hidden``), whose decisions need the whole model at once, the shared
-``budget``, ``uniform`` (one width per model) and Taylor scores (a backward pass through the
-whole model).
+``budget`` and Taylor scores (a backward pass through the whole model).
 """
 from __future__ import annotations
 
@@ -47,8 +50,7 @@ from ..structure.units import UnitGroup
 STREAMED_UNITS = ("mlp", "heads")
 
 
-def check_streamable(units: Sequence[str], *, uniform: bool = False, budget: str | None = None,
-                     criterion: str | None = None) -> None:
+def check_streamable(units: Sequence[str], *, budget: str | None = None, criterion: str | None = None) -> None:
     """Refuse, in one line (``ValueError``), what ``shrink`` cannot do on a model streamed from
     disk, before anything is loaded."""
     whole = [u for u in units if u not in STREAMED_UNITS]
@@ -56,8 +58,6 @@ def check_streamable(units: Sequence[str], *, uniform: bool = False, budget: str
     if whole:
         why = (f"--units {','.join(whole)} decides over the whole model at once (blocks or residual channels); "
                "streamed, only mlp and heads are shrunk")
-    elif uniform:
-        why = "--uniform decides one width from every layer's decision before any block is changed"
     elif budget == "shared":
         why = "--budget shared spends one budget across blocks and widths"
     elif criterion == "taylor":

@@ -85,7 +85,7 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
     uniform = fields.get("uniform", options.uniform if options is not None else False)
     kinds = units.split(",")
     if blocks is not None:
-        check_streamable(kinds, uniform=uniform, budget=o.budget, criterion=o.criterion)
+        check_streamable(kinds, budget=o.budget, criterion=o.criterion)
     joint = check_budget(kinds, o.budget, uniform=uniform, keep=o.keep, recipe=o.recipe,
                          has_data=calib_tokens is not None) and o.keep_params is None
     whole: list[ShrinkReport] = []  # depth first, then the residual channels: widths are decided on what stays
@@ -112,10 +112,11 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
         # the sensitivities (default recipe) are measured with the compensation the final model gets;
         # the dry run decides at any width (multiple_of=1): its mean is rounded once, to the uniform grid
         dry = shrink(model, calibration=calib_tokens, scored=scored,
-                     options=o.replace(compensate=comp, dry_run=True, multiple_of=1))
+                     options=o.replace(compensate=comp, dry_run=True, multiple_of=1), blocks=blocks)
         grid = math.lcm(INTERMEDIATE_MULTIPLE, o.multiple_of)
         widths = _uniform_widths(dry, scored[0], grid)
-        report = shrink(model, calibration=calib_tokens, scored=scored, options=o.replace(compensate=comp, keep=widths))
+        report = shrink(model, calibration=calib_tokens, scored=scored, options=o.replace(compensate=comp, keep=widths),
+                        blocks=blocks)
         report.extra["uniform_from"] = {"recipe": dry.recipe, "widths_before_rounding": dry.widths(),
                                         "intermediate_multiple": grid}
     else:
@@ -124,7 +125,9 @@ def shrink_lm(model: nn.Module, calib_tokens: Tensor | None, options: ShrinkOpti
         report = combined([*whole, report])
     report.extra["calibration_seconds"] = t_cal
     if uniform:
-        _make_stock(model)  # zero biases where the stock bias flags create them
+        added = _make_stock(model)  # zero biases where the stock bias flags create them
+        if blocks is not None and added:  # the blocks are written already: the biases go to a shard of their own
+            blocks.add({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in added.items()})
         report.params_after = sum(p.numel() for p in model.parameters())
     info = summary(model, report, calib_tokens, uniform)
     return report, info
@@ -173,13 +176,16 @@ def summary(model: nn.Module, report: ShrinkReport, calib_tokens: Tensor | None,
     }
 
 @torch.no_grad()
-def _make_stock(model: nn.Module) -> None:
+def _make_stock(model: nn.Module) -> dict[str, Tensor]:
     """For a uniform layout with compensation biases: switch on the config's bias flags and give
-    every projection those flags create a (zero) bias, so plain transformers loads the folder."""
+    every projection those flags create a (zero) bias, so plain transformers loads the folder.
+    Returns the biases created, by their names in the model."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     shr = getattr(cfg, "emprune_shrunk", {})
+    added: dict[str, Tensor] = {}
     if not shr.get("uniform"):
-        return
+        return added
+    names = {m: n for n, m in model.named_modules()}
     layers = decoder_layers(model)
     plans = []
     if shr.get("mlp_bias"):
@@ -198,3 +204,5 @@ def _make_stock(model: nn.Module) -> None:
                     w = lin.weight
                     lin.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
                                             requires_grad=w.requires_grad)
+                    added[f"{names[lin]}.bias"] = lin.bias
+    return added

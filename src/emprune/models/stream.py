@@ -283,6 +283,16 @@ class DiskModel:
             raise NotImplementedError("streaming from disk does not support GPT-2's Conv1D layout; load it in memory")
         self.layers: nn.ModuleList = self.model.get_submodule(self.layout.blocks)  # type: ignore[assignment]
         self.on_done: Callable[[int, nn.Module], None] | None = None
+        #: where :meth:`add` hands tensors created after their blocks were written (set by the writer)
+        self.on_add: Callable[[dict[str, Tensor]], None] | None = None
+
+    def add(self, tensors: dict[str, Tensor]) -> None:
+        """Write ``tensors`` (by their names in the model) that a job created after their blocks'
+        turns, e.g. the zero biases a stock config asks for (``on_add``; refused when nothing
+        writes this model)."""
+        if self.on_add is None:
+            raise RuntimeError("tensors added to a streamed model that nothing writes")
+        self.on_add(tensors)
 
     def block_prefix(self, i: int) -> str:
         return f"{self.layout.blocks}.{i}."
