@@ -40,7 +40,7 @@ from ..act.remove import remove_units
 from ..act.report import GroupReport
 from ..criteria.unit_scores import UnitStats, unit_scores
 from ..decide.scopes import Decision
-from ..decide.sensitivity import masked, sensitivity_keep
+from ..decide.sensitivity import masked, mean_loss, sensitivity_keep
 from ..models.layerwise import block_inputs, buffer, passed_through, run_block
 from ..models.stream import DiskModel
 from ..structure.layouts import decoder_layers
@@ -160,25 +160,24 @@ def sensitivity_from_disk(disk: DiskModel, groups: list[UnitGroup], scores: list
 
 def _losses(disk: DiskModel, batches: list[Tensor], loss_fn: Callable[[nn.Module, Tensor], Tensor],
             finals: list[Tensor]) -> list[float]:
-    """The mean loss over ``batches`` (float64 sums, as the in-memory measurement) of each of
-    ``finals`` (hidden states after the last block), through the model's own final norm, head and
-    loss; everything outside the blocks is loaded for the duration."""
+    """The mean loss over ``batches`` of each of ``finals`` (hidden states after the last block),
+    through the model's own final norm, head and loss, summed as the in-memory measurement sums
+    (:func:`~emprune.decide.sensitivity.mean_loss`); everything outside the blocks is loaded for
+    the duration."""
     model = disk.model
-    disk.load_outer(head=True)
+    sizes = [int(b.shape[0]) for b in batches]
     feed: dict[str, Tensor] = {}
-    out = []
+
+    def fed(m: nn.Module, pair: tuple[Tensor, Tensor]) -> Tensor:  # block 0 returns this batch's hidden states
+        feed["hidden"] = pair[1]
+        return loss_fn(m, pair[0])
+
+    disk.load_outer(head=True)
     try:
         with passed_through(decoder_layers(model), feed):
-            for hidden in finals:
-                total, a = 0.0, 0
-                for b in batches:
-                    feed["hidden"] = hidden[a : a + b.shape[0]]
-                    a += int(b.shape[0])
-                    total += float(loss_fn(model, b).double())
-                out.append(total / len(batches))
+            return [mean_loss(model, list(zip(batches, hidden.split(sizes))), fed) for hidden in finals]
     finally:
         disk.release_outer()
-    return out
 
 
 @torch.no_grad()
